@@ -1,0 +1,60 @@
+"""Pure-jnp attention with the MoA rule mask: the reference every kernel is tested against."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moa_jax.plans.rules import DEFAULT_SINK, attend_mask
+
+NEG_INF = -1e30  # finite, so fully masked rows never produce NaN
+DENSE_WINDOW = np.iinfo(np.int32).max
+
+
+def per_query_head(windows, num_heads: int) -> jax.Array:
+  """Windows given per query head [N] or per KV head [K] -> int32 [N] (GQA order)."""
+  windows = jnp.asarray(windows, jnp.int32)
+  if windows.shape[-1] == num_heads:
+    return windows
+  if num_heads % windows.shape[-1]:
+    raise ValueError(f"{windows.shape[-1]} windows do not divide {num_heads} query heads")
+  return jnp.repeat(windows, num_heads // windows.shape[-1], axis=-1)
+
+
+def reference_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
+    *, windows=None, sink: int = DEFAULT_SINK, scale: float | None = None,
+) -> jax.Array:
+  """Softmax attention where query t sees key j iff `attend_mask` allows it.
+
+  Args:
+    q: [B, T, N, H]; k, v: [B, S, K, H] with N a multiple of K (GQA, K/V never repeated).
+    q_pos: [B, T] int32; k_pos: [B, S] or, for per-head caches, [B, K, S] int32.
+    windows: None for dense causal attention, else int [N] (per query head) or [K] windows.
+    sink: sink tokens kept by every head (ignored when windows is None).
+    scale: logit scale, default 1/sqrt(H).
+  Returns:
+    [B, T, N, H] in q's dtype; rows with nothing to attend (padding) are zero.
+  """
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  g = n // kv_heads
+  scale = h ** -0.5 if scale is None else scale
+  if windows is None:
+    win, sink = jnp.full((n,), DENSE_WINDOW, jnp.int32), 0
+  else:
+    win = per_query_head(windows, n)
+  win = win.reshape(kv_heads, g)[None, :, :, None, None]  # [1, K, G, 1, 1]
+  if k_pos.ndim == 2:
+    k_pos = jnp.broadcast_to(k_pos[:, None, :], (b, kv_heads, k_pos.shape[-1]))
+  mask = attend_mask(q_pos[:, None, None, :, None], k_pos[:, :, None, None, :], sink, win)
+  qg = q.reshape(b, t, kv_heads, g, h)  # [B, T, K, G, H]
+  logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32,
+                      precision=jax.lax.Precision.HIGHEST) * scale  # [B, K, G, T, S]
+  logits = jnp.where(mask, logits, NEG_INF)
+  weights = jnp.where(mask, jnp.exp(logits - logits.max(-1, keepdims=True)), 0.0)
+  weights = weights / jnp.maximum(weights.sum(-1, keepdims=True), 1e-30)
+  out = jnp.einsum("bkgts,bskh->btkgh", weights, v.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)  # [B, T, K, G, H]
+  return out.reshape(b, t, n, h).astype(q.dtype)
