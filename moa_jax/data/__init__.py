@@ -1,0 +1,1 @@
+"""Data: synthetic long-context tasks (tasks.py), word lists, LongBench loader."""

@@ -1,0 +1,1 @@
+"""Evaluation: answer metrics, the method-comparison harness and its plots."""
