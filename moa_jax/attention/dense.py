@@ -1,0 +1,56 @@
+"""Dense causal attention with a dense KV cache: the baseline `Attention` implementation."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from moa_jax.attention.reference import reference_attention
+
+
+class DenseCache(NamedTuple):
+  """One layer's dense KV cache (a pytree). Slots fill left to right, the same for every row."""
+
+  k: jax.Array  # [B, S, K, H] keys after RoPE
+  v: jax.Array  # [B, S, K, H]
+  pos: jax.Array  # [B, S] int32 key positions; -1 = empty slot or padding
+  index: jax.Array  # [] int32 next slot to write
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseAttention:
+  """Reference (pure jnp) dense causal attention; with a cache, writes this call's keys first."""
+
+  def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
+               cache: DenseCache | None) -> tuple[jax.Array, DenseCache | None]:
+    """q [B, T, N, H], k/v [B, T, K, H], q_pos [B, T] -> ([B, T, N, H], updated cache)."""
+    del layer  # every layer attends densely
+    if cache is None:
+      return reference_attention(q, k, v, q_pos, q_pos), None
+    cache = write_cache(cache, k, v, q_pos)
+    return reference_attention(q, cache.k, cache.v, q_pos, cache.pos), cache
+
+  def init_cache(self, config, batch_size: int, max_length: int, dtype=None) -> list[DenseCache]:
+    """Empty caches (one per layer) of `max_length` slots; dtype defaults to config.dtype."""
+    dtype = config.dtype if dtype is None else dtype
+    shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
+    return [DenseCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                       pos=jnp.full((batch_size, max_length), -1, jnp.int32),
+                       index=jnp.zeros((), jnp.int32))
+            for _ in range(config.num_layers)]
+
+
+def write_cache(cache: DenseCache, k: jax.Array, v: jax.Array, pos: jax.Array) -> DenseCache:
+  """Write T new keys/values [B, T, K, H] and positions [B, T] at slots index..index+T-1."""
+  t, slots = k.shape[1], cache.k.shape[1]
+  if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + t > slots:
+    raise ValueError(f"KV cache overflow: writing {t} tokens at slot {int(cache.index)} of {slots}")
+  i = cache.index
+  return DenseCache(
+      k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, i, 0, 0)),
+      v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, i, 0, 0)),
+      pos=jax.lax.dynamic_update_slice(cache.pos, pos.astype(jnp.int32), (0, i)),
+      index=i + t)

@@ -1,0 +1,6 @@
+"""Llama-family models: hyperparameters (config), Flax NNX modules (llama), HF checkpoint I/O (hf)."""
+
+from moa_jax.models.config import PRESETS, LlamaConfig
+from moa_jax.models.llama import Llama, count_params
+
+__all__ = ["PRESETS", "LlamaConfig", "Llama", "count_params"]
