@@ -1,0 +1,94 @@
+"""Attention implementations used by the profiler (the `Attention` protocol, no cache).
+
+All three assume right padding: a sequence's valid tokens come first and have positions
+0, 1, ...; `q_pos < 0` marks the padding after them. Keys are this call's keys (cache=None).
+
+  * `MapProbeAttention`: A = softmax(causal logits) in float32, explicitly; a probe [B, K, G, T, T]
+    is added to A before A @ V, so `jax.grad` against the probes is dL/dA for every layer. The maps
+    are recorded for the influence formula (direct path).
+  * `OutputProbeAttention`: memory-efficient attention (`jax.nn.dot_product_attention`, cuDNN on
+    GPU) with a probe added to the output, so `jax.grad` against the probes is dO for every layer;
+    q, k, v and O are recorded for the tiled pass (lean path).
+  * `BlockMaskedAttention`: explicit softmax with a block mask, entries removed and rows
+    renormalized; it measures the actual loss change the influence predicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from moa_jax.profile.influence import HIGHEST, causal_weights
+
+
+def valid_lengths(q_pos: jax.Array) -> jax.Array:
+  """[B, T] positions (negative: padding after the valid tokens) -> [B] int32 lengths."""
+  return jnp.sum(q_pos >= 0, axis=-1).astype(jnp.int32)
+
+
+def _apply_weights(weights: jax.Array, v: jax.Array, dtype) -> jax.Array:
+  """[B, K, G, T, S] weights, [B, S, K, H] values -> [B, T, N, H] in `dtype`."""
+  b, kv_heads, g, t, _ = weights.shape
+  out = jnp.einsum("bkgts,bskh->btkgh", weights, v.astype(jnp.float32),
+                   precision=HIGHEST)  # [B, T, K, G, H]
+  return out.reshape(b, t, kv_heads * g, v.shape[-1]).astype(dtype)
+
+
+def _no_cache(cache) -> None:
+  if cache is not None:
+    raise ValueError("profiling attentions run on whole sequences: call the model with caches=None")
+
+
+class MapProbeAttention:
+  """A + probe[layer] before A @ V; records A per layer in `self.weights`."""
+
+  def __init__(self, probes: Sequence[jax.Array]):
+    """probes: one [B, K, G, T, T] float32 array per layer (zeros; differentiate against them)."""
+    self.probes = probes
+    self.weights: dict[int, jax.Array] = {}
+
+  def __call__(self, layer, q, k, v, q_pos, cache):
+    _no_cache(cache)
+    weights = causal_weights(q, k, valid_lengths(q_pos))  # [B, K, G, T, T]
+    self.weights[layer] = weights
+    return _apply_weights(weights + self.probes[layer], v, q.dtype), None
+
+
+class OutputProbeAttention:
+  """Memory-efficient causal attention + probe[layer] on the output; records q, k, v, O."""
+
+  def __init__(self, probes: Sequence[jax.Array], implementation: str | None = None):
+    """probes: one [B, T, N, H] array per layer; implementation: 'cudnn', 'xla' or None (XLA)."""
+    self.probes = probes
+    self.implementation = implementation
+    self.records: dict[int, tuple[jax.Array, ...]] = {}
+
+  def __call__(self, layer, q, k, v, q_pos, cache):
+    _no_cache(cache)
+    lengths = valid_lengths(q_pos)
+    out = jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+        implementation=self.implementation)  # [B, T, N, H]
+    self.records[layer] = (q, k, v, out)
+    return out + self.probes[layer].astype(out.dtype), None
+
+
+class BlockMaskedAttention:
+  """Causal attention that drops the blocks where `keep[layer, head]` is False and renormalizes."""
+
+  def __init__(self, keep: jax.Array, block: int):
+    """keep: [L, N, NB, NB] bool per layer, query head, query block, key block."""
+    self.keep = keep
+    self.block = block
+
+  def __call__(self, layer, q, k, v, q_pos, cache):
+    _no_cache(cache)
+    t, n = q.shape[1], q.shape[2]
+    kv_heads = k.shape[2]
+    blocks = jnp.arange(t) // self.block
+    keep = self.keep[layer][:, blocks][:, :, blocks]  # [N, T, T]
+    keep = keep.reshape(kv_heads, n // kv_heads, t, t)[None]  # [1, K, G, T, T]
+    weights = causal_weights(q, k, valid_lengths(q_pos), keep=keep)  # [B, K, G, T, T]
+    return _apply_weights(weights, v, q.dtype), None
