@@ -1,8 +1,11 @@
 """Every metric on hand-checked cases; the bit-parallel LCS against the textbook DP."""
 
+import pathlib
+
 import numpy as np
 import pytest
 
+from moa_jax.data import longbench as longbench_lib
 from moa_jax.eval import metrics as m
 
 
@@ -87,3 +90,61 @@ def test_score_best_over_answers_and_errors():
     m.score("classification", "a", "a")
   with pytest.raises(ValueError, match="no reference"):
     m.score("qa_f1", "a", [])
+
+
+# --- LongBench loader, prompts and scoring on tests/data/longbench_tiny ----------------------
+
+LONGBENCH_TINY = pathlib.Path(__file__).parent / "data" / "longbench_tiny"
+
+
+@pytest.fixture(scope="module")
+def longbench(tmp_path_factory):
+  cache = str(tmp_path_factory.mktemp("hf_cache"))
+  return {name: longbench_lib.load_longbench(name, data_dir=LONGBENCH_TINY, cache_dir=cache)
+          for name in ("hotpotqa", "gov_report", "lcc", "trec")}
+
+
+def test_longbench_loader_schema_and_prompts(longbench):
+  for name, ds in longbench.items():
+    assert set(longbench_lib.FIELDS) <= set(ds.column_names)
+    for record in ds:
+      assert record["dataset"] == name and isinstance(record["answers"], list)
+      prompt = longbench_lib.build_prompt(record)
+      assert record["context"] in prompt and record["input"] in prompt
+  assert longbench_lib.dataset_info("hotpotqa_e").metric == "qa_f1"
+  assert longbench_lib.dataset_info("lcc").metric == "edit_sim"
+  assert longbench_lib.dataset_info("trec").metric == "classification"
+  assert longbench_lib.dataset_info("gov_report").max_new_tokens == 512
+
+
+def test_longbench_buckets_and_scores(longbench):
+  assert [longbench_lib.length_bucket(n) for n in (0, 3999, 4000, 7999, 8000, 20000)] == [
+      "0-4k", "0-4k", "4-8k", "4-8k", "8k+", "8k+"]
+  qa = longbench["hotpotqa"]
+  perfect = longbench_lib.evaluate_predictions(qa, [r["answers"][0] for r in qa])
+  assert perfect == {k: {"score": 100.0, "count": c}
+                     for k, c in (("all", 3), ("0-4k", 1), ("4-8k", 1), ("8k+", 1))}
+  # "Stour" vs "the river Stour" -> [stour] vs [river, stour]: F1 = 2/3; the others wrong.
+  partial = longbench_lib.evaluate_predictions(qa, ["Stour", "nobody", "1930"])
+  assert partial["0-4k"]["score"] == pytest.approx(200 / 3)
+  assert partial["all"]["score"] == pytest.approx(200 / 9)
+  trec = longbench["trec"]  # first line only: the second line's "Date" is not scored
+  assert longbench_lib.score_record(trec[0], "City\nQuestion: When?\nType: Date") == 1.0
+  assert longbench_lib.score_record(trec[1], "City\nDate") == 0.0
+  lcc = longbench["lcc"]
+  assert longbench_lib.score_record(lcc[0], "```\n    return total\n```") == 1.0
+  assert 0.5 < longbench_lib.score_record(lcc[0], "    return totals") < 1.0
+  gov = longbench["gov_report"]
+  assert longbench_lib.score_record(gov[0], gov[0]["answers"][0]) == 1.0
+  with pytest.raises(ValueError, match="predictions"):
+    longbench_lib.evaluate_predictions(qa, ["x"])
+
+
+def test_longbench_errors(tmp_path):
+  with pytest.raises(ValueError, match="unknown LongBench dataset"):
+    longbench_lib.load_longbench("imdb", data_dir=LONGBENCH_TINY)
+  with pytest.raises(FileNotFoundError, match="jsonl"):
+    longbench_lib.load_longbench("qasper", data_dir=LONGBENCH_TINY)
+  (tmp_path / "hotpotqa.jsonl").write_text('{"input": "q", "context": "c"}\n')
+  with pytest.raises(ValueError, match="lack LongBench fields"):
+    longbench_lib.load_longbench("hotpotqa", data_dir=tmp_path, cache_dir=str(tmp_path / "c"))
