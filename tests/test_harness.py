@@ -1,0 +1,169 @@
+"""The evaluation harness on a tiny random Llama: plumbing, token-exact windows, JSON, plots."""
+
+import json
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moa_jax.attention.dense import DenseAttention
+from moa_jax.data import longbench as longbench_lib
+from moa_jax.data.tasks import make_samples
+from moa_jax.eval import harness, plots
+from moa_jax.models import Llama, LlamaConfig
+from moa_jax.plans.plan import Plan, uniform_plan
+from moa_jax.plans.rules import kv_density
+
+LONGBENCH_TINY = pathlib.Path(__file__).parent / "data" / "longbench_tiny"
+
+
+class CharTokenizer:
+  """One token per ASCII character; BOS = 1, EOS = 2 (control characters never in the text)."""
+
+  eos_token_id = 2
+
+  def encode(self, text, add_special_tokens=True):
+    return ([1] if add_special_tokens else []) + [ord(c) for c in text]
+
+  def decode(self, ids, skip_special_tokens=False):
+    return "".join(chr(i) for i in ids if not (skip_special_tokens and i in (0, 1, 2)))
+
+
+@pytest.fixture(scope="module")
+def model():
+  return Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(11))
+
+
+@pytest.fixture(scope="module")
+def moa_plan(model):
+  """A hand-made heterogeneous plan: layer 0 local + growing, layer 1 one wide, one fixed."""
+  return Plan(num_layers=2, num_heads=4, num_kv_heads=2,
+              alphas=np.array([[64.0, 0.0], [-32.0, 96.0]]),
+              betas=np.array([[0.0, 0.25], [1.0, 0.0]]), sink=16, block=16)
+
+
+def random_tokens(seed, shape):
+  return jax.random.randint(jax.random.key(seed), shape, 3, 128, jnp.int32)
+
+
+def test_windowed_attention_full_windows_equal_dense(model):
+  tokens = random_tokens(0, (2, 40))
+  positions = jnp.broadcast_to(jnp.arange(40, dtype=jnp.int32), (2, 40))
+  forward = nnx.jit(lambda m, t, p, a: m(t, p, attention=a)[0], static_argnums=3)
+  dense = forward(model, tokens, positions, DenseAttention())
+  wide = forward(model, tokens, positions, harness.WindowedAttention(((40,),), sink=4))
+  narrow = forward(model, tokens, positions, harness.WindowedAttention(((8,),), sink=4))
+  np.testing.assert_allclose(wide, dense, rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(narrow[:, 20:] - dense[:, 20:])).max() > 1e-3
+
+
+def test_windowed_decode_matches_prefill(model, moa_plan):
+  """Prefill + cached decode steps give the logits of one full forward (token-exact rules)."""
+  attention = harness.WindowedAttention.from_plan(moa_plan, 96)
+  assert len(attention.windows) == 2 and len(attention.windows[0]) == 4
+  tokens = random_tokens(1, (1, 90))
+  positions = jnp.arange(90, dtype=jnp.int32)[None]
+  forward = nnx.jit(lambda m, t, p, c: m(t, p, attention=attention, caches=c))
+  full, _ = forward(model, tokens, positions, None)
+  caches = attention.init_cache(model.config, 1, 96)
+  _, caches = forward(model, tokens[:, :80], positions[:, :80], caches)
+  for t in range(80, 90):
+    step, caches = forward(model, tokens[:, t:t + 1], positions[:, t:t + 1], caches)
+    np.testing.assert_allclose(step[:, 0], full[:, t], rtol=1e-4, atol=1e-4)
+
+
+def test_plan_factory(model, moa_plan):
+  factory = harness.plan_factory(model.config, density=0.5, plans={"moa": moa_plan}, sink=16)
+  assert isinstance(factory("dense", 500), DenseAttention)
+  uniform = factory("uniform", 500)
+  expected = uniform_plan(model.config, 0.5, 500, sink=16).windows(500)
+  assert uniform.windows == tuple(tuple(int(w) for w in row) for row in expected)
+  assert kv_density(np.array(uniform.windows)[:, ::2], 16, 500) == pytest.approx(0.5, abs=0.01)
+  assert factory("moa", 500) == harness.WindowedAttention.from_plan(moa_plan, 500)
+  with pytest.raises(ValueError, match="unknown method"):
+    factory("h2o", 500)
+  with pytest.raises(ValueError, match="reserved"):
+    harness.plan_factory(model.config, plans={"dense": moa_plan})
+
+
+def test_response_cross_entropy_matches_manual(model):
+  prompts = [[1, 50, 60, 70, 80, 90], [1, 33, 44]]
+  answers = [[65, 66, 67], [100, 101]]
+  ce = harness.response_cross_entropy(model, prompts, answers)
+  forward = nnx.jit(lambda m, t: jax.nn.log_softmax(
+      m(t, jnp.arange(t.shape[1], dtype=jnp.int32)[None])[0][0], -1))
+  for p, a, value in zip(prompts, answers, ce):
+    logp = forward(model, jnp.asarray([p + a], jnp.int32))
+    manual = -np.mean([logp[len(p) - 1 + j, token] for j, token in enumerate(a)])
+    assert value == pytest.approx(manual, rel=1e-5)
+  with pytest.raises(ValueError, match="non-empty answer"):
+    harness.response_cross_entropy(model, prompts, [[65], []])
+
+
+@pytest.mark.slow
+def test_evaluate_records_json_plots_and_determinism(model, moa_plan, tmp_path):
+  factory = harness.plan_factory(model.config, density=0.5, plans={"moa": moa_plan}, sink=16)
+  kwargs = dict(methods=("dense", "uniform", "moa"), attention_factory=factory,
+                tasks=("passkey",), lengths=(400, 640), depths=(0.25, 0.75), samples_per_depth=2,
+                seed=4, max_new_tokens=6, batch_size=4, progress=False)
+  records = harness.evaluate(model, CharTokenizer(), **kwargs)
+  cells = {m: {(r["task"], r["length"], r["decile"], r["num_samples"]) for r in records
+               if r["method"] == m} for m in ("dense", "uniform", "moa")}
+  assert cells["dense"] == cells["uniform"] == cells["moa"]
+  assert {(t, n, d) for t, n, d, _ in cells["dense"]} == {
+      ("passkey", n, s.decile) for n in (400, 640)
+      for s in make_samples("passkey", CharTokenizer(), n, 4, seed=4, depths=(0.25, 0.75))}
+  for r in records:
+    assert r["num_samples"] == 2 and 0.0 <= r["accuracy"] <= 1.0
+    assert abs(r["mean_tokens"] - r["length"]) <= 0.05 * r["length"] + 1  # + BOS
+    assert r["ce"] > 0 and r["perplexity"] == pytest.approx(math.exp(r["ce"]))
+    assert len(r["predictions"]) == 2
+  by_method = {m: [r["ce"] for r in records if r["method"] == m] for m in ("dense", "uniform")}
+  assert by_method["dense"] != by_method["uniform"]  # the windows change the model's output
+
+  result = harness.save_results(records, tmp_path / "results.json", meta={"command": "pytest"})
+  assert harness.load_results(tmp_path / "results.json") == json.loads(json.dumps(records))
+  assert set(result["summary"]["accuracy"]) == {"dense", "uniform", "moa"}
+  assert set(result["summary"]["effective_context_length"]["dense"]) == {"passkey"}
+  for path in plots.plot_all(records, tmp_path / "plots"):
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+      "accuracy_vs_length.png", "heatmap_passkey.png"]
+
+  again = harness.evaluate(model, CharTokenizer(), **kwargs)
+  assert again == records
+
+
+def test_accuracy_table_and_effective_context_length():
+  def rec(method, length, decile, accuracy, n=2):
+    return dict(method=method, task="lines", length=length, decile=decile, accuracy=accuracy,
+                num_samples=n)
+  records = [rec("dense", 1024, 0, 1.0), rec("dense", 1024, 9, 1.0),
+             rec("dense", 2048, 0, 1.0), rec("dense", 2048, 9, 0.8, n=6),  # (2 + 4.8) / 8
+             rec("dense", 4096, 0, 0.9), rec("dense", 4096, 9, 0.9),
+             rec("uniform", 1024, 0, 0.5), rec("uniform", 2048, 0, 0.0)]
+  table = harness.accuracy_table(records)
+  assert table["dense"]["lines"] == {1024: 1.0, 2048: pytest.approx(0.85), 4096: 0.9}
+  assert harness.effective_context_length(records) == {"dense": {"lines": 4096},
+                                                       "uniform": {"lines": 0}}
+
+
+def test_truncate_middle_and_longbench(model, tmp_path):
+  assert harness.truncate_middle(list(range(10)), 4) == [0, 1, 8, 9]
+  assert harness.truncate_middle(list(range(10)), 5) == [0, 1, 7, 8, 9]
+  assert harness.truncate_middle([1, 2], 5) == [1, 2]
+  records = list(longbench_lib.load_longbench("hotpotqa", data_dir=LONGBENCH_TINY,
+                                                      cache_dir=str(tmp_path)))
+  factory = harness.plan_factory(model.config, density=0.5, sink=16)
+  out = harness.evaluate_longbench(model, CharTokenizer(), records, methods=("dense", "uniform"),
+                                   attention_factory=factory, max_prompt_tokens=160,
+                                   progress=False)
+  assert [(r["method"], r["bucket"], r["count"]) for r in out] == [
+      (m, b, c) for m in ("dense", "uniform")
+      for b, c in (("all", 3), ("0-4k", 1), ("4-8k", 1), ("8k+", 1))]
+  assert all(r["dataset"] == "hotpotqa" and 0 <= r["score"] <= 100 for r in out)
