@@ -6,7 +6,7 @@ Usage: python hf_reference.py REQUEST.json OUTPUT.npz
 The request names (1) `families`: directories holding a tiny HF config.json; for each, a seeded
 random float32 LlamaForCausalLM is built, save_pretrained() into that directory, and its logits
 for `logit_tokens` (one [B, T] batch per length) and greedy `generate` of `max_new_tokens` for
-the left-padded `prompts` are recorded; (2) `saved_by_jax`: directories written by moa_jax's
+the left-padded `prompts` are recorded (with each step's top-2 tokens and their logit margin); (2) `saved_by_jax`: directories written by moa_jax's
 save_pretrained, loaded strictly with from_pretrained, with logits for `jax_tokens` recorded.
 """
 
@@ -49,8 +49,13 @@ def main(request_file, output_file):
     model.generation_config.eos_token_id = None  # always max_new_tokens, as moa_jax eos_id=()
     with torch.no_grad():
       generated = model.generate(ids, attention_mask=mask, max_new_tokens=request["max_new_tokens"],
-                                 do_sample=False, pad_token_id=0)
-    out[f"{name}/generated"] = generated[:, ids.shape[1]:].numpy()
+                                 do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+                                 output_logits=True)
+    out[f"{name}/generated"] = generated.sequences[:, ids.shape[1]:].numpy()
+    step_logits = torch.stack(generated.logits, dim=1).float()  # [B, new tokens, V]
+    top2 = step_logits.topk(2, dim=-1)
+    out[f"{name}/top2"] = top2.indices.numpy()  # [B, new tokens, 2]
+    out[f"{name}/margin"] = (top2.values[..., 0] - top2.values[..., 1]).numpy()
   for name, directory in request["saved_by_jax"].items():
     model, info = LlamaForCausalLM.from_pretrained(
         directory, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
