@@ -35,9 +35,8 @@ def assert_same_params(a, b):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_model, tiny_config):
-  """A saved tiny checkpoint; tests copy it before breaking it."""
-  return save_pretrained(tiny_model, tiny_config, tmp_path_factory.mktemp("tiny") / "ckpt")
+def checkpoint(tiny_checkpoint):
+  return tiny_checkpoint
 
 
 def broken_copy(checkpoint, tmp_path):
@@ -142,19 +141,13 @@ def test_missing_directory_and_unreachable_hub_id(tmp_path):
 
 
 def test_load_tokenizer_from_checkpoint_directory(checkpoint, tmp_path):
-  from tokenizers import Tokenizer, models, pre_tokenizers
-  from transformers import PreTrainedTokenizerFast
-
-  words = ["<unk>", "<s>", "</s>", "sparse", "attention", "for", "long", "contexts"]
-  backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-  backend.pre_tokenizer = pre_tokenizers.Whitespace()
-  directory = broken_copy(checkpoint, tmp_path)
-  with pytest.raises(FileNotFoundError, match="no tokenizer in .*: expected one of tokenizer.json"):
-    load_tokenizer(directory)
-  PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                          eos_token="</s>").save_pretrained(directory)
-  tokenizer = load_tokenizer(directory)
+  tokenizer = load_tokenizer(checkpoint)
   ids = tokenizer("sparse attention for long contexts", add_special_tokens=False)["input_ids"]
   assert ids == [3, 4, 5, 6, 7]
   assert tokenizer.decode(ids) == "sparse attention for long contexts"
   assert tokenizer.eos_token_id == 2
+  directory = broken_copy(checkpoint, tmp_path)
+  for file in directory.glob("tokenizer*"):
+    file.unlink()
+  with pytest.raises(FileNotFoundError, match="no tokenizer in .*: expected one of tokenizer.json"):
+    load_tokenizer(directory)

@@ -1,0 +1,32 @@
+"""python -m moa_jax <command> --config=configs/<file>.py[:arg] [--config.key=value ...] [--workdir=DIR]
+
+Thin entry point: parse the command line, import the command's library function lazily and call
+it with (config, workdir).
+"""
+
+import importlib
+import sys
+
+from moa_jax.cli import USAGE, UsageError, parse_command_line
+
+# command -> "module:function"; each function takes (config: ConfigDict, workdir: Path | None).
+COMMANDS = {
+    "generate": "moa_jax.generate:generate_command",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = sys.argv if argv is None else argv
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(f"{USAGE}\ncommands: {', '.join(COMMANDS)}")
+    return
+  try:
+    command, config, workdir = parse_command_line(argv, COMMANDS)
+  except UsageError as error:
+    sys.exit(f"error: {error}")
+  module, function = COMMANDS[command].split(":")
+  getattr(importlib.import_module(module), function)(config, workdir)
+
+
+if __name__ == "__main__":
+  main()
