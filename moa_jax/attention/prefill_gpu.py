@@ -1,0 +1,192 @@
+"""Block-sparse MoA prefill on GPU: a Pallas kernel lowered through Triton.
+
+One program computes one query tile for one KV head: the tile stacks the G query heads of the
+group (rows r = token * G + head), so every key/value block is loaded once for the whole group.
+The program reads its per-row windows and the sequence's left-padding offset from int32
+operands and loops only over the key blocks the rule can reach:
+
+  1. the sink blocks that lie before the window's first block (masked element-wise),
+  2. the window's blocks: the edge blocks masked element-wise, the interior blocks (every
+     (query, key) pair of the tile attended) with no mask at all.
+
+Softmax is online, in float32, in base 2 (log2(e) folded into the logit scale). Positions are
+those of `moa_jax.attention.base`: within a row, token i of a sequence with `pad` left-padding
+tokens has position i - pad; the mask is `rules.attend_mask` on those positions.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+from moa_jax.attention.reference import per_query_head
+from moa_jax.plans.rules import attend_mask
+
+MASKED = -1e30  # finite: a row with nothing attended yet never produces NaN
+
+
+def _is_power_of_two(x: int) -> bool:
+  return x > 0 and (x & (x - 1)) == 0
+
+
+def key_block_ranges(off, t0, t1, win_min, win_max, *, sink: int, block_k: int):
+  """Key blocks that query tokens t0..t1 (indices in a row with `off` left-padding tokens) reach.
+
+  Works on scalars inside kernels and on broadcasting int32 arrays. Returns
+  (sink_lo, sink_hi, lo, f0, f1, hi): the sink blocks [sink_lo, sink_hi) that lie before the
+  window's blocks [lo, hi), of which [f0, f1) are interior: key block [k0, k0 + Bk) with
+  k0 >= off (no padding), k0 + Bk - 1 <= t0 (causal for every row) and t1 - k0 < win_min
+  (inside every row's window), so every pair is attended. The other blocks need the mask.
+  """
+  lo = lax.div(jnp.maximum(off, t0 - win_max + 1), block_k)
+  hi = jnp.maximum(lax.div(t1, block_k) + 1, lo)  # empty when the tile is all padding
+  first_full = lax.div(jnp.maximum(off, t1 - win_min + 1) + block_k - 1, block_k)
+  f0 = jnp.clip(first_full, lo, hi)
+  f1 = jnp.clip(lax.div(t0 + 1, block_k), f0, hi)
+  sink_lo = lax.div(off, block_k)
+  sink_end = lax.div(off + sink + block_k - 1, block_k) if sink > 0 else sink_lo
+  sink_hi = jnp.clip(sink_end, sink_lo, jnp.maximum(lo, sink_lo))
+  return sink_lo, sink_hi, lo, f0, f1, hi
+
+
+def _prefill_kernel(
+    off_ref, win_ref, q_ref, k_ref, v_ref, o_ref, *,
+    group: int, block_k: int, num_q_blocks: int, seq_len: int, sink: int, logit_scale: float,
+    precision,
+):
+  """One (query tile, batch row, KV head) program.
+
+  Refs: off_ref [] int32 (left padding of this row), win_ref [R] int32 (window of each tile
+  row), q_ref / o_ref [Tq, G, H] (R = Tq * G rows), k_ref / v_ref [S, H].
+  """
+  tile_tokens, _, head_dim = q_ref.shape
+  rows = tile_tokens * group
+  q_block = num_q_blocks - 1 - pl.program_id(0)  # heaviest tiles first
+  t0 = q_block * tile_tokens  # first and last real token index of the tile (the rows past
+  t1 = jnp.minimum(t0 + tile_tokens - 1, seq_len - 1)  # seq_len are sliced off)
+  off = off_ref[...]
+  win = win_ref[...]  # [R]
+  win_max = jnp.max(win)
+  win_min = jnp.min(win)
+
+  q = q_ref[...].reshape(rows, head_dim)  # [R, H]
+  row_pos = t0 + lax.div(lax.iota(jnp.int32, rows), group) - off  # [R]
+
+  def step(kb, carry, masked: bool):
+    acc, m, l = carry
+    start = pl.multiple_of(kb * block_k, block_k)
+    k = k_ref[pl.ds(start, block_k), :]  # [Bk, H]
+    v = v_ref[pl.ds(start, block_k), :]
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                        precision=precision) * logit_scale  # [R, Bk], base-2 logits
+    if masked:
+      key_idx = start + lax.iota(jnp.int32, block_k)
+      key_pos = jnp.where(key_idx < seq_len, key_idx - off, -1)  # [Bk]
+      mask = attend_mask(row_pos[:, None], key_pos[None, :], sink, win[:, None])  # [R, Bk]
+      s = jnp.where(mask, s, MASKED)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))  # [R]
+    p = jnp.exp2(s - m_new[:, None])
+    if masked:
+      p = jnp.where(mask, p, 0.0)
+    correction = jnp.exp2(m - m_new)
+    l = l * correction + jnp.sum(p, axis=1)
+    pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=precision)
+    return acc * correction[:, None] + pv, m_new, l
+
+  masked_step = functools.partial(step, masked=True)
+  full_step = functools.partial(step, masked=False)
+
+  sink_lo, sink_hi, lo, f0, f1, hi = key_block_ranges(
+      off, t0, t1, win_min, win_max, sink=sink, block_k=block_k)
+  carry = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), MASKED, jnp.float32),
+           jnp.zeros((rows,), jnp.float32))
+  carry = lax.fori_loop(sink_lo, sink_hi, masked_step, carry)
+  carry = lax.fori_loop(lo, f0, masked_step, carry)
+  carry = lax.fori_loop(f0, f1, full_step, carry)
+  acc, _, l = lax.fori_loop(f1, hi, masked_step, carry)
+  out = jnp.where(l[:, None] > 0, acc / jnp.maximum(l, 1e-30)[:, None], 0.0)  # [R, H]
+  o_ref[...] = out.reshape(tile_tokens, group, head_dim).astype(o_ref.dtype)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("sink", "scale", "block_rows", "block_k", "num_warps", "num_stages",
+                     "interpret"))
+def sparse_prefill_gpu(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, windows: jax.Array, *,
+    sink: int, scale: float | None = None, block_rows: int = 128, block_k: int = 64,
+    num_warps: int | None = None, num_stages: int | None = None, interpret: bool = False,
+) -> jax.Array:
+  """MoA self-attention of a prompt: query t attends key j iff `attend_mask` allows it.
+
+  Args:
+    q: [B, T, N, H]; k, v: [B, T, K, H] (keys after RoPE); bf16, fp16 or fp32. N = K * G with G
+      a power of two; H a power of two >= 16.
+    q_pos: [B, T] int32 positions, left padded: row b's token i has position i - pad_b
+      (negative on the pad_b padding tokens).
+    windows: int [N] (per query head) or [K] (per KV group) windows in tokens, may be traced.
+    sink: sink tokens of every head.
+    block_rows: query rows per program (tokens x G stacked heads), a power of two >= 16 * G.
+    block_k: keys per block, a power of two >= 16.
+  Returns:
+    [B, T, N, H] in q's dtype; padding rows are zero.
+  """
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  if k.shape != (b, t, kv_heads, h) or v.shape != k.shape:
+    raise ValueError(f"k and v must be [B, T, K, H] = {(b, t, kv_heads, h)}, got {k.shape}, {v.shape}")
+  if n % kv_heads:
+    raise ValueError(f"{n} query heads are not a multiple of {kv_heads} KV heads")
+  group = n // kv_heads
+  if not _is_power_of_two(group):
+    raise ValueError(f"the Triton kernel needs a power-of-two GQA group size, got {group}")
+  if not _is_power_of_two(h) or h < 16:
+    raise ValueError(f"the Triton kernel needs a power-of-two head_dim >= 16, got {h}")
+  if not _is_power_of_two(block_k) or block_k < 16:
+    raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
+  if not _is_power_of_two(block_rows) or block_rows < 16 * group:
+    raise ValueError(f"block_rows must be a power of two >= 16 * G = {16 * group}, got {block_rows}")
+  tile_tokens = block_rows // group
+  scale = h ** -0.5 if scale is None else scale
+  precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+
+  pad_to = max(tile_tokens, block_k)
+  t_pad = -(-t // pad_to) * pad_to
+  if t_pad != t:  # pad the tail; tail keys are masked in the kernel, tail rows sliced off
+    widths = ((0, 0), (0, t_pad - t), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+  # Left padding of each row, read off its last real token: pad_b = (T - 1) - q_pos[b, T - 1].
+  offsets = ((t - 1) - q_pos[:, t - 1]).astype(jnp.int32)  # [B]
+  win = jnp.clip(per_query_head(windows, n), 0, t).reshape(kv_heads, group)  # [K, G]
+  row_windows = jnp.tile(win, (1, tile_tokens))  # [K, R]: row r holds head r % G
+
+  num_q_blocks = t_pad // tile_tokens
+  kernel = functools.partial(
+      _prefill_kernel, group=group, block_k=block_k, num_q_blocks=num_q_blocks, seq_len=t,
+      sink=sink, logit_scale=scale * math.log2(math.e), precision=precision)
+  tile = pl.BlockSpec((None, tile_tokens, group, h),
+                      lambda i, bi, ki: (bi, num_q_blocks - 1 - i, ki, 0))
+  full_kv = pl.BlockSpec((None, t_pad, None, h), lambda i, bi, ki: (bi, 0, ki, 0))
+  out = pl.pallas_call(
+      kernel,
+      grid=(num_q_blocks, b, kv_heads),
+      in_specs=[
+          pl.BlockSpec((None,), lambda i, bi, ki: (bi,)),
+          pl.BlockSpec((None, block_rows), lambda i, bi, ki: (ki, 0)),
+          tile, full_kv, full_kv,
+      ],
+      out_specs=tile,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=pl_triton.CompilerParams(
+          num_warps=num_warps if num_warps is not None else (4 if h <= 64 else 8),
+          num_stages=num_stages if num_stages is not None else 2),
+      interpret=interpret,
+      name="moa_sparse_prefill",
+  )(offsets, row_windows, q, k, v)
+  return out[:, :t]

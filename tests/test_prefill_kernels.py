@@ -1,0 +1,130 @@
+"""Sparse MoA prefill kernels (Pallas Triton and Mosaic, interpret mode) against the jnp reference.
+
+Interpret mode fills every output buffer with NaN before the kernel runs (Pallas'
+uninitialized value; set explicitly for the TPU interpreter), so an element the kernel never
+writes fails the NaN check. Inputs are fresh random draws; windows are random per head and
+include 1 (a query sees only itself and the sink) and more than T (dense).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
+
+from moa_jax.attention import dispatch
+from moa_jax.attention.prefill_gpu import key_block_ranges, sparse_prefill_gpu
+from moa_jax.attention.prefill_tpu import block_tables, sparse_prefill_tpu
+from moa_jax.attention.reference import reference_attention
+from moa_jax.plans.rules import FULL, SKIP, block_layout
+
+# Max abs error against the float32 reference on the same (rounded) inputs.
+TOLERANCE = {jnp.float32: 2e-5, jnp.float16: 4e-3, jnp.bfloat16: 3e-2}
+
+
+def random_case(seed, b, t, n, kv, h, dtype, pads, per_group=False):
+  rng = np.random.default_rng(seed)
+  q, k, v = (jnp.asarray(rng.standard_normal((b, t, heads, h)), dtype) for heads in (n, kv, kv))
+  pos = jnp.asarray(np.arange(t)[None] - np.asarray(pads)[:, None], jnp.int32)
+  windows = rng.integers(1, t, kv if per_group else n)
+  windows[0], windows[-1] = 1, t + 7
+  return q, k, v, pos, windows
+
+
+def check(out, q, k, v, pos, windows, sink):
+  ref = reference_attention(*(x.astype(jnp.float32) for x in (q, k, v)), pos, pos,
+                            windows=windows, sink=sink)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  assert not jnp.isnan(out).any(), "unwritten (NaN-poisoned) or NaN outputs"
+  err = float(jnp.abs(out.astype(jnp.float32) - ref).max())
+  assert err < TOLERANCE[q.dtype.type], f"max abs error {err}"
+  assert jnp.all(out[pos < 0] == 0), "padding rows must be zero"
+
+
+GPU_CASES = [  # B, T, N, K, H, dtype, left padding per row, windows per KV group, sink
+    (2, 1000, 4, 4, 64, jnp.float32, [0, 123], False, 64),
+    (2, 1000, 8, 2, 128, jnp.bfloat16, [0, 301], False, 64),
+    (1, 1000, 8, 1, 64, jnp.float16, [77], True, 16),
+]
+
+
+@pytest.mark.parametrize("b,t,n,kv,h,dtype,pads,per_group,sink", GPU_CASES)
+def test_triton_prefill_matches_reference(b, t, n, kv, h, dtype, pads, per_group, sink):
+  q, k, v, pos, windows = random_case(t + n + kv, b, t, n, kv, h, dtype, pads, per_group)
+  out = sparse_prefill_gpu(q, k, v, pos, jnp.asarray(windows), sink=sink, interpret=True)
+  check(out, q, k, v, pos, windows, sink)
+
+
+def test_triton_prefill_small_blocks():
+  q, k, v, pos, windows = random_case(5, 2, 300, 8, 2, 32, jnp.float32, [0, 50])
+  out = sparse_prefill_gpu(q, k, v, pos, jnp.asarray(windows), sink=8, block_rows=64,
+                           block_k=16, interpret=True)
+  check(out, q, k, v, pos, windows, 8)
+
+
+@pytest.mark.parametrize("b,t,n,kv,h,dtype,pads,interpret,max_window", [
+    (2, 1000, 8, 2, 128, jnp.bfloat16, [0, 301], "tpu", True),
+    (1, 1000, 8, 8, 64, jnp.float32, [50], "hlo", False),
+])
+def test_mosaic_prefill_matches_reference(b, t, n, kv, h, dtype, pads, interpret, max_window):
+  q, k, v, pos, windows = random_case(t + kv, b, t, n, kv, h, dtype, pads)
+  mode = pltpu.InterpretParams(uninitialized_memory="nan") if interpret == "tpu" else True
+  out = sparse_prefill_tpu(q, k, v, pos, jnp.asarray(windows), sink=64, interpret=mode,
+                           max_window=int(windows.max()) if max_window else None)
+  check(out, q, k, v, pos, windows, 64)
+
+
+@pytest.mark.parametrize("sink,block", [(64, 64), (0, 32), (100, 32)])
+def test_block_ranges_are_the_rule_layout(sink, block):
+  """Without padding, with tiles of one block: the key blocks a tile visits are exactly the
+  non-SKIP blocks of the rule's layout for the group's largest window; interior (unmasked)
+  blocks are FULL for every head of the group, and every FULL block past the sink is interior."""
+  n, rng = 700, np.random.default_rng(sink + block)
+  windows = np.sort(rng.integers(1, n + 10, (5, 3)), axis=-1)  # [K, G]
+  nb = -(-n // block)
+  index, full, count = (np.asarray(x) for x in block_tables(
+      jnp.zeros(1, jnp.int32), jnp.asarray(windows, jnp.int32), sink=sink, seq_len=n,
+      tile_tokens=block, block_k=block, num_q_blocks=nb, max_steps=nb))
+  layout = block_layout(windows, sink, n, block)  # [K, G, NB, NB]
+  for g in range(windows.shape[0]):
+    for r in range(nb):
+      visited = index[0, g, r, :count[0, g, r]]
+      assert len(set(visited)) == len(visited)
+      assert set(visited) == set(np.flatnonzero(layout[g, -1, r] != SKIP))
+      interior = set(visited[full[0, g, r, :count[0, g, r]] == 1])
+      all_full = set(np.flatnonzero((layout[g, :, r] == FULL).all(0)))
+      assert interior <= all_full
+      assert {c for c in all_full if c * block >= sink} <= interior
+
+
+def test_block_ranges_skip_padding():
+  """A tile of pure left padding visits nothing; a later tile starts at the first real token."""
+  ranges = key_block_ranges(jnp.int32(300), jnp.int32(0), jnp.int32(127), 50, 50, sink=64,
+                            block_k=64)
+  sink_lo, sink_hi, lo, f0, f1, hi = (int(x) for x in ranges)
+  assert sink_hi - sink_lo == 0 and hi - lo == 0
+  ranges = key_block_ranges(jnp.int32(300), jnp.int32(1024), jnp.int32(1151), 2000, 2000,
+                            sink=64, block_k=64)
+  sink_lo, sink_hi, lo, f0, f1, hi = (int(x) for x in ranges)
+  assert (lo, hi, f0, f1) == (300 // 64, 1151 // 64 + 1, 5, 16)
+  assert sink_hi == sink_lo  # the window already covers the sink
+
+
+def test_dispatch():
+  assert dispatch.default_impl() == "reference"  # CI runs on the CPU
+  q, k, v, pos, windows = random_case(9, 1, 130, 4, 2, 16, jnp.float32, [3])
+  for impl in dispatch.IMPLS:
+    out = dispatch.prefill_attention(q, k, v, pos, windows, sink=8, impl=impl, interpret=True)
+    check(out, q, k, v, pos, windows, 8)
+  with pytest.raises(ValueError, match="unknown attention impl"):
+    dispatch.prefill_attention(q, k, v, pos, windows, sink=8, impl="cuda")
+
+
+def test_triton_prefill_rejects_bad_shapes():
+  q, k, v, pos, windows = random_case(1, 1, 64, 6, 2, 16, jnp.float32, [0])
+  with pytest.raises(ValueError, match="power-of-two GQA group"):
+    sparse_prefill_gpu(q, k, v, pos, jnp.asarray(windows), sink=4, interpret=True)
+  q, k, v, pos, windows = random_case(1, 1, 64, 4, 2, 24, jnp.float32, [0])
+  with pytest.raises(ValueError, match="head_dim"):
+    sparse_prefill_gpu(q, k, v, pos, jnp.asarray(windows), sink=4, interpret=True)
