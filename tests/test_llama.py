@@ -125,7 +125,7 @@ def test_attention_plug_gets_roped_gqa_inputs_per_layer(tiny_model, tiny_config)
 
   tokens = random_tokens(1, (2, 6), tiny_config.vocab_size)
   positions = jnp.broadcast_to(jnp.arange(6, dtype=jnp.int32), (2, 6))
-  logits, caches = tiny_model(tokens, positions, attention=Recording())
+  logits, caches = jitted(tiny_model, Recording())(tokens, positions)  # records while tracing
   assert logits.shape == (2, 6, tiny_config.vocab_size) and logits.dtype == jnp.float32
   assert caches is None
   n, k, h = tiny_config.num_heads, tiny_config.num_kv_heads, tiny_config.head_dim
@@ -195,6 +195,9 @@ def test_tied_embeddings_have_no_lm_head(tiny_config):
   assert count_params(tiny_config) - count_params(tiny_config.replace(tie_word_embeddings=True)) \
       == tiny_config.vocab_size * tiny_config.hidden_size
   tokens = random_tokens(5, (1, 4), tiny_config.vocab_size)
-  logits, _ = model(tokens, jnp.arange(4, dtype=jnp.int32)[None])
-  hidden_to_embed = model.model.embed_tokens.weight[...]
-  assert logits.shape == (1, 4, hidden_to_embed.shape[0])
+  positions = jnp.arange(4, dtype=jnp.int32)[None]
+  logits, _ = jitted(model)(tokens, positions)
+  hidden, _ = jax.jit(lambda t, p: model.model(t, p, attention=DenseAttention(), caches=None))(
+      tokens, positions)  # [1, 4, D]
+  embedding = model.model.embed_tokens.weight[...]  # [V, D]
+  np.testing.assert_allclose(logits[0], hidden[0] @ embedding.T, rtol=1e-5, atol=1e-5)
