@@ -47,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       lr=3e-3 if tiny else 1.5e-3, warmup_steps=2 if tiny else 100, final_lr_ratio=0.1,
       b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0,
       log_every=4 if tiny else 25, probe_every=2, ckpt_every=8 if tiny else 200,
-      probe_lengths=(200, 400) if tiny else (1000, 2000, 3900), probe_num=2 if tiny else 16,
+      probe_lengths=(320, 480) if tiny else (1000, 2000, 3900), probe_num=2 if tiny else 16,
       mix=dict(natural=0.25, lines=0.5, passkey=0.05, niah=0.07, vt=0.06, uuid=0.07),
       answer_weight=4.0, min_doc=96 if tiny else 160, full_row=0.5))
   c.lock()

@@ -27,7 +27,6 @@ from moa_jax.train.tokenizer import BOS, BOS_ID, EOS, PAD_ID
 
 TASK_NAMES = ("lines", "passkey", "niah", "vt", "uuid")
 _LINE = re.compile(r"^line (\S+): REGISTER_CONTENT is <(\d+)>$", re.MULTILINE)
-_QA_TURN_TOKENS = 34  # upper bound of one extra "USER: question ASSISTANT: answer</s>" turn
 
 
 def user_turn(content: str) -> str:
@@ -116,22 +115,23 @@ class Mixture:
   def _encode(self, texts: Sequence[str]) -> list[list[int]]:
     return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
 
-  def _probe(self, task: str) -> tuple[float, float]:
-    """(tokens of the fixed text, tokens per unit) of a task, measured on two renders."""
+  def _probe(self, task: str) -> tuple[float, float, float]:
+    """(tokens of the fixed text, per unit, per extra question) of a task, from three renders."""
     rng = np.random.default_rng(12345)
-    units = (8, 64)
-    sizes = [sum(map(len, self._encode(_task_doc(rng, task, u).segments))) for u in units]
-    per_unit = (sizes[1] - sizes[0]) / (units[1] - units[0])
-    return sizes[0] - per_unit * units[0], per_unit
+    size = lambda units, questions: sum(map(len, self._encode(
+        render_doc(rng, task, units, questions).segments)))
+    low, high = size(8, 0), size(64, 0)
+    per_unit = (high - low) / 56
+    per_question = (size(64, 8) - high) / 8 if task == "lines" else 0.0
+    return low - per_unit * 8, per_unit, per_question
 
   def _plan_doc(self, rng: np.random.Generator, source: str, budget: int) -> Doc | int:
     """A task document aimed at <= `budget` tokens, or the budget itself for natural text."""
     if source == "natural":
       return budget
-    fixed, per_unit = self._tokens_per_unit[source]
+    fixed, per_unit, per_question = self._tokens_per_unit[source]
     extra = budget // 256 if source == "lines" else 0
-    room = 0.95 * (budget - extra * _QA_TURN_TOKENS) - fixed
-    units = int(room / per_unit)
+    units = int((0.95 * budget - fixed - 1.1 * extra * per_question) / per_unit)
     if units < tasks.TASKS[source].min_units:
       return budget
     return render_doc(rng, source, units, extra)

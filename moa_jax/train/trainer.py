@@ -86,7 +86,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), state["params"], updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   return jax.jit(step, donate_argnums=0)
