@@ -64,7 +64,8 @@ def make_layout(windows, num_kv_heads: int, max_length: int, *, sink: int = DEFA
   windows = np.asarray(windows, np.int64)
   num_heads = windows.shape[-1]
   if windows.ndim != 1 or num_heads % num_kv_heads:
-    raise ValueError(f"windows must be [N] with N a multiple of {num_kv_heads}, got {windows.shape}")
+    raise ValueError(
+        f"windows must be [N] with N a multiple of {num_kv_heads}, got {windows.shape}")
   if max_length <= 0 or sink < 0 or slot_multiple <= 0:
     raise ValueError(f"need max_length > 0, sink >= 0, slot_multiple > 0; got {max_length}, "
                      f"{sink}, {slot_multiple}")
@@ -157,13 +158,3 @@ def _append(cache: MoACache, k: jax.Array, v: jax.Array, pos: jax.Array) -> MoAC
     new_pos.append(cpos.at[rows, slot].set(pos.astype(jnp.int32), mode="drop"))
   return MoACache(tuple(new_k), tuple(new_v), tuple(new_pos), cache.layout)
 
-
-def cache_bytes(layout: CacheLayout, batch_size: int, head_dim: int, dtype) -> int:
-  """Bytes of K and V (positions not counted) of one layer's cache."""
-  return 2 * batch_size * layout.slots() * head_dim * jnp.dtype(dtype).itemsize
-
-
-def dense_cache_bytes(num_kv_heads: int, max_length: int, batch_size: int, head_dim: int,
-                      dtype) -> int:
-  """Bytes of K and V of one layer's dense GQA cache of `max_length` slots."""
-  return 2 * batch_size * num_kv_heads * max_length * head_dim * jnp.dtype(dtype).itemsize

@@ -92,12 +92,13 @@ def test_xla_decode_matches_reference(windows, kv, dtype):
     ([3, 3, 3, 3, 25, 25, 25, 25], 8, jnp.float16),
 ])
 def test_triton_decode_matches_reference(windows, kv, dtype):
-  decode = lambda q, q_pos, cache: decode_lib.decode_gpu(q, q_pos, cache, block_k=16,
-                                                         target_programs=64, interpret=True)
+  decode = lambda q, q_pos, cache: decode_lib.decode_gpu(q, q_pos, cache, target_programs=64,
+                                                         interpret=True)
   tolerance = 1e-5 if dtype == jnp.float32 else 4e-3
   run_decode(decode, dtype, windows, kv, steps=6, slot_multiple=16, tolerance=tolerance)
 
 
+@pytest.mark.slow
 def test_decode_dispatch():
   windows = np.array([4, 20, 9, 64])
   layout = cache_lib.make_layout(windows, 2, 80, sink=4, slot_multiple=64)

@@ -157,11 +157,12 @@ def default_splits(batch: int, kv_heads: int, num_blocks: int, target_programs: 
                                              "num_stages", "interpret"))
 def decode_gpu(q: jax.Array, q_pos: jax.Array, cache: MoACache, *, scale: float | None = None,
                block_k: int = 64, target_programs: int = 528, num_warps: int = 4,
-               num_stages: int = 3, interpret: bool = False) -> jax.Array:
+               num_stages: int = 2, interpret: bool = False) -> jax.Array:
   """Pallas Triton decode: q [B, N, H] at positions [B] over the cache -> [B, N, H].
 
-  Cache capacities must be multiples of `block_k` (`make_layout(slot_multiple=...)`), H a power
-  of two >= 16. Each head's slots are split so that about `target_programs` programs run.
+  H must be a power of two >= 16 and cache capacities multiples of 16 (`make_layout`'s
+  slot_multiple); a group whose capacity `block_k` does not divide uses the largest power of two
+  below it that does. Each head's slots are split so that about `target_programs` programs run.
   """
   layout = cache.layout
   h = q.shape[-1]
@@ -171,12 +172,16 @@ def decode_gpu(q: jax.Array, q_pos: jax.Array, cache: MoACache, *, scale: float 
   outs = []
   for group, qg, k, v, pos in zip(layout.groups, _split_heads(q, layout), cache.k, cache.v,
                                   cache.pos):
-    if group.capacity % block_k:
-      raise ValueError(f"cache capacity {group.capacity} is not a multiple of block_k={block_k}")
-    n_splits = default_splits(q.shape[0], len(group.heads), group.capacity // block_k,
+    group_block = block_k
+    while group.capacity % group_block:
+      group_block //= 2
+    if group_block < MIN_ROWS:
+      raise ValueError(f"cache capacity {group.capacity} is not a multiple of {MIN_ROWS}: build "
+                       "the layout with slot_multiple=64")
+    n_splits = default_splits(q.shape[0], len(group.heads), group.capacity // group_block,
                               target_programs)
     outs.append(_decode_group_gpu(
         qg, q_pos, _group_windows(layout, group.heads), k, v, pos, sink=layout.sink, scale=scale,
-        block_k=block_k, splits=n_splits, num_warps=num_warps, num_stages=num_stages,
+        block_k=group_block, splits=n_splits, num_warps=num_warps, num_stages=num_stages,
         interpret=interpret))
   return _merge_heads(outs, layout)

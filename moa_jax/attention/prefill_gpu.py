@@ -120,8 +120,8 @@ def _prefill_kernel(
                      "interpret"))
 def sparse_prefill_gpu(
     q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, windows: jax.Array, *,
-    sink: int, scale: float | None = None, block_rows: int = 128, block_k: int = 64,
-    num_warps: int | None = None, num_stages: int | None = None, interpret: bool = False,
+    sink: int, scale: float | None = None, block_rows: int = 128, block_k: int = 128,
+    num_warps: int | None = None, num_stages: int = 3, interpret: bool = False,
 ) -> jax.Array:
   """MoA self-attention of a prompt: query t attends key j iff `attend_mask` allows it.
 
@@ -140,7 +140,8 @@ def sparse_prefill_gpu(
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
   if k.shape != (b, t, kv_heads, h) or v.shape != k.shape:
-    raise ValueError(f"k and v must be [B, T, K, H] = {(b, t, kv_heads, h)}, got {k.shape}, {v.shape}")
+    raise ValueError(
+        f"k and v must be [B, T, K, H] = {(b, t, kv_heads, h)}, got {k.shape}, {v.shape}")
   if n % kv_heads:
     raise ValueError(f"{n} query heads are not a multiple of {kv_heads} KV heads")
   group = n // kv_heads
@@ -151,7 +152,8 @@ def sparse_prefill_gpu(
   if not _is_power_of_two(block_k) or block_k < 16:
     raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
   if not _is_power_of_two(block_rows) or block_rows < 16 * group:
-    raise ValueError(f"block_rows must be a power of two >= 16 * G = {16 * group}, got {block_rows}")
+    raise ValueError(
+        f"block_rows must be a power of two >= 16 * G = {16 * group}, got {block_rows}")
   tile_tokens = block_rows // group
   scale = h ** -0.5 if scale is None else scale
   precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
@@ -185,7 +187,7 @@ def sparse_prefill_gpu(
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=pl_triton.CompilerParams(
           num_warps=num_warps if num_warps is not None else (4 if h <= 64 else 8),
-          num_stages=num_stages if num_stages is not None else 2),
+          num_stages=num_stages),
       interpret=interpret,
       name="moa_sparse_prefill",
   )(offsets, row_windows, q, k, v)

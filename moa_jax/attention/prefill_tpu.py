@@ -144,7 +144,8 @@ def sparse_prefill_tpu(
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
   if k.shape != (b, t, kv_heads, h) or v.shape != k.shape:
-    raise ValueError(f"k and v must be [B, T, K, H] = {(b, t, kv_heads, h)}, got {k.shape}, {v.shape}")
+    raise ValueError(
+        f"k and v must be [B, T, K, H] = {(b, t, kv_heads, h)}, got {k.shape}, {v.shape}")
   if n % kv_heads:
     raise ValueError(f"{n} query heads are not a multiple of {kv_heads} KV heads")
   if block_q % 8 or block_k % 8:

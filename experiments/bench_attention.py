@@ -1,0 +1,341 @@
+"""Benchmark MoA attention on the GPU: sparse prefill and decode against dense cuDNN / XLA.
+
+Run on the GPU machine from the repository root:
+
+    PYTHONUNBUFFERED=1 python3 experiments/bench_attention.py --out $OUT/attention.json
+
+Prefill: B = 1, T in {8k, 16k, 32k}, 32 query heads with 32 and with 8 KV heads, D = 128, bf16;
+plans of attention density ~0.125 / 0.25 / 0.5 (sink 64), uniform windows and mixed per-KV-group
+windows; ours vs cuDNN dense causal vs cuDNN with one sliding window covering the same number
+of attended pairs. Effective TFLOP/s = 4 * D * attended pairs * B * heads / time.
+Decode: one token per row, 32 query heads / 8 KV heads, D = 128, bf16, batch {1, 16, 64} x
+context {8k, 32k}; ours over the MoA cache at KV density ~0.125 / 0.25 / 0.5 (uniform and mixed)
+vs dense decode over a dense cache (XLA einsum, cuDNN). GB/s counts the K/V bytes read once.
+
+Every time is a median over samples after warm-up; one sample runs `reps` independent calls
+(each on its own query array) inside one jitted function and ends with `block_until_ready`.
+Results: one JSON record per measurement, and a markdown table printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moa_jax import cache as cache_lib
+from moa_jax.attention import decode as decode_lib
+from moa_jax.attention.prefill_gpu import sparse_prefill_gpu
+from moa_jax.plans.rules import attended_pairs, kv_density
+
+SINK = 64
+HEADS, HEAD_DIM = 32, 128
+DTYPE = jnp.bfloat16
+MIX = np.array([0.25, 1.75])  # relative windows of the mixed plans (2 rules per layer), cycled
+
+
+def runner(fn, chain: bool = False):
+  """jit of (shared, queries, eps) -> [fn(*shared, q) for q in queries]: all arrays arguments.
+
+  chain: each query adds eps (a runtime zero) times the previous output, so the calls depend on
+  each other and XLA cannot merge them into one batched matmul over the shared K/V (its dot
+  merger does that to independent einsums, which would time one read of K/V for all calls).
+  """
+  def calls(shared, queries, eps):
+    outs = []
+    for q in queries:
+      if chain and outs:
+        q = q + eps * outs[-1].astype(q.dtype)
+      outs.append(fn(*shared, q))
+    return outs
+
+  return jax.jit(calls)
+
+
+def time_calls(fn, shared, queries, *, samples: int = 7, warmup: int = 2,
+               chain: bool = False) -> float:
+  """Median seconds of one call fn(*shared, q), timed over the calls on all `queries` per sample.
+
+  `fn` is a function or a `runner` (reused across calls with same-shaped arguments).
+  """
+  run = fn if hasattr(fn, "lower") else runner(fn, chain)
+  eps = jnp.zeros((), queries[0].dtype)
+  for _ in range(warmup):
+    jax.block_until_ready(run(shared, queries, eps))
+  times = []
+  for _ in range(samples):
+    start = time.perf_counter()
+    jax.block_until_ready(run(shared, queries, eps))
+    times.append((time.perf_counter() - start) / len(queries))
+  return statistics.median(times)
+
+
+def try_time(label: str, fn, shared, queries, *, samples: int, chain: bool = False
+             ) -> float | None:
+  """time_calls, or None (reported) when the implementation fails on this shape."""
+  try:
+    return time_calls(fn, shared, queries, samples=samples, chain=chain)
+  except Exception as error:  # e.g. cuDNN rejecting a configuration: keep the other numbers
+    print(f"{label} FAILED: {str(error)[:300]}", flush=True)
+    return None
+
+
+def normal(key, shape, i: int) -> jax.Array:
+  """Fresh standard-normal bf16 data on the device."""
+  return jax.random.normal(jax.random.fold_in(key, i), shape, DTYPE)
+
+
+def _bisect(predicate, lo: float, hi: float, iters: int = 60) -> float:
+  """Smallest x in [lo, hi] with predicate(x) true (predicate monotone)."""
+  for _ in range(iters):
+    mid = (lo + hi) / 2
+    lo, hi = (lo, mid) if predicate(mid) else (mid, hi)
+  return hi
+
+
+def plan_windows(kind: str, density: float, n: int, groups: int) -> np.ndarray:
+  """int [groups] windows whose mean attention density at length n is ~density."""
+  full = n * (n + 1) / 2
+
+  def windows(c):
+    rel = np.ones(groups) if kind == "uniform" else np.resize(MIX, groups)
+    return np.clip(np.round(c * rel), 64, n).astype(np.int64)
+
+  c = _bisect(lambda c: attended_pairs(windows(c), SINK, n).mean() / full >= density, 1, 4 * n)
+  return windows(c)
+
+
+def cudnn_window(pairs: float, n: int) -> int:
+  """Window (sink 0) whose attended pairs match `pairs`."""
+  return int(round(_bisect(lambda w: attended_pairs(int(round(w)), 0, n) >= pairs, 1, n)))
+
+
+LOG = []  # open files that receive every record as one JSON line when it is measured
+
+
+def _record(**kw):
+  kw.update(gpu=jax.devices()[0].device_kind, jax_version=jax.__version__)
+  for f in LOG:
+    f.write(json.dumps(kw) + "\n")
+    f.flush()
+  return kw
+
+
+def bench_prefill(lengths, kv_heads_list, densities, *, reps: int, samples: int,
+                  configs: dict[int, dict]):
+  """Prefill records: cuDNN dense, then per density ours (uniform, mixed) and cuDNN window."""
+  records = []
+  key = jax.random.key(0)
+  for t in lengths:
+    full_pairs = t * (t + 1) / 2
+    for kv_heads in kv_heads_list:
+      qs = [normal(key, (1, t, HEADS, HEAD_DIM), i) for i in range(reps)]
+      k = normal(key, (1, t, kv_heads, HEAD_DIM), 100)
+      v = normal(key, (1, t, kv_heads, HEAD_DIM), 101)
+      pos = jnp.arange(t, dtype=jnp.int32)[None]
+      common = dict(op="prefill", T=t, batch=1, heads=HEADS, kv_heads=kv_heads,
+                    head_dim=HEAD_DIM)
+
+      def add(impl, seconds, pairs, **extra):
+        if seconds is None:
+          return
+        flops = 4 * HEAD_DIM * pairs * HEADS
+        records.append(_record(**common, impl=impl, attn_density=pairs / full_pairs,
+                               ms=seconds * 1e3, tflops=flops / seconds / 1e12, **extra))
+        print(f"prefill T={t} kv={kv_heads} {impl:<13} {extra.get('windows', ''):<8} "
+              f"attn={pairs / full_pairs:.3f} {seconds * 1e3:8.3f} ms "
+              f"{flops / seconds / 1e12:6.1f} TFLOP/s", flush=True)
+
+      dense = lambda k, v, q: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                           implementation="cudnn")
+      add("cudnn_dense", try_time(f"{common} dense", dense, (k, v), qs, samples=samples),
+          full_pairs, kv_density=1.0)
+      config = configs.get(kv_heads, {})
+      ours = runner(lambda k, v, pos, win, q: sparse_prefill_gpu(q, k, v, pos, win, sink=SINK,
+                                                                 **config))
+      for density in densities:
+        for kind in ("uniform", "mixed"):
+          win = plan_windows(kind, density, t, kv_heads)  # per KV group
+          pairs = float(attended_pairs(win, SINK, t).mean())
+          shared = (k, v, pos, jnp.asarray(win, jnp.int32))
+          add("moa_triton", try_time(f"{common} ours", ours, shared, qs, samples=samples), pairs,
+              windows=kind, target_density=density, kv_density=kv_density(win, SINK, t),
+              config=config)
+          if kind == "uniform":
+            w = cudnn_window(pairs, t)
+            local = lambda k, v, q, w=w: jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, local_window_size=(w - 1, 0), implementation="cudnn")
+            add("cudnn_window", try_time(f"{common} local", local, (k, v), qs, samples=samples),
+                float(attended_pairs(w, 0, t)), windows="uniform", target_density=density,
+                window=w, kv_density=min(w, t) / t)
+      del qs, k, v
+  return records
+
+
+def full_cache(layout, batch: int, context: int, key) -> cache_lib.MoACache:
+  """A cache as it stands after `context` tokens: random K/V, the positions the ring holds."""
+  last = context - 1
+  k, v, pos = [], [], []
+  for i, group in enumerate(layout.groups):
+    slot = np.arange(group.capacity)
+    ring = np.maximum(slot - group.sink_slots, 0)
+    newest = last - (last - group.sink_slots - ring) % max(group.ring, 1)
+    src = np.where(slot < group.sink_slots, slot, newest)
+    held = (src <= last) & ((slot < group.sink_slots) | (src >= group.sink_slots))
+    shape = (batch, len(group.heads), group.capacity, HEAD_DIM)
+    k.append(normal(key, shape, 2 * i))
+    v.append(normal(key, shape, 2 * i + 1))
+    pos.append(jnp.asarray(np.broadcast_to(np.where(held, src, -1), (batch, group.capacity)),
+                           jnp.int32))
+  return cache_lib.MoACache(tuple(k), tuple(v), tuple(pos), layout)
+
+
+def decode_windows(kind: str, density: float, context: int, kv_heads: int) -> np.ndarray:
+  """int [K] per-group windows whose KV density at `context` is ~density."""
+  if density >= 1:
+    return np.full(kv_heads, context)
+  rel = np.ones(kv_heads) if kind == "uniform" else np.resize(MIX, kv_heads)
+  windows = lambda c: np.clip(np.round(c * rel), 64, context).astype(np.int64)
+  return windows(_bisect(lambda c: kv_density(windows(c), SINK, context) >= density, 1, context))
+
+
+def bench_decode(batches, contexts, densities, *, kv_heads: int, reps: int, samples: int,
+                 **kernel_kw):
+  """Decode records: dense XLA and cuDNN, then ours (Pallas and XLA) per KV density."""
+  records = []
+  key = jax.random.key(1)
+  bytes_per_slot = 2 * HEAD_DIM * jnp.dtype(DTYPE).itemsize  # K and V
+  group = HEADS // kv_heads
+  for context in contexts:
+    for batch in batches:
+      qs = [normal(key, (batch, HEADS, HEAD_DIM), i) for i in range(reps)]
+      q_pos = jnp.full((batch,), context - 1, jnp.int32)
+      common = dict(op="decode", T=context, batch=batch, heads=HEADS, kv_heads=kv_heads,
+                    head_dim=HEAD_DIM)
+
+      def add(impl, seconds, slots, **extra):
+        if seconds is None:
+          return
+        gbps = batch * slots * bytes_per_slot / seconds / 1e9
+        records.append(_record(**common, impl=impl, kv_density=slots / (kv_heads * context),
+                               ms=seconds * 1e3, gbps=gbps, **extra))
+        print(f"decode ctx={context} B={batch:<3} {impl:<11} {extra.get('windows', ''):<8} "
+              f"kv={slots / (kv_heads * context):.3f} {seconds * 1e3:8.3f} ms {gbps:7.0f} GB/s",
+              flush=True)
+
+      dk = normal(key, (batch, context, kv_heads, HEAD_DIM), 100)
+      dv = normal(key, (batch, context, kv_heads, HEAD_DIM), 101)
+
+      def dense_xla(dk, dv, q):
+        qg = q.reshape(batch, kv_heads, group, HEAD_DIM)
+        logits = jnp.einsum("bkgh,bskh->bkgs", qg, dk, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits * HEAD_DIM ** -0.5, axis=-1).astype(DTYPE)
+        return jnp.einsum("bkgs,bskh->bkgh", weights, dv).reshape(batch, HEADS, HEAD_DIM)
+
+      dense_cudnn = lambda dk, dv, q: jax.nn.dot_product_attention(
+          q[:, None], dk, dv, implementation="cudnn")[:, 0]
+      add("dense_xla", try_time(f"{common} xla", dense_xla, (dk, dv), qs, samples=samples,
+                       chain=True),
+          kv_heads * context)
+      add("dense_cudnn", try_time(f"{common} cudnn", dense_cudnn, (dk, dv), qs, samples=samples,
+                       chain=True),
+          kv_heads * context)
+      del dk, dv
+      ours = lambda q_pos, cache, q: decode_lib.decode_gpu(q, q_pos, cache, **kernel_kw)
+      xla = lambda q_pos, cache, q: decode_lib.decode_xla(q, q_pos, cache)
+      for density in [*densities, 1.0]:
+        for kind in ("uniform", "mixed") if density < 1 else ("uniform",):
+          win = decode_windows(kind, density, context, kv_heads)
+          layout = cache_lib.make_layout(np.repeat(win, group), kv_heads, context, sink=SINK)
+          cache = full_cache(layout, batch, context, key)
+          add("moa_triton", try_time(f"{common} ours", ours, (q_pos, cache), qs, samples=samples,
+                       chain=True),
+              layout.slots(), windows=kind, target_density=density, config=kernel_kw)
+          if kind == "uniform" and density in (0.25, 1.0):
+            add("moa_xla", try_time(f"{common} xla", xla, (q_pos, cache), qs, samples=samples,
+                       chain=True),
+                layout.slots(), windows=kind, target_density=density)
+          del cache
+  return records
+
+
+def markdown(records) -> str:
+  """Two tables: prefill (ours vs cuDNN) and decode (ours vs dense)."""
+  nan = float("nan")
+  lines = ["| T | KV heads | attn density | windows | MoA ms | MoA TFLOP/s | cuDNN dense ms | "
+           "cuDNN dense TFLOP/s | MoA / dense TFLOP/s | cuDNN window ms |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  pre = [r for r in records if r["op"] == "prefill"]
+  for r in (r for r in pre if r["impl"] == "moa_triton"):
+    match = lambda x, impl: (x["impl"] == impl and x["T"] == r["T"] and
+                             x["kv_heads"] == r["kv_heads"])
+    dense = next((x for x in pre if match(x, "cudnn_dense")), dict(ms=nan, tflops=nan))
+    window = [x for x in pre if match(x, "cudnn_window") and
+              x["target_density"] == r["target_density"] and r["windows"] == "uniform"]
+    window_ms = f"{window[0]['ms']:.3f}" if window else "-"
+    lines.append(
+        f"| {r['T']} | {r['kv_heads']} | {r['attn_density']:.3f} | {r['windows']} | "
+        f"{r['ms']:.3f} | {r['tflops']:.0f} | {dense['ms']:.3f} | {dense['tflops']:.0f} | "
+        f"{r['tflops'] / dense['tflops']:.2f} | {window_ms} |")
+  lines += ["", "| context | batch | KV density | windows | MoA ms | MoA GB/s | dense cuDNN ms | "
+            "dense XLA ms | MoA / dense time | target 1.3 x rho |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+  dec = [r for r in records if r["op"] == "decode"]
+  for r in (r for r in dec if r["impl"] == "moa_triton"):
+    base = {impl: dict(ms=nan) for impl in ("dense_cudnn", "dense_xla")}
+    base.update({x["impl"]: x for x in dec if x["T"] == r["T"] and x["batch"] == r["batch"] and
+                 x["impl"].startswith("dense")})
+    dense_ms = np.nanmin([base["dense_cudnn"]["ms"], base["dense_xla"]["ms"]])
+    lines.append(
+        f"| {r['T']} | {r['batch']} | {r['kv_density']:.3f} | {r['windows']} | {r['ms']:.3f} | "
+        f"{r['gbps']:.0f} | {base['dense_cudnn']['ms']:.3f} | {base['dense_xla']['ms']:.3f} | "
+        f"{r['ms'] / dense_ms:.3f} | {1.3 * r['kv_density']:.3f} |")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="benchmarks/attention.json")
+  parser.add_argument("--lengths", default="8192,16384,32768")
+  parser.add_argument("--densities", default="0.125,0.25,0.5")
+  parser.add_argument("--batches", default="1,16,64")
+  parser.add_argument("--contexts", default="8192,32768")
+  parser.add_argument("--skip", choices=("prefill", "decode"), default=None)
+  parser.add_argument("--reps", type=int, default=4)
+  parser.add_argument("--samples", type=int, default=7)
+  parser.add_argument("--config", default=None,
+                      help="JSON from gpu_check_kernels.py: its 'best' launch configurations")
+  args = parser.parse_args(argv)
+  best = dict(prefill={}, decode={})
+  if args.config:
+    with open(args.config) as f:
+      best = json.load(f)["best"]
+  ints = lambda s: [int(x) for x in s.split(",")]
+  densities = [float(x) for x in args.densities.split(",")]
+  records = []
+  LOG.append(open(args.out.rsplit(".", 1)[0] + "_records.jsonl", "w"))
+  if args.skip != "prefill":
+    records += bench_prefill(ints(args.lengths), [32, 8], densities, reps=args.reps,
+                             samples=args.samples,
+                             configs={int(k): v for k, v in best["prefill"].items()})
+  if args.skip != "decode":
+    records += bench_decode(ints(args.batches), ints(args.contexts), densities, kv_heads=8,
+                            reps=2 * args.reps, samples=args.samples, **best["decode"])
+  result = dict(command="python3 experiments/bench_attention.py " + " ".join(sys.argv[1:]),
+                records=records)
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=1)
+  table = markdown(records)
+  with open(args.out.rsplit(".", 1)[0] + "_table.md", "w") as f:
+    f.write(table + "\n")
+  print(table)
+
+
+if __name__ == "__main__":
+  main()
