@@ -21,16 +21,18 @@ from moa_jax.attention.dense import DenseAttention
 from moa_jax.models.llama import Llama
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1
+             ) -> tuple[np.ndarray, np.ndarray]:
   """Left-pad prompts to one length.
 
   Returns:
     tokens [B, T] int32 (pad_id on padding) and positions [B, T] int32 counted from each row's
-    first real token (-1 on padding), T = the longest prompt.
+    first real token (-1 on padding), T = the longest prompt rounded up to `multiple` (so that
+    batches of similar lengths share one compiled program).
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("generate needs at least one prompt and every prompt needs >= 1 token")
-  t = max(len(p) for p in prompts)
+  t = -(-max(len(p) for p in prompts) // multiple) * multiple
   tokens = np.full((len(prompts), t), pad_id, np.int32)
   positions = np.full((len(prompts), t), -1, np.int32)
   for row, prompt in enumerate(prompts):
@@ -84,7 +86,8 @@ def _generate_jit(graphdef, state, tokens, positions, rng, temperature, eos_ids,
 def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              attention: Attention | None = None, temperature: float = 0.0,
              top_k: int | None = None, rng: jax.Array | None = None,
-             eos_id: int | Sequence[int] | None = None, pad_id: int = 0) -> list[list[int]]:
+             eos_id: int | Sequence[int] | None = None, pad_id: int = 0,
+             pad_multiple: int = 64) -> list[list[int]]:
   """New tokens for each prompt, decoded as one left-padded batch.
 
   Args:
@@ -97,6 +100,8 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int
     rng: PRNG key for sampling (default jax.random.key(0)).
     eos_id: token id(s) ending a row; None: the config's eos_token_ids; (): never stop.
     pad_id: token fed for padding (and after eos).
+    pad_multiple: prompts are left-padded to a multiple of this (fewer recompilations); the
+      planned total length (cache size) is the padded length + max_new_tokens.
   Returns:
     B lists of new tokens, each ending at (and including) its first eos token.
   """
@@ -107,7 +112,7 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int
   vocab = model.config.vocab_size
   if top_k is not None and not 1 <= top_k <= vocab:
     raise ValueError(f"top_k must be in [1, {vocab}], got {top_k}")
-  tokens, positions = left_pad(prompts, pad_id)
+  tokens, positions = left_pad(prompts, pad_id, pad_multiple)
   if tokens.min() < 0 or tokens.max() >= vocab:
     raise ValueError(f"prompt token ids must be in [0, {vocab}), got {tokens.min()}..{tokens.max()}")
   eos = model.config.eos_token_ids if eos_id is None else eos_id

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from moa_jax.attention.dense import DenseAttention
+from moa_jax.attention.moa import MoAAttention
 from moa_jax.data import longbench as longbench_lib
 from moa_jax.data.tasks import make_samples
 from moa_jax.eval import harness, plots
@@ -50,21 +51,21 @@ def random_tokens(seed, shape):
   return jax.random.randint(jax.random.key(seed), shape, 3, 128, jnp.int32)
 
 
-def test_windowed_attention_full_windows_equal_dense(model):
+def test_moa_attention_full_windows_equal_dense(model):
   tokens = random_tokens(0, (2, 40))
   positions = jnp.broadcast_to(jnp.arange(40, dtype=jnp.int32), (2, 40))
   forward = nnx.jit(lambda m, t, p, a: m(t, p, attention=a)[0], static_argnums=3)
   dense = forward(model, tokens, positions, DenseAttention())
-  wide = forward(model, tokens, positions, harness.WindowedAttention(((40,),), sink=4))
-  narrow = forward(model, tokens, positions, harness.WindowedAttention(((8,),), sink=4))
+  wide = forward(model, tokens, positions, MoAAttention(np.full((2, 4), 40), sink=4))
+  narrow = forward(model, tokens, positions, MoAAttention(np.full((2, 4), 8), sink=4))
   np.testing.assert_allclose(wide, dense, rtol=1e-5, atol=1e-5)
   assert np.abs(np.asarray(narrow[:, 20:] - dense[:, 20:])).max() > 1e-3
 
 
-def test_windowed_decode_matches_prefill(model, moa_plan):
-  """Prefill + cached decode steps give the logits of one full forward (token-exact rules)."""
-  attention = harness.WindowedAttention.from_plan(moa_plan, 96)
-  assert len(attention.windows) == 2 and len(attention.windows[0]) == 4
+def test_moa_decode_matches_prefill(model, moa_plan):
+  """Prefill + decode steps on the compressed cache give the logits of one full forward with
+  the plan's windows at the planned length 96 (token-exact rules)."""
+  attention = MoAAttention(moa_plan.windows(96), sink=moa_plan.sink)
   tokens = random_tokens(1, (1, 90))
   positions = jnp.arange(90, dtype=jnp.int32)[None]
   forward = nnx.jit(lambda m, t, p, c: m(t, p, attention=attention, caches=c))
@@ -81,9 +82,10 @@ def test_plan_factory(model, moa_plan):
   assert isinstance(factory("dense", 500), DenseAttention)
   uniform = factory("uniform", 500)
   expected = uniform_plan(model.config, 0.5, 500, sink=16).windows(500)
-  assert uniform.windows == tuple(tuple(int(w) for w in row) for row in expected)
-  assert kv_density(np.array(uniform.windows)[:, ::2], 16, 500) == pytest.approx(0.5, abs=0.01)
-  assert factory("moa", 500) == harness.WindowedAttention.from_plan(moa_plan, 500)
+  np.testing.assert_array_equal(uniform.layer_windows(500, 4), expected)
+  assert kv_density(expected[:, ::2], 16, 500) == pytest.approx(0.5, abs=0.01)
+  assert factory("uniform", 500) is uniform  # memoized: one compiled program per method
+  np.testing.assert_array_equal(factory("moa", 500).layer_windows(500, 4), moa_plan.windows(500))
   with pytest.raises(ValueError, match="unknown method"):
     factory("h2o", 500)
   with pytest.raises(ValueError, match="reserved"):

@@ -5,9 +5,8 @@ cache) and through one teacher-forced forward for the response cross-entropy. Th
 method comes from an `AttentionFactory(method, planned_length) -> Attention`, where the planned
 length N = longest prompt of the batch + max_new_tokens fixes every elastic rule's window
 (MOA_SPEC.md section 3). `plan_factory` is the default: DenseAttention for 'dense', and
-`WindowedAttention` (the reference attention under the token-exact rule mask, on the dense
-cache) for 'uniform' (StreamingLLM at the same KV density, `plans.plan.uniform_plan`) and for
-every named plan. A compressed-cache MoA backend is a factory that returns its own Attention.
+MoA's attention on its static per-head cache (`moa_jax.attention.moa.MoAAttention`) for
+'uniform' (StreamingLLM at the same KV density, `plans.plan.uniform_plan`) and every named plan.
 
 Results are records, one per (method, task, length, depth decile): accuracy, sample count,
 mean depth and prompt tokens, response cross-entropy and perplexity, and the predictions.
@@ -15,7 +14,6 @@ mean depth and prompt tokens, response cross-entropy and perplexity, and the pre
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -30,8 +28,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from moa_jax.attention.base import Attention
-from moa_jax.attention.dense import DenseAttention, DenseCache, write_cache
-from moa_jax.attention.reference import reference_attention
+from moa_jax.attention.dense import DenseAttention
+from moa_jax.attention.moa import MoAAttention
 from moa_jax.data import longbench as longbench_lib
 from moa_jax.data import tasks as tasks_lib
 from moa_jax.eval import metrics
@@ -43,55 +41,25 @@ AttentionFactory = Callable[[str, int], Attention]  # (method, planned total len
 ACCURACY_THRESHOLD = 0.9  # effective context length: longest length with accuracy >= this
 
 
-@dataclasses.dataclass(frozen=True)
-class WindowedAttention:
-  """Reference attention with per-layer, per-head windows and a sink, on the dense KV cache.
-
-  Token-exact (`plans.rules.attend_mask`) in prefill and decode, so it gives the answers of a
-  compressed cache with the same rules, without its memory saving.
-  windows: per layer, a window per query head [N] or per KV group [K]; a single row applies to
-  every layer. Hashable (tuples), so it can be a static argument of jit.
-  """
-
-  windows: tuple[tuple[int, ...], ...]
-  sink: int = DEFAULT_SINK
-
-  @classmethod
-  def from_plan(cls, plan: Plan, length: int) -> WindowedAttention:
-    """The plan's windows at planned total length `length`."""
-    return cls(tuple(tuple(int(w) for w in row) for row in plan.windows(length)), plan.sink)
-
-  def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
-               cache: DenseCache | None) -> tuple[jax.Array, DenseCache | None]:
-    """q [B, T, N, H], k/v [B, T, K, H], q_pos [B, T] -> ([B, T, N, H], updated cache)."""
-    windows = self.windows[layer if len(self.windows) > 1 else 0]
-    if cache is None:
-      return reference_attention(q, k, v, q_pos, q_pos, windows=windows, sink=self.sink), None
-    cache = write_cache(cache, k, v, q_pos)
-    out = reference_attention(q, cache.k, cache.v, q_pos, cache.pos, windows=windows,
-                              sink=self.sink)
-    return out, cache
-
-  def init_cache(self, config, batch_size: int, max_length: int, dtype=None) -> list[DenseCache]:
-    """The dense cache of DenseAttention."""
-    return DenseAttention().init_cache(config, batch_size, max_length, dtype)
-
-
 def plan_factory(config, *, density: float = 0.5, plans: Mapping[str, Plan] | None = None,
-                 sink: int = DEFAULT_SINK) -> AttentionFactory:
-  """Methods 'dense', 'uniform' (alpha = 0 windows at KV density `density`) and each named plan."""
-  plans = dict(plans or {})
+                 sink: int = DEFAULT_SINK, **moa_options) -> AttentionFactory:
+  """Methods 'dense' (DenseAttention), 'uniform' (StreamingLLM windows at KV density `density`)
+  and each named plan, the last two on MoA's static per-head cache (`MoAAttention`, options
+  passed through). Memoized, so repeated batches reuse one compiled generate program."""
+  plans = {name: plan.validate(config) for name, plan in (plans or {}).items()}
   for name in ("dense", "uniform"):
     if name in plans:
       raise ValueError(f"plan name {name!r} is reserved for the baseline; rename the plan")
 
+  @functools.cache
   def factory(method: str, length: int) -> Attention:
     if method == "dense":
       return DenseAttention()
     if method == "uniform":
-      return WindowedAttention.from_plan(uniform_plan(config, density, length, sink=sink), length)
+      return MoAAttention.from_plan(uniform_plan(config, density, length, sink=sink),
+                                    **moa_options)
     if method in plans:
-      return WindowedAttention.from_plan(plans[method].validate(config), length)
+      return MoAAttention.from_plan(plans[method], **moa_options)
     raise ValueError(f"unknown method {method!r}; this factory knows "
                      f"{['dense', 'uniform', *sorted(plans)]}")
 
