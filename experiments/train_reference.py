@@ -96,59 +96,61 @@ def training_md(cfg, model_cfg, record: dict, log: list[dict], argv: list[str]) 
   from moa_jax.models.llama import count_params
 
   last = [r for r in log if "loss" in r][-1]
+  attention = "cuDNN flash" if jax.default_backend() == "gpu" else "XLA"
+  prepare_args = [a for a in argv if a.startswith(("--config=", "--config.data_dir"))]
   final = log[-1]
   steps = final["step"]
   phase_rows = "\n".join(f"| {p[0]:.2f} | {p[1]} | {p[2]} |" for p in cfg.train.phases)
   return f"""# moa_jax reference model
 
-A {count_params(model_cfg) / 1e6:.1f}M-parameter Llama ({model_cfg.num_layers} layers, hidden
-{model_cfg.hidden_size}, {model_cfg.num_heads} query / {model_cfg.num_kv_heads} KV heads of
-dim {model_cfg.head_dim}, SwiGLU {model_cfg.intermediate_size}, tied embeddings, RoPE theta
-{model_cfg.rope_theta:g}, vocab {model_cfg.vocab_size}) trained from scratch by moa_jax itself
-(moa_jax/train, configs/train_reference.py) on one GPU. Weights stored in bfloat16.
+A {count_params(model_cfg) / 1e6:.1f}M-parameter Llama trained from scratch by moa_jax itself
+(moa_jax/train, configs/train_reference.py): {model_cfg.num_layers} layers, hidden \
+{model_cfg.hidden_size}, \
+{model_cfg.num_heads} query / {model_cfg.num_kv_heads} KV heads of dim {model_cfg.head_dim}, \
+SwiGLU {model_cfg.intermediate_size}, tied embeddings, RoPE theta {model_cfg.rope_theta:g}, \
+vocab {model_cfg.vocab_size}; weights stored in bfloat16.
 
-## Data (no download)
-- Natural text: {record['corpus']['source']}, Python {record['corpus']['python_version']},
-  {record['corpus']['files']} files, {record['corpus']['bytes']} bytes, sha256
-  {record['corpus']['sha256']} -> {record['natural_tokens']} tokens (sha256
-  {record['natural_sha256']}).
-- Synthetic tasks rendered fresh every step by moa_jax.data.tasks (LongEval line retrieval with
-  extra question/answer turns per record, passkey, multi-key NIAH, variable tracking, UUID KV),
-  chat-formatted (`USER: ... ASSISTANT: answer</s>`); mix {dict(cfg.train.mix)}; answer tokens
-  weighted {cfg.train.answer_weight} in the loss.
-- Tokenizer: byte-level BPE ({record['tokenizer']['pre_tokenizer']}), {record['tokenizer']['vocab_size']}
-  tokens, trained on the same stdlib text plus {record['tokenizer']['task_docs_per_task']}
-  rendered documents per task; `<pad>`=0, `<s>`=1, `</s>`=2; Vicuna-style chat template.
+## Data (nothing downloaded)
+- Natural text: {record['corpus']['source']}; Python {record['corpus']['python_version']}, \
+{record['corpus']['files']} files, {record['corpus']['bytes']} bytes, sha256 \
+`{record['corpus']['sha256']}`, {record['natural_tokens']} tokens (sha256 \
+`{record['natural_sha256']}`).
+- Synthetic tasks rendered fresh at every step by moa_jax.data.tasks: LongEval line retrieval \
+(plus extra question/answer turns about other lines of the same record), passkey, multi-key \
+NIAH, variable tracking, UUID key-value; chat-formatted (`<s>USER: ... ASSISTANT: answer</s>`). \
+Mix {dict(sorted(cfg.train.mix.items()))}; answer tokens weigh {cfg.train.answer_weight} in the \
+loss.
+- Tokenizer: byte-level BPE ({record['tokenizer']['pre_tokenizer']}), \
+{record['tokenizer']['vocab_size']} tokens, trained on the same stdlib text plus \
+{record['tokenizer']['task_docs_per_task']} rendered documents per task; `<pad>`=0, `<s>`=1, \
+`</s>`=2; Vicuna-style chat template.
 - Prepared with {record['prepared_with']}.
 
 ## Training
-Curriculum (start progress, sequence length, batch rows), documents packed into full rows:
+Curriculum over progress p (documents packed into full rows):
 
-| start | seq_len | batch |
+| from p | seq_len | rows per batch |
 |---|---|---|
 {phase_rows}
 
-AdamW (b1 {cfg.train.b1}, b2 {cfg.train.b2}, weight decay {cfg.train.weight_decay}, clip
-{cfg.train.clip_norm}), peak lr {cfg.train.lr} after {cfg.train.warmup_steps} warmup steps,
-cosine to {cfg.train.final_lr_ratio}x; bf16 compute, cuDNN flash attention (training only).
-Progress is {'step-based' if cfg.train.steps else f'time-based: a {cfg.train.time_budget_s:.0f} s budget'}:
-{steps} steps ({final['mtokens']:.0f}M tokens) in {final['seconds']} s. Last logged: loss {last['loss']}, text loss
-{last['text_loss']}, answer-token accuracy {last['answer_acc']}; held-out line-retrieval probe
-(teacher-forced exact answers at {list(cfg.train.probe_lengths)} tokens): {final['probe_acc']:.3f}.
+AdamW (b1 {cfg.train.b1}, b2 {cfg.train.b2}, weight decay {cfg.train.weight_decay}, clip \
+{cfg.train.clip_norm}), peak lr {cfg.train.lr} after {cfg.train.warmup_steps} warmup steps, cosine \
+to {cfg.train.final_lr_ratio}x; {model_cfg.dtype} compute, {attention} attention (training only). \
+Progress is \
+{'step-based' if cfg.train.steps else f'time-based (a {cfg.train.time_budget_s:.0f} s budget)'}: \
+{steps} steps, {final['mtokens']:.0f}M tokens, {final['seconds']} s. Last logged: loss \
+{last['loss']}, text loss {last['text_loss']}, answer-token accuracy {last['answer_acc']}; \
+held-out line-retrieval probe (teacher-forced exact answers at {list(cfg.train.probe_lengths)} \
+tokens): {final['probe_acc']:.3f}.
 
 Trained on {jax.devices()[0].device_kind} with {versions()}.
 
 ## Reproduce
-    python experiments/train_reference.py prepare --config={argv_config(argv)}
+    python experiments/train_reference.py prepare {' '.join(prepare_args)}
     python3 experiments/train_reference.py {' '.join(argv)}
 
 Evaluation: experiments/eval_reference.py -> benchmarks/reference_model.json.
 """
-
-
-def argv_config(argv: list[str]) -> str:
-  return next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
-              "configs/train_reference.py")
 
 
 def main(argv: list[str]) -> None:

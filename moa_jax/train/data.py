@@ -100,7 +100,8 @@ class Mixture:
                seed: int = 0):
     unknown = set(mix) - {"natural", *TASK_NAMES}
     if unknown or not mix:
-      raise ValueError(f"mix sources {sorted(unknown)} unknown; use natural, {', '.join(TASK_NAMES)}")
+      raise ValueError(f"mix sources {sorted(unknown)} unknown; use natural, "
+                       f"{', '.join(TASK_NAMES)}")
     if len(natural_tokens) < 1 << 14:
       raise ValueError(f"only {len(natural_tokens)} natural tokens; need at least 16384")
     self._backend = getattr(tokenizer, "backend_tokenizer", tokenizer)

@@ -132,7 +132,8 @@ def train(cfg: Any, model_cfg: LlamaConfig, tokenizer: Any, natural_tokens: np.n
 
   cfg fields: seed, phases [(start, seq_len, batch_size)], steps (0: time-based),
   time_budget_s, lr, warmup_steps, final_lr_ratio, b1, b2, weight_decay, clip_norm,
-  log_every, ckpt_every, probe_every, probe_lengths, probe_num, mix, answer_weight, min_doc, full_row.
+  log_every, ckpt_every, probe_every, probe_lengths, probe_num, mix, answer_weight, min_doc,
+  full_row.
   """
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +192,8 @@ def train(cfg: Any, model_cfg: LlamaConfig, tokenizer: Any, natural_tokens: np.n
       now = time.perf_counter()
       clock["seconds"] += now - last
       row = {"step": s + 1, "seconds": round(clock["seconds"], 1), "seq_len": phase.seq_len,
-             "batch": phase.batch_size, "lr": lr, "tokens_per_s": round(window_tokens / (now - last)),
+             "batch": phase.batch_size, "lr": lr,
+             "tokens_per_s": round(window_tokens / (now - last)),
              **{k: round(v, 4) for k, v in metrics.items()}}
       last, window_tokens = now, 0
       if (s + 1) % (cfg.log_every * cfg.probe_every) == 0:
