@@ -7,9 +7,10 @@ Prompts come from `moa_jax.data.tasks.make_samples('lines', ...)` in the model's
 answers from `moa_jax.generate.generate` with DenseAttention (greedy, prefill + cached decode),
 scored by the last-integer metric. Every batch of one length is left-padded to that length's
 longest prompt (the longest prompt rides along as a filler row, scored once), so each length
-compiles the generate loop once (unless memory allows only one row per batch). Writes JSON in the layout of
-`moa_jax.eval.harness.save_results` (meta with the command, summary, per-decile records); it
-does not import the harness, whose LongBench loader needs `datasets`, absent on the GPU image.
+compiles the generate loop once (unless memory allows only one row per batch). Writes JSON in
+the layout of `moa_jax.eval.harness.save_results` (meta with the command, summary, per-decile
+records); it does not import the harness, whose LongBench loader needs `datasets`, absent on
+the GPU image.
 """
 
 from __future__ import annotations
