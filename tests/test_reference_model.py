@@ -9,7 +9,7 @@ from moa_jax.data import tasks
 from moa_jax.eval import metrics
 from moa_jax.generate import generate
 from moa_jax.models import hf
-from moa_jax.train import reference_model_dir
+from moa_jax.models.loading import reference_model_dir
 
 MAX_BYTES = 32 * 2**20
 

@@ -1,0 +1,46 @@
+"""Write the reference model's calibration source: {context, question} JSONL from the task suite.
+
+  python experiments/make_calibration_tasks.py   # -> moa_jax/assets/calibration/reference_tasks.jsonl
+
+Long-range-dependency tasks only (passkey, multi-key needle, variable tracking, UUID key-value):
+LongEval line retrieval, the evaluation task, is deliberately left out. Records are sized to
+about 90% of each target length's prompt budget so that calibration fits them without cutting
+the needle out; the dense model's own answers are generated later by the compress pipeline.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from moa_jax.data import tasks
+from moa_jax.models.hf import load_tokenizer
+from moa_jax.models.loading import reference_model_dir
+
+TASKS = ("passkey", "niah", "vt", "uuid")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 3072, 4096])
+  parser.add_argument("--per_task", type=int, default=3)
+  parser.add_argument("--seed", type=int, default=2024)
+  parser.add_argument("--out", default="moa_jax/assets/calibration/reference_tasks.jsonl")
+  args = parser.parse_args()
+  tokenizer = load_tokenizer(reference_model_dir())
+  records = []
+  for length in args.lengths:
+    for task in TASKS:
+      for sample in tasks.make_samples(task, tokenizer, int(0.9 * length), args.per_task,
+                                       seed=args.seed):
+        context, _, question = sample.prompt.rstrip("\n").rpartition("\n\n")
+        records.append({"context": context, "question": question, "task": task,
+                        "target_length": length, "answer": sample.answer})
+  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+  with open(args.out, "w") as f:
+    for record in records:
+      f.write(json.dumps(record) + "\n")
+  print(f"wrote {len(records)} records to {args.out}")
+
+
+if __name__ == "__main__":
+  main()
