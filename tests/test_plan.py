@@ -1,4 +1,4 @@
-"""Tests of moa_jax/plans/plan.py: windows and densities, our JSON, the official JSON, validation."""
+"""Tests of moa_jax/plans/plan.py: windows, densities, our JSON, the official JSON, validation."""
 
 import dataclasses
 import json
