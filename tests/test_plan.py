@@ -3,10 +3,12 @@
 import dataclasses
 import json
 
+import matplotlib.image
 import numpy as np
 import pytest
 
 from moa_jax.plans import plan as plan_lib
+from moa_jax.plans import plots
 from moa_jax.plans import rules as rules_lib
 
 
@@ -163,3 +165,18 @@ def test_baselines():
     plan_lib.uniform_plan(shape, 0.05, 2048)
   with pytest.raises(ValueError, match="beyond the sink"):
     plan_lib.uniform_plan(shape, 1.0, 64)
+
+
+def test_plots_write_pngs(tmp_path):
+  rng = np.random.default_rng(4)
+  plan = _random_plan(rng, grouping="query_head")
+  plots.plot_spans(plan, 100, tmp_path / "spans.png")
+  objectives = [{64: float(a), 128: float(b), 256: float(c)}
+                for a, b, c in rng.exponential(size=(5, 3))]
+  plots.plot_pareto_front(objectives, tmp_path / "front.png", chosen=2)
+  plots.plot_pareto_front(objectives[:1], tmp_path / "single.png")
+  for name in ("spans.png", "front.png", "single.png"):
+    image = matplotlib.image.imread(tmp_path / name)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0  # a real, non-blank PNG
+  with pytest.raises(ValueError, match="at least one"):
+    plots.plot_pareto_front([], tmp_path / "empty.png")

@@ -1,0 +1,52 @@
+"""PNG plots of plans: spans per layer x head, and the Pareto front (matplotlib, no display)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from moa_jax.plans.plan import Plan
+
+
+def plot_spans(plan: Plan, n: int, path: str | os.PathLike) -> None:
+  """Heatmap of every query head's window at planned length n: layers down, heads across."""
+  windows = plan.windows(n)  # [L, H]
+  fig = Figure(figsize=(max(4.0, 0.22 * plan.num_heads + 2), max(3.0, 0.2 * plan.num_layers + 1.5)))
+  ax = fig.add_subplot()
+  image = ax.imshow(windows, aspect="auto", cmap="viridis", vmin=0, vmax=n,
+                    interpolation="nearest")
+  fig.colorbar(image, ax=ax, label="window W(N) in tokens (sink not included)")
+  ax.set_xlabel("query head")
+  ax.set_ylabel("layer")
+  ax.set_title(f"spans at N={n}: KV density {plan.kv_density(n):.3f}, "
+               f"attention density {plan.attention_density(n):.3f}", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def plot_pareto_front(objectives: Sequence[Mapping[int, float]], path: str | os.PathLike,
+                      chosen: int | None = None) -> None:
+  """Scatter of every pair of objectives (predicted dL at two profile lengths) over the plans;
+  the `chosen` plan (an index) is marked."""
+  if not objectives:
+    raise ValueError("plot_pareto_front needs at least one plan's objectives")
+  lengths = sorted(objectives[0])
+  values = np.array([[row[n] for n in lengths] for row in objectives])  # [plans, P]
+  pairs = list(itertools.combinations(range(len(lengths)), 2)) or [(0, 0)]
+  fig = Figure(figsize=(4 * len(pairs), 3.6))
+  for k, (i, j) in enumerate(pairs):
+    ax = fig.add_subplot(1, len(pairs), k + 1)
+    ax.scatter(values[:, i], values[:, j], s=18, label="Pareto plans")
+    if chosen is not None:
+      ax.scatter(values[chosen, i], values[chosen, j], s=80, marker="*", color="tab:red",
+                 label="chosen")
+    ax.set_xlabel(f"predicted dL at N={lengths[i]}")
+    ax.set_ylabel(f"predicted dL at N={lengths[j]}")
+    ax.legend(fontsize=7)
+  fig.suptitle(f"Pareto front: {len(objectives)} plans", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
