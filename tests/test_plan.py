@@ -171,12 +171,14 @@ def test_plots_write_pngs(tmp_path):
   rng = np.random.default_rng(4)
   plan = _random_plan(rng, grouping="query_head")
   plots.plot_spans(plan, 100, tmp_path / "spans.png")
-  objectives = [{64: float(a), 128: float(b), 256: float(c)}
-                for a, b, c in rng.exponential(size=(5, 3))]
-  plots.plot_pareto_front(objectives, tmp_path / "front.png", chosen=2)
-  plots.plot_pareto_front(objectives[:1], tmp_path / "single.png")
+  plans = [dataclasses.replace(plan, objectives={64: float(a), 128: float(b), 256: float(c)})
+           for a, b, c in rng.exponential(size=(5, 3))]
+  plots.plot_pareto_front(plans, tmp_path / "front.png", chosen=plans[2])
+  plots.plot_pareto_front(plans[:1], tmp_path / "single.png")
   for name in ("spans.png", "front.png", "single.png"):
     image = matplotlib.image.imread(tmp_path / name)
     assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0  # a real, non-blank PNG
   with pytest.raises(ValueError, match="at least one"):
     plots.plot_pareto_front([], tmp_path / "empty.png")
+  with pytest.raises(ValueError, match="no objective"):
+    plots.plot_pareto_front([plan], tmp_path / "none.png")

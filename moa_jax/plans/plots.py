@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -28,12 +28,15 @@ def plot_spans(plan: Plan, n: int, path: str | os.PathLike) -> None:
   fig.savefig(path, dpi=120)
 
 
-def plot_pareto_front(objectives: Sequence[Mapping[int, float]], path: str | os.PathLike,
-                      chosen: int | None = None) -> None:
+def plot_pareto_front(plans: Sequence[Plan], path: str | os.PathLike,
+                      chosen: Plan | None = None) -> None:
   """Scatter of every pair of objectives (predicted dL at two profile lengths) over the plans;
-  the `chosen` plan (an index) is marked."""
-  if not objectives:
-    raise ValueError("plot_pareto_front needs at least one plan's objectives")
+  the `chosen` plan (one of `plans`) is marked."""
+  if not plans:
+    raise ValueError("plot_pareto_front needs at least one plan")
+  objectives = [plan.objectives for plan in plans]
+  if not objectives[0]:
+    raise ValueError("the plans carry no objective values to plot")
   lengths = sorted(objectives[0])
   values = np.array([[row[n] for n in lengths] for row in objectives])  # [plans, P]
   pairs = list(itertools.combinations(range(len(lengths)), 2)) or [(0, 0)]
@@ -41,9 +44,9 @@ def plot_pareto_front(objectives: Sequence[Mapping[int, float]], path: str | os.
   for k, (i, j) in enumerate(pairs):
     ax = fig.add_subplot(1, len(pairs), k + 1)
     ax.scatter(values[:, i], values[:, j], s=18, label="Pareto plans")
-    if chosen is not None:
-      ax.scatter(values[chosen, i], values[chosen, j], s=80, marker="*", color="tab:red",
-                 label="chosen")
+    for plan, row in zip(plans, values):
+      if plan is chosen:
+        ax.scatter(row[i], row[j], s=80, marker="*", color="tab:red", label="chosen")
     ax.set_xlabel(f"predicted dL at N={lengths[i]}")
     ax.set_ylabel(f"predicted dL at N={lengths[j]}")
     ax.legend(fontsize=7)
