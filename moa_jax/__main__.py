@@ -5,6 +5,7 @@ it with (config, workdir).
 """
 
 import importlib
+import os
 import sys
 
 from moa_jax.cli import USAGE, UsageError, parse_command_line
@@ -12,6 +13,8 @@ from moa_jax.cli import USAGE, UsageError, parse_command_line
 # command -> "module:function"; each function takes (config: ConfigDict, workdir: Path | None).
 COMMANDS = {
     "generate": "moa_jax.generate:generate_command",
+    "compress": "moa_jax.pipeline:compress_command",
+    "demo": "moa_jax.demo:demo_command",
 }
 
 
@@ -25,7 +28,12 @@ def main(argv: list[str] | None = None) -> None:
   except UsageError as error:
     sys.exit(f"error: {error}")
   module, function = COMMANDS[command].split(":")
-  getattr(importlib.import_module(module), function)(config, workdir)
+  try:
+    getattr(importlib.import_module(module), function)(config, workdir)
+  except (ValueError, FileNotFoundError) as error:  # bad input: one line (MOA_DEBUG=1: traceback)
+    if os.environ.get("MOA_DEBUG"):
+      raise
+    sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

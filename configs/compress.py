@@ -1,0 +1,94 @@
+"""MoA compression: calibration -> profile -> optimize -> choose, writing DIR/plan.json.
+
+Embedded reference model (CPU, a few minutes):
+  python -m moa_jax compress --config=configs/compress.py --workdir=runs/compress
+A random tiny model on the reference tokenizer (CI, under a minute of work after compiles):
+  python -m moa_jax compress --config=configs/compress.py:tiny --workdir=/tmp/moa_tiny
+A HF checkpoint (GPU), with the paper's lengths:
+  python -m moa_jax compress --config=configs/compress.py:paper \
+      --config.model.path=lmsys/vicuna-7b-v1.5-16k --workdir=runs/vicuna7b
+
+Result: DIR/plan.json (the chosen plan: rules, densities, objectives, provenance) and
+DIR/report.md (densities, objectives and validation losses of every Pareto plan, plots).
+"""
+
+from ml_collections import config_dict
+
+REFERENCE_CALIBRATION = "moa_jax/assets/calibration/reference_tasks.jsonl"
+
+
+def get_config(arg: str | None = None) -> config_dict.ConfigDict:
+  variant = arg or "reference"
+  if variant not in ("reference", "tiny", "paper"):
+    raise ValueError(f"unknown variant {variant!r}; choose reference, tiny or paper")
+  c = config_dict.ConfigDict()
+  c.seed = 0
+
+  c.model = config_dict.ConfigDict()
+  c.model.path = ""  # HF checkpoint dir or hub id; '' = the embedded reference model
+  c.model.preset = ""  # e.g. 'tiny': a randomly initialised model instead of a checkpoint
+  c.model.tokenizer = ""  # tokenizer dir for a preset ('' = the reference model's)
+  c.model.dtype = "float32"
+  c.model.seed = 0
+
+  c.calibration = config_dict.ConfigDict()
+  c.calibration.source = "jsonl"  # 'multinews' (hub id or local file) or 'jsonl' {context, question}
+  c.calibration.path = REFERENCE_CALIBRATION
+  c.calibration.split = "train"
+  c.calibration.lengths = (1024, 2048, 3072)
+  c.calibration.samples_per_length = 4
+  c.calibration.max_new_tokens = 16
+  c.calibration.template = "auto"
+  c.calibration.min_fill = 0.5
+  c.calibration.batch_size = 4
+
+  c.profile = config_dict.ConfigDict()
+  c.profile.lengths = (1024, 2048, 3072)  # each needs calibration samples of that length
+  c.profile.block = 64
+  c.profile.path = "lean"  # 'lean' (tiled, memory-lean) or 'direct' (jax.grad on the maps)
+  c.profile.batch_size = 1
+
+  c.optimize = config_dict.ConfigDict()
+  c.optimize.density = 0.5  # KV-density budget at every constraint length
+  c.optimize.lower = 0.9  # band: lower * density <= KV density <= density
+  c.optimize.constraint_lengths = (1024, 2048, 3072, 4096)
+  c.optimize.alpha_step = 512
+  c.optimize.betas = tuple(i / 8 for i in range(9))
+  c.optimize.max_rules_per_layer = 2
+  c.optimize.grouping = "kv_group"  # or 'query_head' (group cache sized by its largest span)
+  c.optimize.sink = 64
+  c.optimize.intervals = 3
+  c.optimize.time_limit = 20.0  # seconds per MILP solve
+  c.optimize.workers = 2
+
+  c.select = config_dict.ConfigDict()
+  c.select.length = 4096  # unseen, longer than every profile length
+  c.select.num_samples = 4
+  c.select.split = "validation"
+
+  if variant == "tiny":
+    c.model.preset = "tiny"
+    c.calibration.lengths = (256, 512)
+    c.calibration.samples_per_length = 2
+    c.calibration.max_new_tokens = 8
+    c.calibration.min_fill = 0.2
+    c.profile.lengths = (256, 512)
+    c.optimize.constraint_lengths = (256, 512, 1024)
+    c.optimize.alpha_step = 128
+    c.optimize.intervals = 2
+    c.select.length = 768
+    c.select.num_samples = 2
+  elif variant == "paper":
+    c.model.dtype = "bfloat16"
+    c.calibration.source = "multinews"
+    c.calibration.path = "alexfabbri/multi_news"
+    c.calibration.lengths = (2048, 4096, 8192)
+    c.calibration.samples_per_length = 50
+    c.calibration.max_new_tokens = 128
+    c.profile.lengths = (2048, 4096, 8192)
+    c.optimize.constraint_lengths = (2048, 4096, 8192, 16384)
+    c.optimize.alpha_step = 1024
+    c.select.length = 12288
+    c.select.num_samples = 50
+  c.lock()
+  return c

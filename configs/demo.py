@@ -1,0 +1,40 @@
+"""`make demo`: MoA on the embedded reference model, then dense vs uniform vs MoA.
+
+  python -m moa_jax demo --config=configs/demo.py --workdir=runs/demo        # ~N min, 2 CPU cores
+  python -m moa_jax demo --config=configs/demo.py:tiny --workdir=/tmp/demo   # random tiny model (CI)
+
+Runs configs/compress.py's pipeline (calibration -> profile -> optimize at KV density 0.5 ->
+choose), then evaluates LongEval line retrieval at `eval.lengths` with every method decoding on
+its own cache. Writes DIR/results.json, DIR/report.md and plots; prints the accuracy table.
+"""
+
+import importlib.util
+from pathlib import Path
+
+from ml_collections import config_dict
+
+
+def _compress_config(arg):
+  spec = importlib.util.spec_from_file_location(
+      "moa_configs_compress", Path(__file__).with_name("compress.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def get_config(arg: str | None = None) -> config_dict.ConfigDict:
+  variant = arg or "reference"
+  c = _compress_config(variant)
+  c.unlock()
+  c.command = f"python -m moa_jax demo --config=configs/demo.py{':' + arg if arg else ''}"
+  c.eval = config_dict.ConfigDict()
+  c.eval.tasks = ("lines",)
+  c.eval.lengths = (1024, 2048, 4096)
+  c.eval.samples_per_depth = 2  # x 10 depth deciles per length
+  c.eval.seed = 1234
+  c.eval.batch_size = 4
+  if variant == "tiny":
+    c.eval.lengths = (256, 512)
+    c.eval.samples_per_depth = 1
+  c.lock()
+  return c

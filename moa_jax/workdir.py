@@ -1,0 +1,75 @@
+"""Resumable, atomic pipeline stages in a work directory.
+
+A stage writes its outputs into a hidden temporary folder and, once everything is written,
+renames it to `DIR/<stage>/` with a `COMPLETE.json` holding the fingerprint of its inputs. A stage
+whose folder is complete with the same fingerprint is skipped; a run killed mid-stage leaves only
+a temporary folder, which the next run discards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+COMPLETE = "COMPLETE.json"
+
+
+def fingerprint(*parts: Any) -> str:
+  """A short stable hash of JSON-serialisable parts (sorted keys)."""
+  text = json.dumps(parts, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+  """Write a file so that readers see the old or the new content, never a partial one."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+class Workdir:
+  """Stages of one pipeline run under `root`."""
+
+  def __init__(self, root: str | os.PathLike):
+    self.root = Path(root)
+    self.root.mkdir(parents=True, exist_ok=True)
+    for stale in self.root.glob(".*.partial-*"):
+      shutil.rmtree(stale, ignore_errors=True)
+
+  def path(self, stage: str) -> Path:
+    return self.root / stage
+
+  def is_complete(self, stage: str, key: str) -> bool:
+    marker = self.path(stage) / COMPLETE
+    if not marker.exists():
+      return False
+    return json.loads(marker.read_text()).get("fingerprint") == key
+
+  @contextlib.contextmanager
+  def stage(self, stage: str, key: str, info: dict[str, Any] | None = None) -> Iterator[Path]:
+    """Yield an empty temporary folder for the stage's outputs; publish it on success."""
+    tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{stage}.partial-"))
+    try:
+      yield tmp
+      (tmp / COMPLETE).write_text(json.dumps({"fingerprint": key, **(info or {})}, indent=1))
+      final = self.path(stage)
+      if final.exists():
+        shutil.rmtree(final)
+      os.rename(tmp, final)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
