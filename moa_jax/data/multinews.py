@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import datasets
+if TYPE_CHECKING:
+  import datasets
 
 HUB_ID = "multi_news"
 FIELDS = ("document", "summary")
@@ -54,6 +55,8 @@ def load_multinews(source: str | os.PathLike = HUB_ID, split: str = "train", *,
       preferred), or a hub dataset id (default 'multi_news').
     split: the split to read from the hub or to pick among a folder's files.
   """
+  import datasets  # here, so that importing the profiler needs no `datasets` (e.g. on the GPU box)
+
   path = Path(source)
   if path.exists():
     builder, files = _local_files(path, split)

@@ -71,8 +71,9 @@ def influence_entries(weights: jax.Array, grads: jax.Array) -> jax.Array:
   return jnp.where(dominant, dominant_entry, ordinary)
 
 
-def block_influence_from_grads(weights: jax.Array, grads: jax.Array, block: int) -> jax.Array:
-  """The direct path: block sums of |E| from the maps and dL/dA.
+def block_influence_from_grads(weights: jax.Array, grads: jax.Array, block: int,
+                               absolute: bool = True) -> jax.Array:
+  """The direct path: block sums of |E| (or of E, absolute=False) from the maps and dL/dA.
 
   Args:
     weights: A [B, K, G, T, S] float32 (zero where masked); grads: dL/dA, same shape.
@@ -82,7 +83,8 @@ def block_influence_from_grads(weights: jax.Array, grads: jax.Array, block: int)
   """
   weights = weights.astype(jnp.float32)
   grads = grads.astype(jnp.float32)
-  pooled = pool_blocks(jnp.abs(influence_entries(weights, grads)), block)
+  entries = influence_entries(weights, grads)
+  pooled = pool_blocks(jnp.abs(entries) if absolute else entries, block)
   b, k, g = pooled.shape[:3]
   return pooled.reshape(b, k * g, *pooled.shape[3:])
 
@@ -115,10 +117,10 @@ def causal_weights(q: jax.Array, k: jax.Array, lengths: jax.Array, *, scale: flo
   return jnp.where(valid, jnp.exp(logits - lse), 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("block", "tile", "scale"))
+@functools.partial(jax.jit, static_argnames=("block", "tile", "scale", "absolute"))
 def block_influence_tiled(
     q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, lengths: jax.Array, *,
-    block: int, tile: int = 512, scale: float | None = None,
+    block: int, tile: int = 512, scale: float | None = None, absolute: bool = True,
 ) -> jax.Array:
   """The lean path for one layer: block sums of |E| from q, k, v and dO, one query tile at a time.
 
@@ -132,6 +134,7 @@ def block_influence_tiled(
   Args:
     q, d_out: [B, T, N, H]; k, v: [B, T, K, H]; lengths: [B] int32 (right padding).
     block: block size b; tile: query rows per step (rounded to a multiple of `block`).
+    absolute: pool |E| (the profile) or E (the signed first-order loss change).
   Returns:
     [B, N, ceil(T/b), ceil(T/b)] float32.
   """
@@ -152,7 +155,8 @@ def block_influence_tiled(
     do_g = d_out[:, rows].reshape(b, tile, kv_heads, g, h)  # [B, tile, K, G, H]
     do_v = jnp.einsum("btkgh,bskh->bkgts", do_g, v[:, keys], preferred_element_type=jnp.float32,
                       precision=HIGHEST)  # [B, K, G, tile, S]
-    pooled = pool_blocks(jnp.abs(influence_entries(weights, do_v)), block)
+    entries = influence_entries(weights, do_v)
+    pooled = pool_blocks(jnp.abs(entries) if absolute else entries, block)
     pooled = pooled.reshape(b, n, tile // block, (r + 1) * tile // block)
     rows_out.append(jnp.pad(pooled, [(0, 0), (0, 0), (0, 0), (0, nb_padded - pooled.shape[-1])]))
   nb = num_blocks(t, block)

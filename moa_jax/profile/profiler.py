@@ -1,0 +1,214 @@
+"""Profile a model: E_bar[L, N, NB, NB] per length from calibration samples (MOA_SPEC.md section 2).
+
+The loss is the next-token cross-entropy on response tokens only, averaged over each sample's
+response tokens; a batch's loss is the sum of its samples' losses, so every sample's gradient is
+its own. E_bar is the per-sample block sum of |E| averaged over samples, in float32.
+
+Paths (both give dL/dA through `jax.grad`, see influence.py):
+  'direct': probes on the maps A of every layer; holds [L, B, N, T, T]: small inputs only.
+  'lean': probes on every layer's attention output give dO in one backward pass through a
+    memory-efficient attention (cuDNN on GPU for bf16/f16, XLA otherwise); then a tiled pass per
+    layer recomputes A and G = dO V^T one query tile at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from moa_jax.models.config import LlamaConfig
+from moa_jax.profile.calibration import CalibrationBucket, CalibrationSet
+from moa_jax.profile.influence import (block_influence_from_grads, block_influence_tiled,
+                                       num_blocks)
+from moa_jax.profile.probes import MapProbeAttention, OutputProbeAttention, valid_lengths
+
+PATHS = ("lean", "direct")
+
+
+def response_targets(loss_mask: np.ndarray, width: int | None = None,
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """Where the loss is read: hidden index t - 1 predicts token t for every response token t.
+
+  Args:
+    loss_mask: [B, T] bool, True on response tokens (never on token 0).
+    width: number of slots R (default: the most response tokens of any row).
+  Returns:
+    hidden_index [B, R] int32 and weight [B, R] float32 (1 / the row's response count, 0 on
+    unused slots), so that sum(weight * cross_entropy) is the sum of per-row mean losses.
+  """
+  loss_mask = np.asarray(loss_mask, bool)
+  if loss_mask[:, 0].any():
+    raise ValueError("loss_mask marks token 0 as a response token: it has no preceding token")
+  counts = loss_mask.sum(-1)
+  width = int(counts.max()) if width is None else width
+  if width < counts.max():
+    raise ValueError(f"width {width} is smaller than a row's {counts.max()} response tokens")
+  hidden_index = np.zeros((len(loss_mask), max(width, 1)), np.int32)
+  weight = np.zeros(hidden_index.shape, np.float32)
+  for row, mask in enumerate(loss_mask):
+    targets = np.flatnonzero(mask)
+    hidden_index[row, :len(targets)] = targets - 1
+    weight[row, :len(targets)] = 1.0 / max(len(targets), 1)
+  return hidden_index, weight
+
+
+def _hidden_and_head(model, tokens, positions, attention):
+  """Final hidden states [B, T, D] and the output embedding [V, D] of a moa_jax Llama."""
+  hidden, _ = model.model(tokens, positions, attention=attention, caches=None)
+  head = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+  return hidden, head[...].astype(model.config.dtype)
+
+
+def response_loss(model, tokens: jax.Array, positions: jax.Array, hidden_index: jax.Array,
+                  weight: jax.Array, attention) -> jax.Array:
+  """Sum over rows of the mean response-token cross-entropy (logits only where the loss reads).
+
+  Args:
+    tokens, positions: [B, T] int32 (right padding: positions -1 after the valid tokens).
+    hidden_index, weight: [B, R] from `response_targets`.
+  Returns:
+    a float32 scalar.
+  """
+  hidden, head = _hidden_and_head(model, tokens, positions, attention)  # [B, T, D], [V, D]
+  picked = jnp.take_along_axis(hidden, hidden_index[..., None], axis=1)  # [B, R, D]
+  logits = jnp.einsum("brd,vd->brv", picked, head, preferred_element_type=jnp.float32)
+  targets = jnp.take_along_axis(tokens, hidden_index + 1, axis=1)  # [B, R]
+  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  cross_entropy = jax.nn.logsumexp(logits, axis=-1) - target_logits  # [B, R]
+  return jnp.sum(weight * cross_entropy)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "block", "absolute"))
+def _direct_batch(graphdef, state, tokens, positions, hidden_index, weight, *, block, absolute):
+  """[L, N, NB, NB] block sums of |E| (or E) over the batch, through probes on the maps."""
+  config: LlamaConfig = nnx.merge(graphdef, state).config
+  b, t = tokens.shape
+  k, g = config.num_kv_heads, config.group_size
+  zeros = [jnp.zeros((b, k, g, t, t), jnp.float32) for _ in range(config.num_layers)]
+
+  def loss_fn(probes):
+    attention = MapProbeAttention(probes)
+    model = nnx.merge(graphdef, state)
+    loss = response_loss(model, tokens, positions, hidden_index, weight, attention)
+    return loss, attention.weights
+
+  grads, weights = jax.grad(loss_fn, has_aux=True)(zeros)
+  return jnp.stack([
+      block_influence_from_grads(weights[layer], grads[layer], block, absolute).sum(0)
+      for layer in range(config.num_layers)])
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "implementation"))
+def output_grads(graphdef, state, tokens, positions, hidden_index, weight, *,
+                 implementation=None):
+  """One backward pass: dO [B, T, N, H] and q, k, v of every layer (lists over layers)."""
+  config: LlamaConfig = nnx.merge(graphdef, state).config
+  b, t = tokens.shape
+  shape = (b, t, config.num_heads, config.head_dim)
+  zeros = [jnp.zeros(shape, config.dtype) for _ in range(config.num_layers)]
+
+  def loss_fn(probes):
+    attention = OutputProbeAttention(probes, implementation)
+    model = nnx.merge(graphdef, state)
+    loss = response_loss(model, tokens, positions, hidden_index, weight, attention)
+    return loss, [attention.records[layer][:3] for layer in range(config.num_layers)]
+
+  return jax.grad(loss_fn, has_aux=True)(zeros)
+
+
+@functools.partial(jax.jit, static_argnames=("block", "tile", "absolute"))
+def _layer_influence(q, k, v, d_out, lengths, *, block, tile, absolute):
+  return block_influence_tiled(q, k, v, d_out, lengths, block=block, tile=tile,
+                               absolute=absolute).sum(0)
+
+
+def default_implementation(dtype) -> str:
+  """'cudnn' on GPU for bf16/f16 compute (cuDNN's flash attention), else 'xla'."""
+  gpu = jax.default_backend() == "gpu"
+  return "cudnn" if gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+
+
+def batch_influence(model, tokens, positions, hidden_index, weight, *, block: int = 64,
+                    path: str = "lean", tile: int = 512, implementation: str | None = None,
+                    absolute: bool = True) -> jax.Array:
+  """Block sums of |E| over one batch: [L, N, NB, NB] float32 (not yet averaged).
+
+  Args:
+    tokens, positions: [B, T] int32, right padded (positions -1 on padding).
+    hidden_index, weight: [B, R] from `response_targets`.
+    absolute: sum |E| (the profile) or E (the signed first-order loss change of masking).
+  """
+  if path not in PATHS:
+    raise ValueError(f"unknown influence path {path!r}; choose one of {PATHS}")
+  graphdef, state = nnx.split(model)
+  if path == "direct":
+    return _direct_batch(graphdef, state, tokens, positions, hidden_index, weight, block=block,
+                         absolute=absolute)
+  implementation = implementation or default_implementation(model.config.dtype)
+  d_outs, records = output_grads(graphdef, state, tokens, positions, hidden_index, weight,
+                                 implementation=implementation)
+  lengths = valid_lengths(jnp.asarray(positions))
+  return jnp.stack([_layer_influence(*records[layer], d_outs[layer], lengths, block=block,
+                                     tile=tile, absolute=absolute)
+                    for layer in range(len(d_outs))])
+
+
+def _buckets(samples) -> Mapping[int, CalibrationBucket]:
+  return samples.buckets if isinstance(samples, CalibrationSet) else samples
+
+
+def profile_model(
+    model, config: LlamaConfig, samples: CalibrationSet | Mapping[int, CalibrationBucket],
+    lengths: Sequence[int] | None = None, block: int = 64, path: str = "lean", *,
+    batch_size: int = 1, tile: int = 512, implementation: str | None = None,
+    absolute: bool = True, progress: bool = True,
+) -> dict[int, np.ndarray]:
+  """E_bar per profile length: {N: float32 [L, num_heads, ceil(N/block), ceil(N/block)]}.
+
+  Args:
+    model: a moa_jax Llama; config: its LlamaConfig.
+    samples: calibration buckets by length (a CalibrationSet or {N: CalibrationBucket}).
+    lengths: the lengths to profile (default: every bucket).
+    block: block size b; path: 'lean' or 'direct'; batch_size: samples per step (the last
+      batch of a bucket is filled with weightless copies, so one compile serves a bucket).
+    tile: query rows per step of the lean path's tiled pass.
+    implementation: attention for the lean path's backward ('cudnn', 'xla'; default by device).
+    absolute: average |E| (MoA's profile, the default) or the signed E (first-order loss change
+      of masking, for validation).
+  """
+  if config != model.config:
+    raise ValueError("profile_model: `config` is not the model's config")
+  buckets = _buckets(samples)
+  lengths = sorted(buckets) if lengths is None else list(lengths)
+  missing = [n for n in lengths if n not in buckets or buckets[n].num_samples == 0]
+  if missing:
+    raise ValueError(f"no calibration samples at length(s) {missing}; have {sorted(buckets)}")
+  total = sum(-(-buckets[n].num_samples // batch_size) for n in lengths)
+  bar = tqdm(total=total, desc="profile", unit="batch", disable=not progress)
+  result = {}
+  for n in lengths:
+    bucket = buckets[n]
+    bar.set_postfix(length=n)
+    width = int(bucket.loss_mask.sum(-1).max())
+    nb = num_blocks(bucket.tokens.shape[1], block)
+    total_influence = jnp.zeros((config.num_layers, config.num_heads, nb, nb), jnp.float32)
+    for start in range(0, bucket.num_samples, batch_size):
+      rows = np.arange(start, start + batch_size)
+      real = rows < bucket.num_samples
+      rows = np.where(real, rows, start)  # fill with weightless copies of a real row
+      hidden_index, weight = response_targets(bucket.loss_mask[rows], width)
+      weight = weight * real[:, None]
+      total_influence += batch_influence(
+          model, jnp.asarray(bucket.tokens[rows]), jnp.asarray(bucket.positions()[rows]),
+          jnp.asarray(hidden_index), jnp.asarray(weight), block=block, path=path, tile=tile,
+          implementation=implementation, absolute=absolute)
+      bar.update()
+    result[n] = np.asarray(total_influence / bucket.num_samples, np.float32)
+  bar.close()
+  return result
