@@ -57,13 +57,13 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.optimize.max_rules_per_layer = 2
   c.optimize.grouping = "kv_group"  # or 'query_head' (group cache sized by its largest span)
   c.optimize.sink = 64
-  c.optimize.intervals = 3
+  c.optimize.intervals = 2
   c.optimize.time_limit = 20.0  # seconds per MILP solve
   c.optimize.workers = 2
 
   c.select = config_dict.ConfigDict()
   c.select.length = 4096  # unseen, longer than every profile length
-  c.select.num_samples = 4
+  c.select.num_samples = 2
   c.select.split = "validation"
 
   if variant == "tiny":

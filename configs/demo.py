@@ -29,8 +29,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.command = f"python -m moa_jax demo --config=configs/demo.py{':' + arg if arg else ''}"
   c.eval = config_dict.ConfigDict()
   c.eval.tasks = ("lines",)
-  c.eval.lengths = (1024, 2048, 4096)
-  c.eval.samples_per_depth = 2  # x 10 depth deciles per length
+  c.eval.lengths = (1024, 2048, 3072)
+  c.eval.samples_per_depth = 1  # x 10 depth deciles per length
   c.eval.seed = 1234
   c.eval.batch_size = 4
   if variant == "tiny":

@@ -90,24 +90,16 @@ def compress(config, workdir: str | Path) -> Plan:
   opt = config.optimize
 
   calib = _calibration_config(config.calibration, config.seed)
-  valid = _calibration_config(config.calibration, config.seed + 1,
-                              lengths=(config.select.length,),
-                              samples_per_length=config.select.num_samples,
-                              split=config.select.split)
   calib_key = cache_key(cache_key_inputs(model, tokenizer, calib, model_id))
-  valid_key = cache_key(cache_key_inputs(model, tokenizer, valid, model_id))
-  stage_key = fingerprint(calib_key, valid_key)
-  if work.is_complete("calibration", stage_key):
+  if work.is_complete("calibration", calib_key):
     _log("calibration: complete, skipped")
   else:
-    with work.stage("calibration", stage_key, {"model": model_id}) as out:
+    with work.stage("calibration", calib_key, {"model": model_id}) as out:
       build_calibration(model, tokenizer, calib, model_id=model_id).save(out / "train")
-      build_calibration(model, tokenizer, valid, model_id=model_id).save(out / "validation")
   train_set = CalibrationSet.load(work.path("calibration") / "train")
-  valid_set = CalibrationSet.load(work.path("calibration") / "validation")
 
   prof = config.profile
-  profile_key = fingerprint(stage_key, prof.to_dict())
+  profile_key = fingerprint(calib_key, prof.to_dict())
   if work.is_complete("profile", profile_key):
     _log("profile: complete, skipped")
   else:
@@ -145,11 +137,16 @@ def compress(config, workdir: str | Path) -> Plan:
   candidates = [Plan.load(p) for p in sorted(work.path("optimize").glob("plan-*.json"))]
 
   sel = config.select
+  valid = _calibration_config(config.calibration, config.seed + 1, lengths=(sel.length,),
+                              samples_per_length=sel.num_samples, split=sel.split)
+  valid_key = cache_key(cache_key_inputs(model, tokenizer, valid, model_id))
   choose_key = fingerprint(optimize_key, valid_key, sel.to_dict())
   if work.is_complete("choose", choose_key):
     _log("choose: complete, skipped")
   else:
     with work.stage("choose", choose_key) as out:
+      valid_set = build_calibration(model, tokenizer, valid, model_id=model_id)
+      valid_set.save(out / "validation")
       n = sel.length
       loss = lambda plan: validation_loss(model, valid_set, plan.windows(n), plan.sink)
       chosen, table = select_plan(candidates, loss)

@@ -16,13 +16,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
 from moa_jax.plans import rules as rules_lib
+from moa_jax.workdir import atomic_write_text
 
 FORMAT_NAME = "moa_jax.plan"
 FORMAT_VERSION = 1
@@ -216,7 +216,7 @@ class Plan:
 
   def save(self, path: str | os.PathLike) -> None:
     """Write our JSON atomically (temporary file + rename)."""
-    _atomic_write(path, self.to_json())
+    atomic_write_text(path, self.to_json())
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> Plan:
@@ -278,19 +278,6 @@ class Plan:
                alphas=arrays["alphas"], betas=arrays["betas"], sink=OFFICIAL_SINK, block=block,
                grouping=grouping, architecture=_architecture(config),
                provenance={"source": "official MoA plan"})
-
-
-def _atomic_write(path: str | os.PathLike, text: str) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".plan-", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
 
 
 def dense_plan(config: Any, sink: int = rules_lib.DEFAULT_SINK,
