@@ -1,14 +1,15 @@
 """Attention implementations used by the profiler (the `Attention` protocol, no cache).
 
-All three assume right padding: a sequence's valid tokens come first and have positions
+All of them assume right padding: a sequence's valid tokens come first and have positions
 0, 1, ...; `q_pos < 0` marks the padding after them. Keys are this call's keys (cache=None).
 
   * `MapProbeAttention`: A = softmax(causal logits) in float32, explicitly; a probe [B, K, G, T, T]
     is added to A before A @ V, so `jax.grad` against the probes is dL/dA for every layer. The maps
     are recorded for the influence formula (direct path).
-  * `OutputProbeAttention`: memory-efficient attention (`jax.nn.dot_product_attention`, cuDNN on
-    GPU) with a probe added to the output, so `jax.grad` against the probes is dO for every layer;
-    q, k, v and O are recorded for the tiled pass (lean path).
+  * `OutputProbeAttention`: memory-efficient attention (`EfficientAttention`:
+    `jax.nn.dot_product_attention`, cuDNN on GPU) with a probe added to the output, so `jax.grad`
+    against the probes is dO for every layer; q, k and v are recorded for the tiled pass (lean
+    path).
   * `BlockMaskedAttention`: explicit softmax with a block mask, entries removed and rows
     renormalized; it measures the actual loss change the influence predicts.
 """
@@ -56,22 +57,37 @@ class MapProbeAttention:
     return _apply_weights(weights + self.probes[layer], v, q.dtype), None
 
 
-class OutputProbeAttention:
-  """Memory-efficient causal attention + probe[layer] on the output; records q, k, v, O."""
+class EfficientAttention:
+  """Dense causal attention through `jax.nn.dot_product_attention` (cuDNN flash attention or XLA)."""
 
-  def __init__(self, probes: Sequence[jax.Array], implementation: str | None = None):
-    """probes: one [B, T, N, H] array per layer; implementation: 'cudnn', 'xla' or None (XLA)."""
-    self.probes = probes
+  def __init__(self, implementation: str | None = None, padded: bool = True):
+    """implementation: 'cudnn' (GPU, bf16/f16), 'xla' or None (XLA); padded: False promises
+    that no row has padding (plain causal attention, no sequence lengths)."""
     self.implementation = implementation
-    self.records: dict[int, tuple[jax.Array, ...]] = {}
+    self.padded = padded
 
   def __call__(self, layer, q, k, v, q_pos, cache):
     _no_cache(cache)
-    lengths = valid_lengths(q_pos)
+    lengths = valid_lengths(q_pos) if self.padded else None
     out = jax.nn.dot_product_attention(
         q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
         implementation=self.implementation)  # [B, T, N, H]
-    self.records[layer] = (q, k, v, out)
+    return out, None
+
+
+class OutputProbeAttention(EfficientAttention):
+  """EfficientAttention + probe[layer] on the output; records q, k, v per layer in `records`."""
+
+  def __init__(self, probes: Sequence[jax.Array], implementation: str | None = None,
+               padded: bool = True):
+    """probes: one [B, T, N, H] array per layer; implementation and padded: EfficientAttention's."""
+    super().__init__(implementation, padded)
+    self.probes = probes
+    self.records: dict[int, tuple[jax.Array, ...]] = {}
+
+  def __call__(self, layer, q, k, v, q_pos, cache):
+    out, _ = super().__call__(layer, q, k, v, q_pos, cache)
+    self.records[layer] = (q, k, v)
     return out + self.probes[layer].astype(out.dtype), None
 
 

@@ -104,20 +104,23 @@ def _direct_batch(graphdef, state, tokens, positions, hidden_index, weight, *, b
       for layer in range(config.num_layers)])
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "implementation"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "implementation", "padded"))
 def output_grads(graphdef, state, tokens, positions, hidden_index, weight, *,
-                 implementation=None):
-  """One backward pass: dO [B, T, N, H] and q, k, v of every layer (lists over layers)."""
+                 implementation=None, padded=True):
+  """One backward pass: dO [B, T, N, H] and q, k, v of every layer (lists over layers).
+
+  padded=False promises that no row has padding (attention then needs no sequence lengths).
+  """
   config: LlamaConfig = nnx.merge(graphdef, state).config
   b, t = tokens.shape
   shape = (b, t, config.num_heads, config.head_dim)
   zeros = [jnp.zeros(shape, config.dtype) for _ in range(config.num_layers)]
 
   def loss_fn(probes):
-    attention = OutputProbeAttention(probes, implementation)
+    attention = OutputProbeAttention(probes, implementation, padded)
     model = nnx.merge(graphdef, state)
     loss = response_loss(model, tokens, positions, hidden_index, weight, attention)
-    return loss, [attention.records[layer][:3] for layer in range(config.num_layers)]
+    return loss, [attention.records[layer] for layer in range(config.num_layers)]
 
   return jax.grad(loss_fn, has_aux=True)(zeros)
 
@@ -151,8 +154,9 @@ def batch_influence(model, tokens, positions, hidden_index, weight, *, block: in
     return _direct_batch(graphdef, state, tokens, positions, hidden_index, weight, block=block,
                          absolute=absolute)
   implementation = implementation or default_implementation(model.config.dtype)
+  padded = bool(np.any(np.asarray(positions) < 0))
   d_outs, records = output_grads(graphdef, state, tokens, positions, hidden_index, weight,
-                                 implementation=implementation)
+                                 implementation=implementation, padded=padded)
   lengths = valid_lengths(jnp.asarray(positions))
   return jnp.stack([_layer_influence(*records[layer], d_outs[layer], lengths, block=block,
                                      tile=tile, absolute=absolute)

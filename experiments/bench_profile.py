@@ -1,0 +1,214 @@
+"""Lean-path influence profiling of a Llama-3-8B-shaped model at 8192 tokens on one GPU.
+
+Command (GPU; about 3 minutes with compilation):
+  python experiments/bench_profile.py --out benchmarks/profile.json
+CPU smoke run of the same code at a small size:
+  JAX_PLATFORMS=cpu python experiments/bench_profile.py --small --out /tmp/profile.json
+
+Random bf16 weights, initialised on the device (no float32 host copy); one sample of `--length`
+random tokens whose last 128 are the response. Phases, each skipped once `--budget-s` is spent:
+  1. check: a 2-layer model of the same shape at 1024 tokens, without and with right padding:
+     E_bar through the lean path with cuDNN attention and with XLA attention vs the direct path
+     (jax.grad on the maps); and a float32 copy (lean vs direct, matmuls at HIGHEST precision),
+     which must agree to 1e-4.
+  2. profile: the full model, lean path (`batch_influence`): its time, and its first stage alone
+     (one forward + backward yielding every layer's dO, q, k, v).
+  3. baselines on the same batch: forward + backward to the activations only (no weight
+     gradients), then a plain forward + backward with weight gradients (may not fit 80 GB).
+Times are medians over `--reps` runs after a warm-up run; memory is the allocator's peak
+(`memory_stats()['peak_bytes_in_use']`, cumulative: the profile runs first). Prints a table last
+and writes JSON to --out (after every phase, so a run cut short keeps what it measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from moa_jax.models import Llama, LlamaConfig  # noqa: E402
+from moa_jax.profile.probes import EfficientAttention, OutputProbeAttention  # noqa: E402
+from moa_jax.profile.profiler import (batch_influence, default_implementation,  # noqa: E402
+                                      output_grads, response_loss, response_targets)
+
+GIB = 2 ** 30
+RESPONSE = 128
+BLOCK = 64
+
+
+def init_model(config: LlamaConfig, seed: int = 0) -> Llama:
+  """A Llama with random parameters created by one jitted program on the default device."""
+  abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(seed)))
+  graphdef, _ = nnx.split(abstract)
+  state = jax.jit(lambda: nnx.split(Llama(config, rngs=nnx.Rngs(seed)))[1])()
+  return nnx.merge(graphdef, state)
+
+
+def sample(config: LlamaConfig, length: int, seed: int = 0, padding: int = 0):
+  """tokens, positions [1, T]; hidden_index, weight [1, R] for a response of the last R tokens
+  before `padding` pad tokens (positions -1)."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(3, config.vocab_size, (1, length)).astype(np.int32)
+  valid = length - padding
+  loss_mask = np.zeros((1, length), bool)
+  loss_mask[:, valid - RESPONSE:valid] = True
+  hidden_index, weight = response_targets(loss_mask)
+  positions = np.where(np.arange(length) < valid, np.arange(length), -1).astype(np.int32)[None]
+  return tuple(jnp.asarray(x) for x in (tokens, positions, hidden_index, weight))
+
+
+def timed(fn, reps: int) -> dict:
+  """Median wall time of fn() (blocked until ready) after one warm-up (compiling) call."""
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return {"median_s": statistics.median(times), "times_s": times, "first_call_s": first}
+
+
+def peak_gib() -> float | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats["peak_bytes_in_use"] / GIB if "peak_bytes_in_use" in stats else None
+
+
+def relative_error(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def check(config: LlamaConfig, length: int) -> dict:
+  """E_bar of a 2-layer model: cuDNN vs XLA lean path vs the direct path, bf16 and float32."""
+  result = {"layers": 2, "length": length}
+  model = init_model(config.replace(num_layers=2))
+  f32 = init_model(config.replace(num_layers=2, dtype="float32", param_dtype="float32"))
+  implementation = default_implementation(config.dtype)
+  for padding in (0, 40):
+    batch = sample(config, length, seed=1, padding=padding)
+    run = lambda m, **kw: np.asarray(batch_influence(m, *batch, block=BLOCK, **kw))
+    reference = run(model, path="direct")
+    result[f"bf16_{implementation}_vs_direct_pad{padding}"] = relative_error(
+        run(model, implementation=implementation), reference)
+    if padding == 0:
+      if implementation != "xla":
+        result["bf16_xla_vs_direct_pad0"] = relative_error(run(model, implementation="xla"),
+                                                           reference)
+      with jax.default_matmul_precision("highest"):
+        result["f32_lean_vs_direct_pad0"] = relative_error(run(f32, implementation="xla"),
+                                                           run(f32, path="direct"))
+  return result
+
+
+def bench(config: LlamaConfig, length: int, reps: int, deadline: float, report) -> None:
+  """Profile time and memory of the full model, then the baselines, while time is left."""
+  model = init_model(config)
+  jax.block_until_ready(nnx.state(model))
+  batch = sample(config, length)
+  graphdef, state = nnx.split(model)
+  implementation = default_implementation(config.dtype)
+  report("profile_setup", {"implementation": implementation, "params_gib": sum(
+      x.nbytes for x in jax.tree.leaves(state)) / GIB, "peak_gib_after_init": peak_gib()})
+
+  report("profile", {**timed(lambda: batch_influence(model, *batch, block=BLOCK,
+                                                     implementation=implementation), reps),
+                     "peak_gib": peak_gib()})
+  report("profile_stage1", timed(lambda: output_grads(
+      graphdef, state, *batch, implementation=implementation, padded=False), reps))
+  probe_shape = (1, length, config.num_heads, config.head_dim)
+
+  @jax.jit
+  def forward_backward_activations(state):
+    """Loss and dL/dO of every layer: all activation gradients, no weight gradients."""
+    def loss_fn(probes):
+      attention = OutputProbeAttention(probes, implementation, padded=False)
+      return response_loss(nnx.merge(graphdef, state), *batch, attention)
+    probes = [jnp.zeros(probe_shape, config.dtype) for _ in range(config.num_layers)]
+    return jax.value_and_grad(loss_fn)(probes)
+
+  param_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  @jax.jit
+  def forward_backward_weights(params):
+    """Loss and the gradient w.r.t. every weight: a plain training forward + backward."""
+    def loss_fn(params):
+      model = nnx.merge(param_graphdef, params, rest)
+      return response_loss(model, *batch, EfficientAttention(implementation, padded=False))
+    return jax.value_and_grad(loss_fn)(params)
+
+  for name, fn, arg in (("baseline_fwd_bwd_activations", forward_backward_activations, state),
+                        ("baseline_fwd_bwd_weights", forward_backward_weights, params)):
+    if time.perf_counter() > deadline:
+      report(name, {"skipped": "device-time budget spent"})
+      continue
+    try:
+      report(name, {**timed(lambda: fn(arg), reps), "peak_gib": peak_gib()})
+    except Exception as error:  # out of memory at this size is a result, not a crash
+      report(name, {"error": f"{type(error).__name__}: {str(error)[:300]}"})
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="benchmarks/profile.json")
+  parser.add_argument("--length", type=int, default=8192)
+  parser.add_argument("--check-length", type=int, default=1024)
+  parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--budget-s", type=float, default=170.0)
+  parser.add_argument("--small", action="store_true", help="a small model (CPU smoke run)")
+  args = parser.parse_args()
+  start = time.perf_counter()
+  config = LlamaConfig.llama3_8b()
+  if args.small:
+    config = config.replace(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=4,
+                            num_heads=8, num_kv_heads=2, head_dim=32)
+  results = {
+      "command": "python " + " ".join(sys.argv), "device": str(jax.devices()[0].device_kind),
+      "jax": jax.__version__, "host": platform.node(), "config": config.to_hf_dict(),
+      "length": args.length, "response_tokens": RESPONSE, "block": BLOCK, "batch": 1,
+  }
+
+  def report(name, value):
+    results[name] = value
+    results["elapsed_s"] = time.perf_counter() - start
+    print(f"[{results['elapsed_s']:7.1f}s] {name}: {json.dumps(value, default=float)}", flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump(results, f, indent=1, default=float)
+
+  report("check", check(config, args.check_length))
+  bench(config, args.length, args.reps, start + args.budget_s, report)
+
+  profile = results["profile"]["median_s"]
+  rows = [("profile (lean, total)", profile), ("  stage 1: fwd + bwd for dO, q, k, v",
+                                                results["profile_stage1"]["median_s"])]
+  for name in ("baseline_fwd_bwd_activations", "baseline_fwd_bwd_weights"):
+    if "median_s" in results.get(name, {}):
+      rows.append((name, results[name]["median_s"]))
+      results[f"ratio_profile_to_{name.removeprefix('baseline_')}"] = profile / results[name][
+          "median_s"]
+  report("summary", {name: t for name, t in rows})
+  print(f"\n{config.num_layers} layers, T={args.length}, {results['device']}")
+  for name, t in rows:
+    print(f"{name:45s} {t * 1e3:9.1f} ms")
+  for key, value in results.items():
+    if key.startswith("ratio") or key == "check":
+      print(f"{key}: {value}")
+  print(f"peak memory (profile phase): {results['profile']['peak_gib']} GiB")
+
+
+if __name__ == "__main__":
+  main()
