@@ -189,9 +189,15 @@ def main() -> None:
     with open(args.out, "w") as f:
       json.dump(results, f, indent=1, default=float)
 
-  report("check", check(config, args.check_length))
-  bench(config, args.length, args.reps, start + args.budget_s, report)
-
+  for name, phase in (("check", lambda: report("check", check(config, args.check_length))),
+                      ("bench", lambda: bench(config, args.length, args.reps,
+                                              start + args.budget_s, report))):
+    try:
+      phase()
+    except Exception as error:  # keep what the other phase measures
+      report(f"{name}_error", f"{type(error).__name__}: {str(error)[:2000]}")
+  if "median_s" not in results.get("profile", {}):
+    return
   profile = results["profile"]["median_s"]
   rows = [("profile (lean, total)", profile), ("  stage 1: fwd + bwd for dO, q, k, v",
                                                 results["profile_stage1"]["median_s"])]
