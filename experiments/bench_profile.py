@@ -1,20 +1,22 @@
 """Lean-path influence profiling of a Llama-3-8B-shaped model at 8192 tokens on one GPU.
 
-Command (GPU; about 3 minutes with compilation):
-  python experiments/bench_profile.py --out benchmarks/profile.json
+Command (GPU; give it the full 10-minute limit: XLA compiles each 32-layer program for a minute
+or more, and a first H100 run spent 150 s on the 2-layer check alone):
+  python experiments/bench_profile.py --out benchmarks/profile.json [--check]
 CPU smoke run of the same code at a small size:
-  JAX_PLATFORMS=cpu python experiments/bench_profile.py --small --out /tmp/profile.json
+  JAX_PLATFORMS=cpu python experiments/bench_profile.py --small --check --out /tmp/profile.json
 
 Random bf16 weights, initialised on the device (no float32 host copy); one sample of `--length`
-random tokens whose last 128 are the response. Phases, each skipped once `--budget-s` is spent:
-  1. check: a 2-layer model of the same shape at 1024 tokens, without and with right padding:
+random tokens whose last 128 are the response. Phases (baselines are skipped once `--budget-s`
+is spent; GEMM autotuning is off unless --autotune, to keep compilation short):
+  1. profile: the full model, lean path (`batch_influence`): its time, and its first stage alone
+     (one forward + backward yielding every layer's dO, q, k, v).
+  2. baselines on the same batch: forward + backward to the activations only (no weight
+     gradients), then a plain forward + backward with weight gradients (may not fit 80 GB).
+  3. with --check: a 2-layer model of the same shape at 1024 tokens, without and with right padding:
      E_bar through the lean path with cuDNN attention and with XLA attention vs the direct path
      (jax.grad on the maps); and a float32 copy (lean vs direct, matmuls at HIGHEST precision),
      which must agree to 1e-4.
-  2. profile: the full model, lean path (`batch_influence`): its time, and its first stage alone
-     (one forward + backward yielding every layer's dO, q, k, v).
-  3. baselines on the same batch: forward + backward to the activations only (no weight
-     gradients), then a plain forward + backward with weight gradients (may not fit 80 GB).
 Times are medians over `--reps` runs after a warm-up run; memory is the allocator's peak
 (`memory_stats()['peak_bytes_in_use']`, cumulative: the profile runs first). Prints a table last
 and writes JSON to --out (after every phase, so a run cut short keeps what it measured).
@@ -31,6 +33,9 @@ import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+if "--autotune" not in sys.argv:
+  os.environ["XLA_FLAGS"] = " ".join(
+      [os.environ.get("XLA_FLAGS", ""), "--xla_gpu_autotune_level=0"]).strip()
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import jax  # noqa: E402
@@ -74,6 +79,7 @@ def timed(fn, reps: int) -> dict:
   start = time.perf_counter()
   jax.block_until_ready(fn())
   first = time.perf_counter() - start
+  print(f"  first call (with compilation) {first:.1f} s", flush=True)
   times = []
   for _ in range(reps):
     start = time.perf_counter()
@@ -169,6 +175,8 @@ def main() -> None:
   parser.add_argument("--reps", type=int, default=3)
   parser.add_argument("--budget-s", type=float, default=170.0)
   parser.add_argument("--small", action="store_true", help="a small model (CPU smoke run)")
+  parser.add_argument("--check", action="store_true", help="run the 2-layer agreement check too")
+  parser.add_argument("--autotune", action="store_true", help="keep XLA's GEMM autotuning")
   args = parser.parse_args()
   start = time.perf_counter()
   config = LlamaConfig.llama3_8b()
@@ -179,6 +187,7 @@ def main() -> None:
       "command": "python " + " ".join(sys.argv), "device": str(jax.devices()[0].device_kind),
       "jax": jax.__version__, "host": platform.node(), "config": config.to_hf_dict(),
       "length": args.length, "response_tokens": RESPONSE, "block": BLOCK, "batch": 1,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
 
   def report(name, value):
@@ -189,9 +198,12 @@ def main() -> None:
     with open(args.out, "w") as f:
       json.dump(results, f, indent=1, default=float)
 
-  for name, phase in (("check", lambda: report("check", check(config, args.check_length))),
-                      ("bench", lambda: bench(config, args.length, args.reps,
-                                              start + args.budget_s, report))):
+  phases = [("bench", lambda: bench(config, args.length, args.reps, start + args.budget_s,
+                                     report))]
+  if args.check:
+    phases.append(("check", lambda: report("check", check(config, args.check_length))))
+  for name, phase in phases:
+    print(f"[{time.perf_counter() - start:7.1f}s] {name} ...", flush=True)
     try:
       phase()
     except Exception as error:  # keep what the other phase measures
@@ -211,7 +223,7 @@ def main() -> None:
   for name, t in rows:
     print(f"{name:45s} {t * 1e3:9.1f} ms")
   for key, value in results.items():
-    if key.startswith("ratio") or key == "check":
+    if key.startswith("ratio") or key in ("check", "check_error"):
       print(f"{key}: {value}")
   print(f"peak memory (profile phase): {results['profile']['peak_gib']} GiB")
 
