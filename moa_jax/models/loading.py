@@ -3,7 +3,6 @@ or a randomly initialised preset (tests)."""
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -17,7 +16,7 @@ from moa_jax.models.llama import Llama
 
 def reference_model_dir() -> Path:
   """Directory of the embedded reference model (config.json, model.safetensors, tokenizer)."""
-  directory = Path(str(resources.files("moa_jax").joinpath("assets", "reference_model")))
+  directory = Path(__file__).resolve().parent.parent / "assets" / "reference_model"
   if not (directory / "config.json").is_file():
     raise FileNotFoundError(f"no reference model in {directory}: reinstall moa_jax or run "
                             "experiments/train_reference.py")
