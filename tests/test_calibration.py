@@ -22,7 +22,7 @@ LLAMA3_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 
 def make_tokenizer(directory: Path, llama3_tokens: bool) -> transformers.PreTrainedTokenizerBase:
-  """A small BPE (vocabulary < 256, the tiny model's) trained on the fixture, loaded back by AutoTokenizer."""
+  """A small BPE (vocabulary < 256, the tiny model's) trained on the fixture, via AutoTokenizer."""
   texts = [json.loads(line)["document"]
            for line in (FIXTURE / "train.jsonl").read_text().splitlines()]
   specials = ["<pad>", "<s>", "</s>", "<unk>"] + (LLAMA3_TOKENS if llama3_tokens else [])
@@ -122,7 +122,8 @@ def test_chat_templates(tokenizer, tmp_path):
 
 
 def test_fit_prompt_cuts_the_middle(tokenizer, tmp_path):
-  example = multinews.multinews_examples(multinews.load_multinews(FIXTURE, cache_dir=str(tmp_path)))[2]
+  records = multinews.load_multinews(FIXTURE, cache_dir=str(tmp_path))
+  example = multinews.multinews_examples(records)[2]
   template = calibration.CHAT_TEMPLATES["vicuna"]
   full = calibration.render_prompt(tokenizer, example.context, example.question, template)
   for budget in (len(full) + 5, 400, 250):

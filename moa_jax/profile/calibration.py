@@ -155,7 +155,8 @@ class CalibrationSet:
   def load(cls, directory: str | os.PathLike) -> CalibrationSet:
     directory = Path(directory)
     if not (directory / "meta.json").is_file() or not (directory / "data.npz").is_file():
-      raise FileNotFoundError(f"{directory} holds no complete calibration set (data.npz, meta.json)")
+      raise FileNotFoundError(
+          f"{directory} holds no complete calibration set (data.npz, meta.json)")
     metadata = json.loads((directory / "meta.json").read_text())
     with np.load(directory / "data.npz") as data:
       buckets = {n: CalibrationBucket(data[f"tokens_{n}"], data[f"loss_mask_{n}"],

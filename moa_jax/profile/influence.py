@@ -47,7 +47,7 @@ def pool_blocks(x: jax.Array, block: int) -> jax.Array:
 
 
 def influence_entries(weights: jax.Array, grads: jax.Array) -> jax.Array:
-  """E_ij = -A_ij (G_ij - sum_n G_in A_in) / (1 - A_ij), or -A_ij G_ij where the row has no other mass.
+  """E_ij = -A_ij (G_ij - sum_n G_in A_in) / (1 - A_ij); -A_ij G_ij where a row has no other mass.
 
   A row's dominant entry (A_ij > 1/2, at most one per row) is evaluated in the equivalent form
   -A_ij (G_ij - sum_{n != j} G_in A_in / sum_{n != j} A_in): both sums skip j, so a peaked row

@@ -58,7 +58,7 @@ class MapProbeAttention:
 
 
 class EfficientAttention:
-  """Dense causal attention through `jax.nn.dot_product_attention` (cuDNN flash attention or XLA)."""
+  """Dense causal attention by `jax.nn.dot_product_attention` (cuDNN flash attention or XLA)."""
 
   def __init__(self, implementation: str | None = None, padded: bool = True):
     """implementation: 'cudnn' (GPU, bf16/f16), 'xla' or None (XLA); padded: False promises
