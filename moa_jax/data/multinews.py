@@ -79,7 +79,7 @@ def articles(document: str) -> list[str]:
 
 
 def multinews_examples(ds, instruction: str = INSTRUCTION) -> list[ContextQuestion]:
-  """One ContextQuestion per record with articles: its articles (blank-line separated), instruction."""
+  """One ContextQuestion per record with articles: its articles, blank-line separated."""
   examples = []
   for document in ds["document"]:
     parts = articles(document)
