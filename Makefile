@@ -2,8 +2,11 @@
 # first use: .venv (Python 3.12, the pinned JAX stack) and, for the parity tests only,
 # .venv-torch (Python 3.11 with HF transformers' PyTorch model).
 SHELL := /bin/bash
-PY312 ?= $(shell command -v python3.12 2>/dev/null || ls -1d $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1)
-PY311 ?= $(shell command -v python3.11 2>/dev/null || ls -1d $$HOME/.pyenv/versions/3.11*/bin/python3.11 2>/dev/null | tail -n 1)
+# The first interpreter of that version that actually runs (a pyenv shim may exist but refuse).
+find_python = $(shell for c in $$(ls -1d $$HOME/.pyenv/versions/$(1)*/bin/python$(1) 2>/dev/null) \
+  $$(command -v python$(1)); do $$c -c '' 2>/dev/null && { echo $$c; break; }; done)
+PY312 ?= $(call find_python,3.12)
+PY311 ?= $(call find_python,3.11)
 VENV := .venv
 TORCH_VENV := .venv-torch
 PY := $(VENV)/bin/python
