@@ -1,9 +1,12 @@
 """Write the reference model's calibration source: {context, question} JSONL from the task suite.
 
   python experiments/make_calibration_tasks.py   # -> moa_jax/assets/calibration/reference_tasks.jsonl
+  python experiments/make_calibration_tasks.py --tasks passkey niah vt uuid lines \
+      --out moa_jax/assets/calibration/reference_tasks_with_lines.jsonl
 
-Long-range-dependency tasks only (passkey, multi-key needle, variable tracking, UUID key-value):
-LongEval line retrieval, the evaluation task, is deliberately left out. Records are sized to
+Long-range-dependency tasks (passkey, multi-key needle, variable tracking, UUID key-value); by
+default LongEval line retrieval, the evaluation task, is left out; the second file adds it (other
+seeds than the evaluation's, so no evaluation prompt is reused). Records are sized to
 about 90% of each target length's prompt budget so that calibration fits them without cutting
 the needle out; the dense model's own answers are generated later by the compress pipeline.
 """
@@ -16,11 +19,11 @@ from moa_jax.data import tasks
 from moa_jax.models.hf import load_tokenizer
 from moa_jax.models.loading import reference_model_dir
 
-TASKS = ("passkey", "niah", "vt", "uuid")
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--tasks", nargs="+", default=["passkey", "niah", "vt", "uuid"])
   parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 3072, 4096])
   parser.add_argument("--per_task", type=int, default=3)
   parser.add_argument("--seed", type=int, default=2024)
@@ -29,7 +32,7 @@ def main():
   tokenizer = load_tokenizer(reference_model_dir())
   records = []
   for length in args.lengths:
-    for task in TASKS:
+    for task in args.tasks:
       for sample in tasks.make_samples(task, tokenizer, int(0.9 * length), args.per_task,
                                        seed=args.seed):
         context, _, question = sample.prompt.rstrip("\n").rpartition("\n\n")

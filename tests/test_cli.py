@@ -44,7 +44,7 @@ def test_misspelt_override_fails_with_one_line_listing_valid_names():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["generat", "--config=configs/generate.py"], r"expected one command \(generate\), got 'generat'"),
+    (["generat", "--config=configs/generate.py"], r"expected one command \(generate, compress, demo\), got 'generat'"),
     (["generate"], "--config is required"),
     (["generate", "--config=configs/nope.py"], "No such file or directory: 'configs/nope.py'"),
     (["generate", "--config=configs/generate.py:big"], "takes 'tiny' or 'hf', got 'big'"),
