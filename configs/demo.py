@@ -26,7 +26,6 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   variant = arg or "reference"
   c = _compress_config(variant)
   c.unlock()
-  c.command = f"python -m moa_jax demo --config=configs/demo.py{':' + arg if arg else ''}"
   c.eval = config_dict.ConfigDict()
   c.eval.tasks = ("lines",)
   c.eval.lengths = (1024, 2048, 3072)

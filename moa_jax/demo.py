@@ -6,6 +6,8 @@ methods)."""
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -31,8 +33,9 @@ def summary_table(records, lengths) -> str:
   return "\n".join(rows)
 
 
-def run(config, workdir: str | Path) -> dict:
-  """Compress, evaluate the three methods, write DIR/results.json, plots and DIR/report.md."""
+def run(config, workdir: str | Path, command: str = "") -> dict:
+  """Compress, evaluate the three methods, write DIR/results.json, plots and DIR/report.md.
+  `command` (the command line that ran this) is recorded in the results."""
   start = time.perf_counter()
   workdir = Path(workdir)
   plan = pipeline.compress(config, workdir / "compress")
@@ -48,7 +51,7 @@ def run(config, workdir: str | Path) -> dict:
                    "uniform": uniform_plan(model.config, config.optimize.density, n,
                                            sink=config.optimize.sink).kv_density(n)}
                for n in ev.lengths}
-  meta = {"command": config.command, "model": model_id, "seconds": time.perf_counter() - start,
+  meta = {"command": command, "model": model_id, "seconds": time.perf_counter() - start,
           "kv_density": {str(n): d for n, d in densities.items()},
           "plan": str(workdir / "compress" / "plan.json")}
   result = harness.save_results(records, workdir / "results.json", meta)
@@ -70,4 +73,5 @@ def run(config, workdir: str | Path) -> dict:
 
 def demo_command(config, workdir: Path | None) -> dict:
   """`python -m moa_jax demo --config=configs/demo.py [--workdir=DIR]` (default runs/demo)."""
-  return run(config, workdir or Path("runs/demo"))
+  command = shlex.join(["python", "-m", "moa_jax", *sys.argv[1:]])
+  return run(config, workdir or Path("runs/demo"), command)

@@ -155,7 +155,8 @@ def compress(config, workdir: str | Path) -> Plan:
       chosen.save(out / "plan.json")
       plots.plot_spans(chosen, n, out / "spans.png")
       plots.plot_pareto_front(candidates, out / "pareto_front.png", chosen=chosen)
-      (out / "report.md").write_text(_report(config, chosen, candidates, table, baselines, n))
+      (out / "report.md").write_text(
+          _report(config, model_id, chosen, candidates, table, baselines, n))
   for name in ("plan.json", "report.md"):
     atomic_write_text(work.root / name, (work.path("choose") / name).read_text())
   _log(f"compress finished in {time.perf_counter() - start:.1f} s: {work.root / 'plan.json'}")
@@ -169,12 +170,12 @@ def compress_command(config, workdir: Path | None) -> Plan:
   return compress(config, workdir)
 
 
-def _report(config, chosen: Plan, candidates: list[Plan], table, baselines: dict[str, float],
-            n: int) -> str:
+def _report(config, model_id: str, chosen: Plan, candidates: list[Plan], table,
+            baselines: dict[str, float], n: int) -> str:
   lengths = sorted(chosen.kv_densities)
   lines = [
       "# MoA compression report", "",
-      f"Model: `{config.model.path or config.model.preset}`; KV-density budget "
+      f"Model: `{model_id}`; KV-density budget "
       f"{config.optimize.density} (band [{config.optimize.lower * config.optimize.density:.3f}, "
       f"{config.optimize.density}]) at lengths {list(config.optimize.constraint_lengths)}; "
       f"profile lengths {list(config.profile.lengths)}; {len(candidates)} Pareto plans.", "",

@@ -93,7 +93,7 @@ print(f"uniform at N={n}: window {uniform.windows(n)[0, 0]} tokens for every hea
 # ## 5. Evaluate: dense vs uniform vs MoA on line retrieval
 
 # %%
-result = demo.run(config, workdir)
+result = demo.run(config, workdir, command=f"notebooks/moa_demo.ipynb ({VARIANT})")
 print(json.dumps(result["summary"], indent=1))
 
 # %%
