@@ -13,11 +13,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-import datasets
+from typing import TYPE_CHECKING, Any
 
 from moa_jax.eval import metrics
+
+if TYPE_CHECKING:  # `datasets` is imported where data is loaded (the GPU image lacks it)
+  import datasets
 
 HUB_ID = "THUDM/LongBench"
 BUCKETS = ("0-4k", "4-8k", "8k+")
@@ -101,6 +102,8 @@ def length_bucket(length: int) -> str:
 def load_longbench(subset: str, *, data_dir: str | os.PathLike | None = None,
                    cache_dir: str | None = None) -> datasets.Dataset:
   """A LongBench subset: `<data_dir>/<subset>.jsonl` if data_dir is given, else the hub's."""
+  import datasets
+
   dataset_info(subset)
   if data_dir is not None:
     path = os.path.join(data_dir, f"{subset}.jsonl")
