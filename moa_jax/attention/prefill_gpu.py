@@ -31,6 +31,18 @@ from moa_jax.plans.rules import attend_mask
 MASKED = -1e30  # finite: a row with nothing attended yet never produces NaN
 
 
+def prefill_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, int, int, int, int]:
+  """(B, T, N, H, K) of prefill inputs q [B, T, N, H], k/v [B, T, K, H]; clear error otherwise."""
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  if k.shape != (b, t, kv_heads, h) or v.shape != k.shape:
+    raise ValueError(
+        f"k and v must be [B, T, K, H] = {(b, t, kv_heads, h)}, got {k.shape}, {v.shape}")
+  if n % kv_heads:
+    raise ValueError(f"{n} query heads are not a multiple of {kv_heads} KV heads")
+  return b, t, n, h, kv_heads
+
+
 def _is_power_of_two(x: int) -> bool:
   return x > 0 and (x & (x - 1)) == 0
 
@@ -137,13 +149,7 @@ def sparse_prefill_gpu(
   Returns:
     [B, T, N, H] in q's dtype; padding rows are zero.
   """
-  b, t, n, h = q.shape
-  kv_heads = k.shape[2]
-  if k.shape != (b, t, kv_heads, h) or v.shape != k.shape:
-    raise ValueError(
-        f"k and v must be [B, T, K, H] = {(b, t, kv_heads, h)}, got {k.shape}, {v.shape}")
-  if n % kv_heads:
-    raise ValueError(f"{n} query heads are not a multiple of {kv_heads} KV heads")
+  b, t, n, h, kv_heads = prefill_shapes(q, k, v)
   group = n // kv_heads
   if not _is_power_of_two(group):
     raise ValueError(f"the Triton kernel needs a power-of-two GQA group size, got {group}")

@@ -20,7 +20,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from moa_jax.attention.prefill_gpu import key_block_ranges
+from moa_jax.attention.prefill_gpu import key_block_ranges, prefill_shapes
 from moa_jax.attention.reference import per_query_head
 from moa_jax.plans.rules import attend_mask
 
@@ -141,13 +141,7 @@ def sparse_prefill_tpu(
   Returns:
     [B, T, N, H] in q's dtype; padding rows are zero.
   """
-  b, t, n, h = q.shape
-  kv_heads = k.shape[2]
-  if k.shape != (b, t, kv_heads, h) or v.shape != k.shape:
-    raise ValueError(
-        f"k and v must be [B, T, K, H] = {(b, t, kv_heads, h)}, got {k.shape}, {v.shape}")
-  if n % kv_heads:
-    raise ValueError(f"{n} query heads are not a multiple of {kv_heads} KV heads")
+  b, t, n, h, kv_heads = prefill_shapes(q, k, v)
   if block_q % 8 or block_k % 8:
     raise ValueError(f"block_q and block_k must be multiples of 8, got {block_q}, {block_k}")
   group = n // kv_heads
