@@ -49,10 +49,10 @@ def test_prefill_write_keeps_sink_and_last_ring_positions():
         np.testing.assert_array_equal(cv[row, :, slot], v[row, index, np.asarray(group.heads)])
 
 
-def run_decode(decode_fn, dtype, windows, kv, *, steps, slot_multiple, tolerance):
+def run_decode(decode_fn, dtype, windows, kv, *, steps, slot_multiple, tolerance, n=8):
   """Prefill a left-padded batch into the cache, then decode step by step against the
   reference over the whole history (windows per query head or per KV group)."""
-  b, t, n, h, sink = 3, 50, 8, 16, 4
+  b, t, h, sink = 3, 50, 16, 4
   total = t + steps
   layout = cache_lib.make_layout(
       np.asarray(windows).repeat(n // len(windows)), kv, total, sink=sink,
@@ -87,15 +87,32 @@ def test_xla_decode_matches_reference(windows, kv, dtype):
              tolerance=tolerance)
 
 
-@pytest.mark.parametrize("windows,kv,dtype", [
-    ([1, 9, 30, 70, 5, 5, 200, 12], 2, jnp.float32),
-    ([3, 3, 3, 3, 25, 25, 25, 25], 8, jnp.float16),
+@pytest.mark.parametrize("windows,kv,n,dtype,min_split_blocks", [
+    ([1, 9, 30, 70, 5, 5, 200, 12], 2, 8, jnp.float32, 16),  # one split: output in the kernel
+    ([3, 3, 3, 3, 25, 25, 25, 25], 8, 8, jnp.float16, 1),  # split slots, merged by XLA
+    ([5, 40, 5, 40], 4, 16, jnp.float32, 1),  # groups of non-adjacent KV heads, N = 16 rows
+    ([40, 5, 5, 40], 4, 16, jnp.float16, 16),
 ])
-def test_triton_decode_matches_reference(windows, kv, dtype):
-  decode = lambda q, q_pos, cache: decode_lib.decode_gpu(q, q_pos, cache, target_programs=64,
-                                                         interpret=True)
+def test_triton_decode_matches_reference(windows, kv, n, dtype, min_split_blocks):
+  decode = lambda q, q_pos, cache: decode_lib.decode_gpu(
+      q, q_pos, cache, target_programs=64, min_split_blocks=min_split_blocks, interpret=True)
   tolerance = 1e-5 if dtype == jnp.float32 else 4e-3
-  run_decode(decode, dtype, windows, kv, steps=6, slot_multiple=16, tolerance=tolerance)
+  run_decode(decode, dtype, windows, kv, steps=6, slot_multiple=16, tolerance=tolerance, n=n)
+
+
+def test_decode_programs_balance_groups():
+  """Splits follow capacity (every program streams about as many blocks), the groups with the
+  longest programs come first, and the programs tile the grid without gaps."""
+  layout = cache_lib.make_layout(np.repeat([100, 900, 100, 2000], 4), 4, 4096, sink=64)
+  plans = decode_lib.plan_programs(layout, 16, block_k=64, target_programs=528,
+                                   min_split_blocks=4)
+  per_program = [p.blocks_per_split for p in plans]
+  assert per_program == sorted(per_program, reverse=True)
+  assert max(per_program) == 4 and plans[0].splits > 1  # min_split_blocks; largest group split
+  assert all(p.splits * p.blocks_per_split >= p.num_blocks > (p.splits - 1) * p.blocks_per_split
+             for p in plans)
+  assert [p.first for p in plans] == list(np.cumsum([0] + [p.count(16) for p in plans[:-1]]))
+  assert sorted(h for p in plans for h in p.heads) == [0, 1, 2, 3]
 
 
 @pytest.mark.slow

@@ -56,10 +56,11 @@ def test_triton_prefill_matches_reference(b, t, n, kv, h, dtype, pads, per_group
   check(out, q, k, v, pos, windows, sink)
 
 
-def test_triton_prefill_small_blocks():
+@pytest.mark.parametrize("single_loop", [True, False])
+def test_triton_prefill_small_blocks(single_loop):
   q, k, v, pos, windows = random_case(5, 2, 300, 8, 2, 32, jnp.float32, [0, 50])
   out = sparse_prefill_gpu(q, k, v, pos, jnp.asarray(windows), sink=8, block_rows=64,
-                           block_k=16, interpret=True)
+                           block_k=16, single_loop=single_loop, interpret=True)
   check(out, q, k, v, pos, windows, 8)
 
 

@@ -9,6 +9,9 @@ operands and loops only over the key blocks the rule can reach:
   2. the window's blocks: the edge blocks masked element-wise, the interior blocks (every
      (query, key) pair of the tile attended) with no mask at all.
 
+By default one loop walks both ranges and branches per block on whether it needs the mask, so
+the program pays one software-pipeline prologue instead of one per range.
+
 Softmax is online, in float32, in base 2 (log2(e) folded into the logit scale). Positions are
 those of `moa_jax.attention.base`: within a row, token i of a sequence with `pad` left-padding
 tokens has position i - pad; the mask is `rules.attend_mask` on those positions.
@@ -70,12 +73,16 @@ def key_block_ranges(off, t0, t1, win_min, win_max, *, sink: int, block_k: int):
 def _prefill_kernel(
     off_ref, win_ref, q_ref, k_ref, v_ref, o_ref, *,
     group: int, block_k: int, num_q_blocks: int, seq_len: int, sink: int, logit_scale: float,
-    precision,
+    precision, single_loop: bool,
 ):
   """One (query tile, batch row, KV head) program.
 
   Refs: off_ref [] int32 (left padding of this row), win_ref [R] int32 (window of each tile
   row), q_ref / o_ref [Tq, G, H] (R = Tq * G rows), k_ref / v_ref [S, H].
+
+  Masked logits are set to MASKED. A row that has attended nothing yet has m = MASKED, so its
+  masked entries contribute exp2(0) = 1; the first attended key rescales them by
+  exp2(MASKED - m) = 0, and a row that never attends anything keeps m = MASKED and writes 0.
   """
   tile_tokens, _, head_dim = q_ref.shape
   rows = tile_tokens * group
@@ -90,50 +97,63 @@ def _prefill_kernel(
   q = q_ref[...].reshape(rows, head_dim)  # [R, H]
   row_pos = t0 + lax.div(lax.iota(jnp.int32, rows), group) - off  # [R]
 
-  def step(kb, carry, masked: bool):
+  def apply_mask(s, start):
+    key_idx = start + lax.iota(jnp.int32, block_k)
+    key_pos = jnp.where(key_idx < seq_len, key_idx - off, -1)  # [Bk]
+    mask = attend_mask(row_pos[:, None], key_pos[None, :], sink, win[:, None])  # [R, Bk]
+    return jnp.where(mask, s, MASKED)
+
+  def update(kb, carry, masked):
+    """Online-softmax step over key block kb; masked: bool, or a traced scalar bool."""
     acc, m, l = carry
     start = pl.multiple_of(kb * block_k, block_k)
     k = k_ref[pl.ds(start, block_k), :]  # [Bk, H]
     v = v_ref[pl.ds(start, block_k), :]
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
                         precision=precision) * logit_scale  # [R, Bk], base-2 logits
-    if masked:
-      key_idx = start + lax.iota(jnp.int32, block_k)
-      key_pos = jnp.where(key_idx < seq_len, key_idx - off, -1)  # [Bk]
-      mask = attend_mask(row_pos[:, None], key_pos[None, :], sink, win[:, None])  # [R, Bk]
-      s = jnp.where(mask, s, MASKED)
+    if masked is True:
+      s = apply_mask(s, start)
+    elif masked is not False:
+      s = lax.cond(masked, apply_mask, lambda s, _: s, s, start)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))  # [R]
     p = jnp.exp2(s - m_new[:, None])
-    if masked:
-      p = jnp.where(mask, p, 0.0)
     correction = jnp.exp2(m - m_new)
     l = l * correction + jnp.sum(p, axis=1)
     pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=precision)
     return acc * correction[:, None] + pv, m_new, l
 
-  masked_step = functools.partial(step, masked=True)
-  full_step = functools.partial(step, masked=False)
-
   sink_lo, sink_hi, lo, f0, f1, hi = key_block_ranges(
       off, t0, t1, win_min, win_max, sink=sink, block_k=block_k)
   carry = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), MASKED, jnp.float32),
            jnp.zeros((rows,), jnp.float32))
-  carry = lax.fori_loop(sink_lo, sink_hi, masked_step, carry)
-  carry = lax.fori_loop(lo, f0, masked_step, carry)
-  carry = lax.fori_loop(f0, f1, full_step, carry)
-  acc, _, l = lax.fori_loop(f1, hi, masked_step, carry)
-  out = jnp.where(l[:, None] > 0, acc / jnp.maximum(l, 1e-30)[:, None], 0.0)  # [R, H]
+  if single_loop:  # one pipelined loop: the sink blocks, then the window's blocks
+    n_sink = sink_hi - sink_lo
+
+    def step(j, carry):
+      kb = jnp.where(j < n_sink, sink_lo + j, lo + (j - n_sink))
+      return update(kb, carry, (kb < f0) | (kb >= f1))
+
+    acc, m, l = lax.fori_loop(0, n_sink + hi - lo, step, carry)
+  else:  # one loop per range: masked sink and edge blocks, unmasked interior
+    masked_step = functools.partial(update, masked=True)
+    carry = lax.fori_loop(sink_lo, sink_hi, masked_step, carry)
+    carry = lax.fori_loop(lo, f0, masked_step, carry)
+    carry = lax.fori_loop(f0, f1, functools.partial(update, masked=False), carry)
+    acc, m, l = lax.fori_loop(f1, hi, masked_step, carry)
+  attended = m > MASKED / 2  # [R]
+  out = jnp.where(attended[:, None], acc / jnp.where(attended, l, 1.0)[:, None], 0.0)  # [R, H]
   o_ref[...] = out.reshape(tile_tokens, group, head_dim).astype(o_ref.dtype)
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("sink", "scale", "block_rows", "block_k", "num_warps", "num_stages",
-                     "interpret"))
+                     "single_loop", "interpret"))
 def sparse_prefill_gpu(
     q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, windows: jax.Array, *,
     sink: int, scale: float | None = None, block_rows: int = 128, block_k: int = 128,
-    num_warps: int | None = None, num_stages: int = 3, interpret: bool = False,
+    num_warps: int | None = None, num_stages: int = 3, single_loop: bool = True,
+    interpret: bool = False,
 ) -> jax.Array:
   """MoA self-attention of a prompt: query t attends key j iff `attend_mask` allows it.
 
@@ -146,6 +166,8 @@ def sparse_prefill_gpu(
     sink: sink tokens of every head.
     block_rows: query rows per program (tokens x G stacked heads), a power of two >= 16 * G.
     block_k: keys per block, a power of two >= 16.
+    single_loop: walk the sink and window blocks in one loop, masking a block only when it is
+      an edge block (a branch per block); False: one loop per range (four pipeline prologues).
   Returns:
     [B, T, N, H] in q's dtype; padding rows are zero.
   """
@@ -177,7 +199,8 @@ def sparse_prefill_gpu(
   num_q_blocks = t_pad // tile_tokens
   kernel = functools.partial(
       _prefill_kernel, group=group, block_k=block_k, num_q_blocks=num_q_blocks, seq_len=t,
-      sink=sink, logit_scale=scale * math.log2(math.e), precision=precision)
+      sink=sink, logit_scale=scale * math.log2(math.e), precision=precision,
+      single_loop=single_loop)
   tile = pl.BlockSpec((None, tile_tokens, group, h),
                       lambda i, bi, ki: (bi, num_q_blocks - 1 - i, ki, 0))
   full_kv = pl.BlockSpec((None, t_pad, None, h), lambda i, bi, ki: (bi, 0, ki, 0))
