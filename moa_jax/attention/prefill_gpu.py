@@ -9,8 +9,9 @@ operands and loops only over the key blocks the rule can reach:
   2. the window's blocks: the edge blocks masked element-wise, the interior blocks (every
      (query, key) pair of the tile attended) with no mask at all.
 
-By default one loop walks both ranges and branches per block on whether it needs the mask, so
-the program pays one software-pipeline prologue instead of one per range.
+With `single_loop` one loop walks both ranges and branches per block on whether it needs the
+mask (one software-pipeline prologue); otherwise one loop walks the masked blocks and a second
+the interior blocks, with no branch.
 
 Softmax is online, in float32, in base 2 (log2(e) folded into the logit scale). Positions are
 those of `moa_jax.attention.base`: within a row, token i of a sequence with `pad` left-padding
@@ -134,12 +135,16 @@ def _prefill_kernel(
       return update(kb, carry, (kb < f0) | (kb >= f1))
 
     acc, m, l = lax.fori_loop(0, n_sink + hi - lo, step, carry)
-  else:  # one loop per range: masked sink and edge blocks, unmasked interior
-    masked_step = functools.partial(update, masked=True)
-    carry = lax.fori_loop(sink_lo, sink_hi, masked_step, carry)
-    carry = lax.fori_loop(lo, f0, masked_step, carry)
-    carry = lax.fori_loop(f0, f1, functools.partial(update, masked=False), carry)
-    acc, m, l = lax.fori_loop(f1, hi, masked_step, carry)
+  else:  # two loops: the masked blocks (sink, leading edge, diagonal), then the interior
+    n_sink, n_lead = sink_hi - sink_lo, f0 - lo
+
+    def masked_step(j, carry):
+      kb = jnp.where(j < n_sink, sink_lo + j,
+                     jnp.where(j < n_sink + n_lead, lo + (j - n_sink), f1 + (j - n_sink - n_lead)))
+      return update(kb, carry, True)
+
+    carry = lax.fori_loop(0, n_sink + n_lead + hi - f1, masked_step, carry)
+    acc, m, l = lax.fori_loop(f0, f1, functools.partial(update, masked=False), carry)
   attended = m > MASKED / 2  # [R]
   out = jnp.where(attended[:, None], acc / jnp.where(attended, l, 1.0)[:, None], 0.0)  # [R, H]
   o_ref[...] = out.reshape(tile_tokens, group, head_dim).astype(o_ref.dtype)
@@ -151,8 +156,8 @@ def _prefill_kernel(
                      "single_loop", "interpret"))
 def sparse_prefill_gpu(
     q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, windows: jax.Array, *,
-    sink: int, scale: float | None = None, block_rows: int = 128, block_k: int = 128,
-    num_warps: int | None = None, num_stages: int = 3, single_loop: bool = True,
+    sink: int, scale: float | None = None, block_rows: int = 128, block_k: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None, single_loop: bool = True,
     interpret: bool = False,
 ) -> jax.Array:
   """MoA self-attention of a prompt: query t attends key j iff `attend_mask` allows it.
@@ -167,11 +172,17 @@ def sparse_prefill_gpu(
     block_rows: query rows per program (tokens x G stacked heads), a power of two >= 16 * G.
     block_k: keys per block, a power of two >= 16.
     single_loop: walk the sink and window blocks in one loop, masking a block only when it is
-      an edge block (a branch per block); False: one loop per range (four pipeline prologues).
+      an edge block (a branch per block); False: a loop over the masked blocks, then one over
+      the interior blocks.
+    block_k, num_stages: None picks 128 and 3 for 2-byte inputs, 64 and 2 for float32 (whose
+      128-key, 3-stage pipeline exceeds the H100's shared memory).
   Returns:
     [B, T, N, H] in q's dtype; padding rows are zero.
   """
   b, t, n, h, kv_heads = prefill_shapes(q, k, v)
+  wide = q.dtype.itemsize > 2
+  block_k = (64 if wide else 128) if block_k is None else block_k
+  num_stages = (2 if wide else 3) if num_stages is None else num_stages
   group = n // kv_heads
   if not _is_power_of_two(group):
     raise ValueError(f"the Triton kernel needs a power-of-two GQA group size, got {group}")
