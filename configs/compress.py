@@ -17,6 +17,8 @@ DIR/report.md (densities, objectives and validation losses of every Pareto plan,
 
 from ml_collections import config_dict
 
+from moa_jax.models.loading import model_section
+
 # Built by experiments/make_calibration_tasks.py from the task suite (other seeds than any
 # evaluation): passkey, multi-key needle, variable tracking, UUID key-value, and line retrieval.
 REFERENCE_CALIBRATION = "moa_jax/assets/calibration/reference_tasks_with_lines.jsonl"
@@ -30,12 +32,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   c.seed = 0
 
-  c.model = config_dict.ConfigDict()
-  c.model.path = ""  # HF checkpoint dir or hub id; '' = the embedded reference model
-  c.model.preset = ""  # e.g. 'tiny': a randomly initialised model instead of a checkpoint
-  c.model.tokenizer = ""  # tokenizer dir for a preset ('' = the reference model's)
-  c.model.dtype = "float32"
-  c.model.seed = 0
+  c.model = model_section()  # '' path = the embedded reference model
 
   c.calibration = config_dict.ConfigDict()
   c.calibration.source = "jsonl"  # 'multinews' (hub id or local file) or 'jsonl' {context, question}
@@ -52,6 +49,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.profile.lengths = (1024, 2048)  # each needs calibration samples of that length
   c.profile.block = 64
   c.profile.path = "lean"  # 'lean' (tiled, memory-lean) or 'direct' (jax.grad on the maps)
+  # Per sample and block: 'blocks' = |sum of E| (the size of the loss change of masking the
+  # block; measured better on the reference model, benchmarks/README.md "Profile magnitude") or
+  # 'entries' = sum of |E| (the paper's profile).
+  c.profile.magnitude = "blocks"
   c.profile.batch_size = 1
 
   c.optimize = config_dict.ConfigDict()
@@ -97,6 +98,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.calibration.lengths = (2048, 4096, 8192)
     c.calibration.samples_per_length = 50
     c.calibration.max_new_tokens = 128
+    c.profile.magnitude = "entries"
     c.profile.lengths = (2048, 4096, 8192)
     c.optimize.constraint_lengths = (2048, 4096, 8192, 16384)
     c.optimize.alpha_step = 1024

@@ -1,32 +1,38 @@
-"""Generate continuations of a few prompts with a Llama (dense attention, KV cache).
+"""Generate continuations of a few prompts with a Llama, dense or with a MoA plan.
 
-Tiny random model, runs on a CPU in ~10 s, prints the new token ids of 3 random prompts:
+The embedded reference model (CPU, a few seconds), dense attention:
+  python -m moa_jax generate --config=configs/generate.py
+The same on the plan `compress` chose (MoA sparse prefill and its static per-head KV cache):
+  python -m moa_jax generate --config=configs/generate.py --config.plan=runs/compress/plan.json
+A random tiny model on the reference tokenizer (CI):
   python -m moa_jax generate --config=configs/generate.py:tiny
-
-A HF checkpoint (local directory or hub id) with its tokenizer, prints the decoded text:
+A HF checkpoint (local directory or hub id) with its tokenizer:
   python -m moa_jax generate --config=configs/generate.py:hf \
-      --config.model_path=/path/to/Llama-3.2-1B --config.max_new_tokens=64 --workdir=runs/generate
+      --config.model.path=/path/to/Llama-3.2-1B --config.max_new_tokens=64 --workdir=runs/generate
 
-With --workdir the prompts and new tokens (and text) are also written to generated.json there.
+Prints the prompts' continuations; with --workdir also writes generated.json there.
 """
 
-from ml_collections import ConfigDict, config_dict
+from ml_collections import ConfigDict
+
+from moa_jax.models.loading import model_section
+
+VARIANTS = ("reference", "tiny", "hf")
 
 
-def get_config(arg: str = "tiny") -> ConfigDict:
-  if arg not in ("tiny", "hf"):
-    raise ValueError(f"configs/generate.py takes 'tiny' or 'hf', got {arg!r}")
+def get_config(arg: str | None = None) -> ConfigDict:
+  variant = arg or "reference"
+  if variant not in VARIANTS:
+    raise ValueError(f"configs/generate.py takes one of {', '.join(VARIANTS)}, got {variant!r}")
   config = ConfigDict()
-  # HF checkpoint directory or hub id; "" builds a random-init model from model_preset.
-  config.model_path = config_dict.placeholder(str) if arg == "hf" else ""
-  config.model_preset = "tiny"  # a LlamaConfig.preset name (used when model_path is "")
-  config.dtype = ""  # compute dtype, e.g. "bfloat16"; "" = the checkpoint's own dtype
-  # Text prompts (used when the model directory has a tokenizer).
-  config.prompts = ("The capital of France is", "Sparse attention lets a model",
-                    "Once upon a time")
-  # Without a tokenizer: random prompts of these lengths (token ids drawn with `seed`).
-  config.random_prompt_lengths = (5, 12, 9)
-  config.max_new_tokens = 16 if arg == "tiny" else 64
+  config.model = model_section(
+      path=None if variant == "hf" else "", preset="tiny" if variant == "tiny" else "",
+      dtype="" if variant == "hf" else "float32")
+  config.plan = ""  # a plan.json (from `compress`): generate with its MoA attention and cache
+  config.prompts = ("USER: What does sparse attention save? ASSISTANT:",
+                    "def fibonacci(n):", "Once upon a time")
+  config.chat = False  # wrap each prompt in the tokenizer's chat template
+  config.max_new_tokens = 16 if variant == "tiny" else 64
   config.temperature = 0.0  # 0 = greedy
   config.top_k = 0  # 0 = no top-k truncation (sampling only)
   config.seed = 0

@@ -131,42 +131,31 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int
 
 
 def generate_command(config, workdir: Path | None) -> list[dict]:
-  """`python -m moa_jax generate`: load (or randomly build) a model, generate, print, save.
+  """`python -m moa_jax generate`: load a model (and a plan), generate, print, save.
 
-  config fields: see configs/generate.py. Returns one dict per prompt (prompt ids, new ids, and
-  text when the model has a tokenizer), also written to workdir/generated.json if given.
+  config fields: see configs/generate.py. Returns one dict per prompt (prompt, its ids, the new
+  ids and their text), also written to workdir/generated.json if given.
   """
-  from moa_jax.models.config import LlamaConfig
-  from moa_jax.models.hf import load_pretrained, load_tokenizer
+  from moa_jax.attention.moa import MoAAttention
+  from moa_jax.data.tasks import prompt_ids
+  from moa_jax.models.loading import load_model
+  from moa_jax.plans.plan import Plan
 
-  if config.model_path is None:
-    raise ValueError("this config needs --config.model_path=<HF checkpoint directory or hub id>")
-  tokenizer = None
-  if config.model_path:
-    model, model_config = load_pretrained(config.model_path, dtype=config.dtype or None)
-    try:
-      tokenizer = load_tokenizer(config.model_path)
-    except FileNotFoundError as error:
-      print(f"{error}; using random token prompts")
-  else:
-    overrides = {"dtype": config.dtype} if config.dtype else {}
-    model_config = LlamaConfig.preset(config.model_preset, **overrides)
-    model = Llama(model_config, rngs=nnx.Rngs(config.seed))
-  if tokenizer is not None:
-    prompts = [tokenizer(text)["input_ids"] for text in config.prompts]
-  else:
-    rng = np.random.default_rng(config.seed)
-    prompts = [rng.integers(0, model_config.vocab_size, n).tolist()
-               for n in config.random_prompt_lengths]
-  new_tokens = generate(model, prompts, config.max_new_tokens, temperature=config.temperature,
-                        top_k=config.top_k or None, rng=jax.random.key(config.seed))
+  model, tokenizer, model_id = load_model(config.model)
+  attention = None
+  if config.plan:
+    attention = MoAAttention.from_plan(Plan.load(config.plan).validate(model.config))
+  prompts = [prompt_ids(tokenizer, text) if config.chat else tokenizer(text)["input_ids"]
+             for text in config.prompts]
+  new_tokens = generate(model, prompts, config.max_new_tokens, attention=attention,
+                        temperature=config.temperature, top_k=config.top_k or None,
+                        rng=jax.random.key(config.seed))
+  print(f"{model_id}, {'plan ' + config.plan if config.plan else 'dense attention'}")
   results = []
-  for i, (prompt, new) in enumerate(zip(prompts, new_tokens)):
-    result = {"prompt_ids": prompt, "new_ids": new}
-    print(f"[{i}] {len(prompt)} prompt tokens -> {len(new)} new: {new}")
-    if tokenizer is not None:
-      result.update(prompt=config.prompts[i], text=tokenizer.decode(new))
-      print(f"    {config.prompts[i]!r} -> {result['text']!r}")
+  for i, (text, prompt, new) in enumerate(zip(config.prompts, prompts, new_tokens)):
+    result = {"prompt": text, "prompt_ids": prompt, "new_ids": new,
+              "text": tokenizer.decode(new)}
+    print(f"[{i}] {len(prompt)} prompt tokens -> {len(new)} new: {text!r} -> {result['text']!r}")
     results.append(result)
   if workdir is not None:
     workdir.mkdir(parents=True, exist_ok=True)

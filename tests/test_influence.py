@@ -11,8 +11,9 @@ from scipy.stats import spearmanr
 from moa_jax.attention.dense import DenseAttention
 from moa_jax.models import Llama
 from moa_jax.profile.calibration import CalibrationBucket
-from moa_jax.profile.influence import (block_influence_from_grads, block_influence_tiled,
-                                       causal_weights, influence_entries, pool_blocks)
+from moa_jax.profile.influence import (MAGNITUDES, block_influence_from_grads,
+                                       block_influence_tiled, causal_weights, influence_entries,
+                                       pool_blocks)
 from moa_jax.profile.probes import (BlockMaskedAttention, MapProbeAttention, OutputProbeAttention,
                                     valid_lengths)
 from moa_jax.profile.profiler import profile_model, response_loss, response_targets
@@ -94,7 +95,7 @@ def test_direct_and_tiled_paths_agree(block, tile):
     return _downstream_loss(mixed.reshape(b, t, n, h), readout)
 
   grads = jax.grad(map_loss)(jnp.zeros_like(weights))
-  direct = block_influence_from_grads(weights, grads, block)
+  direct = {m: block_influence_from_grads(weights, grads, block, m) for m in MAGNITUDES}
 
   def out_loss(probe):
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
@@ -104,17 +105,31 @@ def test_direct_and_tiled_paths_agree(block, tile):
   out = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
                                      key_value_seq_lengths=lengths)
   d_out = jax.grad(out_loss)(jnp.zeros_like(q))
-  lean = block_influence_tiled(q, k, v, d_out, lengths, block=block, tile=tile)
+  lean = {m: block_influence_tiled(q, k, v, d_out, lengths, block=block, tile=tile, magnitude=m)
+          for m in MAGNITUDES}
 
   nb = -(-t // block)
-  assert direct.shape == lean.shape == (b, n, nb, nb)
-  assert relative_error(lean, direct) < 1e-4
+  for magnitude in MAGNITUDES:
+    assert direct[magnitude].shape == lean[magnitude].shape == (b, n, nb, nb)
+    assert relative_error(lean[magnitude], direct[magnitude]) < 1e-4, magnitude
   upper = np.triu_indices(nb, 1)
-  assert np.all(np.asarray(direct)[..., upper[0], upper[1]] == 0)
+  assert np.all(np.asarray(direct["entries"])[..., upper[0], upper[1]] == 0)
+  # |sum E| per block is the size of the signed sum, and cancellation makes it smaller than
+  # sum |E| wherever a block holds entries of both signs (most blocks of random maps).
+  np.testing.assert_allclose(lean["blocks"], np.abs(lean["signed"]), rtol=1e-6)
+  assert np.all(lean["blocks"] <= lean["entries"] * (1 + 1e-5))
+  filled = np.asarray(lean["entries"]) > 0
+  assert np.mean(np.asarray(lean["blocks"])[filled] < 0.9 * np.asarray(lean["entries"])[filled]) > 0.5
   # The padded sample's blocks past its length are empty; its real blocks are not.
   first_pad_block = -(-int(lengths[1]) // block)
-  assert np.all(np.asarray(lean)[1, :, first_pad_block:] == 0)
-  assert np.all(np.asarray(lean)[1, :, :first_pad_block].sum(-1) > 0)
+  assert np.all(np.asarray(lean["entries"])[1, :, first_pad_block:] == 0)
+  assert np.all(np.asarray(lean["entries"])[1, :, :first_pad_block].sum(-1) > 0)
+
+
+def test_unknown_magnitude_is_one_line_error():
+  weights = jnp.full((1, 1, 1, 2, 2), 0.5)
+  with pytest.raises(ValueError, match="unknown influence magnitude 'abs'"):
+    block_influence_from_grads(weights, weights, 2, "abs")
 
 
 # ----------------------------------------------------------------------------- model level
@@ -159,6 +174,11 @@ def test_profile_paths_agree_on_tiny_model(tiny_model, tiny_config):
   assert direct.shape == lean.shape == (tiny_config.num_layers, tiny_config.num_heads, 5, 5)
   assert direct.dtype == lean.dtype == np.float32
   assert relative_error(lean, direct) < 1e-4
+  # 'blocks' takes |sum E| per sample: batching samples together must not change it.
+  blocks_batched = run(path="lean", batch_size=2, tile=16, magnitude="blocks")
+  blocks_single = run(path="direct", batch_size=1, magnitude="blocks")
+  assert relative_error(blocks_batched, blocks_single) < 1e-4
+  assert np.all(blocks_batched <= lean * (1 + 1e-4))
   # Batching (with a weightless filler row in the last batch) changes nothing.
   assert relative_error(run(path="lean", batch_size=1, tile=24), lean) < 1e-5
   assert np.all(direct >= 0) and np.all(direct[0].sum(-1) > 0)
@@ -228,7 +248,7 @@ def test_first_order_prediction(tiny_model, tiny_config):
   sample = _copy_task(1, 15, np.random.default_rng(100))
   buckets = {32: sample}
   signed = profile_model(tiny_model, tiny_config, buckets, block=block, path="direct",
-                         absolute=False, progress=False)[32]
+                         magnitude="signed", progress=False)[32]
   masks = _random_small_masks(signed.shape, 40, seed=2)
   base, *masked = _masked_losses(tiny_model, sample, block, [np.ones(signed.shape, bool)] + masks)
   predicted = [signed[~keep].sum() for keep in masks]

@@ -197,7 +197,7 @@ def test_tied_embeddings_have_no_lm_head(tiny_config):
   tokens = random_tokens(5, (1, 4), tiny_config.vocab_size)
   positions = jnp.arange(4, dtype=jnp.int32)[None]
   logits, _ = jitted(model)(tokens, positions)
-  hidden, _ = jax.jit(lambda t, p: model.model(t, p, attention=DenseAttention(), caches=None))(
-      tokens, positions)  # [1, 4, D]
-  embedding = model.model.embed_tokens.weight[...]  # [V, D]
+  hidden, _ = jax.jit(lambda t, p: model.hidden_states(t, p))(tokens, positions)  # [1, 4, D]
+  embedding = model.model.embed_tokens.weight[...]  # [V, D]: the tied input embedding
+  np.testing.assert_allclose(model.output_embedding(), embedding)
   np.testing.assert_allclose(logits[0], hidden[0] @ embedding.T, rtol=1e-5, atol=1e-5)

@@ -185,13 +185,23 @@ class Llama(nnx.Module):
     Returns:
       logits [B, T, V] float32 and the updated caches (None when caches is None).
     """
-    attention = DenseAttention() if attention is None else attention
-    x, caches = self.model(tokens, positions, attention=attention, caches=caches)  # [B, T, D]
-    dtype = self.config.dtype
-    head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-    logits = jnp.einsum("btd,vd->btv", x, head[...].astype(dtype),
+    x, caches = self.hidden_states(tokens, positions, attention=attention, caches=caches)
+    logits = jnp.einsum("btd,vd->btv", x, self.output_embedding(),
                         preferred_element_type=jnp.float32)  # [B, T, V]
     return logits, caches
+
+  def hidden_states(self, tokens: jax.Array, positions: jax.Array, *,
+                    attention: Attention | None = None, caches: list[LayerCache] | None = None,
+                    ) -> tuple[jax.Array, list[LayerCache] | None]:
+    """The final normed hidden states [B, T, D] (compute dtype) and the updated caches: the
+    logits without the vocabulary projection, for losses read at a few positions only."""
+    attention = DenseAttention() if attention is None else attention
+    return self.model(tokens, positions, attention=attention, caches=caches)
+
+  def output_embedding(self) -> jax.Array:
+    """[V, D] in the compute dtype: the lm_head, or the input embedding when tied."""
+    head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+    return head[...].astype(self.config.dtype)
 
 
 def count_params(config: LlamaConfig) -> int:

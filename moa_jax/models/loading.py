@@ -7,11 +7,26 @@ from pathlib import Path
 
 import jax.numpy as jnp
 from flax import nnx
+from ml_collections import config_dict
 
 from moa_jax.models.config import LlamaConfig
 from moa_jax.models.hf import load_pretrained, load_tokenizer
 from moa_jax.models.llama import Llama
 
+
+def model_section(path: str | None = "", preset: str = "", dtype: str = "float32"
+                  ) -> config_dict.ConfigDict:
+  """The `model` section every experiment config shares (read by `load_model`).
+
+  path None makes it a required placeholder (--config.model.path=...).
+  """
+  section = config_dict.ConfigDict()
+  section.path = config_dict.placeholder(str) if path is None else path  # HF dir or hub id
+  section.preset = preset  # e.g. 'tiny': a randomly initialised model instead of a checkpoint
+  section.tokenizer = ""  # tokenizer dir ('' = the checkpoint's, or the reference model's)
+  section.dtype = dtype  # compute and parameter dtype ('' = the checkpoint's own)
+  section.seed = 0  # initialisation seed of a preset
+  return section
 
 
 def reference_model_dir() -> Path:
@@ -31,10 +46,13 @@ def load_model(section) -> tuple[Llama, object, str]:
   preset: when set (e.g. 'tiny'), a randomly initialised model of that preset instead, with the
     vocabulary of the tokenizer at `tokenizer` ('' means the reference model's tokenizer).
   """
+  if section.path is None:
+    raise ValueError("this config needs --config.model.path=<HF checkpoint directory or hub id>")
   if section.preset:
     tokenizer = load_tokenizer(section.tokenizer or section.path or reference_model_dir())
-    config = LlamaConfig.preset(section.preset, vocab_size=len(tokenizer), dtype=section.dtype,
-                                param_dtype=section.dtype,
+    dtype = section.dtype or "float32"
+    config = LlamaConfig.preset(section.preset, vocab_size=len(tokenizer), dtype=dtype,
+                                param_dtype=dtype,
                                 eos_token_ids=(tokenizer.eos_token_id,),
                                 bos_token_id=tokenizer.bos_token_id)
     model = Llama(config, rngs=nnx.Rngs(section.seed))

@@ -8,7 +8,16 @@ G = dL/dA, masking entry (i, j) and renormalizing row i changes the loss, to fir
 and where 1 - A_ij is exactly 0 in float32 (row 0, or any row whose whole mass sits on one key)
 renormalization is impossible and E_ij = -G_ij A_ij. Nothing else is added to the denominator.
 
-Two computations of the block sums of |E| live here:
+How a sample's entries become one number per b x b block (`magnitude`):
+  * 'entries': the sum of |E| over the block (MoA's profile as published);
+  * 'blocks': |sum of E| over the block, the size of the first-order loss change of masking that
+    block in that sample: entries of opposite sign cancel, as they do when the block is masked, so
+    diffuse heads whose many small entries cancel no longer outweigh a head with one decisive
+    entry (see benchmarks/README.md, "Profile magnitude");
+  * 'signed': the sum of E (the signed first-order change, for validation).
+The magnitude is taken per sample, before samples are averaged.
+
+Two computations of the block sums live here:
   * `block_influence_from_grads`: the direct formula from A and G = dL/dA (G from `jax.grad`
     against probes added to the maps, see `moa_jax.profile.probes`).
   * `block_influence_tiled`: the lean one. With G = dO V^T and sum_n G_in A_in = dO_i . O_i,
@@ -71,9 +80,24 @@ def influence_entries(weights: jax.Array, grads: jax.Array) -> jax.Array:
   return jnp.where(dominant, dominant_entry, ordinary)
 
 
+MAGNITUDES = ("entries", "blocks", "signed")
+
+
+def pool_influence(entries: jax.Array, block: int, magnitude: str) -> jax.Array:
+  """E [..., T, S] -> one value per block [..., ceil(T/b), ceil(S/b)] by `magnitude`."""
+  if magnitude == "entries":
+    return pool_blocks(jnp.abs(entries), block)
+  pooled = pool_blocks(entries, block)
+  if magnitude == "blocks":
+    return jnp.abs(pooled)
+  if magnitude == "signed":
+    return pooled
+  raise ValueError(f"unknown influence magnitude {magnitude!r}; choose one of {MAGNITUDES}")
+
+
 def block_influence_from_grads(weights: jax.Array, grads: jax.Array, block: int,
-                               absolute: bool = True) -> jax.Array:
-  """The direct path: block sums of |E| (or of E, absolute=False) from the maps and dL/dA.
+                               magnitude: str = "entries") -> jax.Array:
+  """The direct path: per-block influence (see `magnitude` above) from the maps and dL/dA.
 
   Args:
     weights: A [B, K, G, T, S] float32 (zero where masked); grads: dL/dA, same shape.
@@ -84,7 +108,7 @@ def block_influence_from_grads(weights: jax.Array, grads: jax.Array, block: int,
   weights = weights.astype(jnp.float32)
   grads = grads.astype(jnp.float32)
   entries = influence_entries(weights, grads)
-  pooled = pool_blocks(jnp.abs(entries) if absolute else entries, block)
+  pooled = pool_influence(entries, block, magnitude)
   b, k, g = pooled.shape[:3]
   return pooled.reshape(b, k * g, *pooled.shape[3:])
 
@@ -117,12 +141,12 @@ def causal_weights(q: jax.Array, k: jax.Array, lengths: jax.Array, *, scale: flo
   return jnp.where(valid, jnp.exp(logits - lse), 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("block", "tile", "scale", "absolute"))
+@functools.partial(jax.jit, static_argnames=("block", "tile", "scale", "magnitude"))
 def block_influence_tiled(
     q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, lengths: jax.Array, *,
-    block: int, tile: int = 512, scale: float | None = None, absolute: bool = True,
+    block: int, tile: int = 512, scale: float | None = None, magnitude: str = "entries",
 ) -> jax.Array:
-  """The lean path for one layer: block sums of |E| from q, k, v and dO, one query tile at a time.
+  """The lean path for one layer: per-block influence from q, k, v and dO, one query tile at a time.
 
   Query tile r (rows r*tile ... (r+1)*tile - 1) is compared with its causal key prefix only
   (keys 0 ... (r+1)*tile - 1), which holds every key its rows attend: A is recomputed from q and k
@@ -134,7 +158,7 @@ def block_influence_tiled(
   Args:
     q, d_out: [B, T, N, H]; k, v: [B, T, K, H]; lengths: [B] int32 (right padding).
     block: block size b; tile: query rows per step (rounded to a multiple of `block`).
-    absolute: pool |E| (the profile) or E (the signed first-order loss change).
+    magnitude: 'entries', 'blocks' or 'signed' (see the module docstring).
   Returns:
     [B, N, ceil(T/b), ceil(T/b)] float32.
   """
@@ -156,7 +180,7 @@ def block_influence_tiled(
     do_v = jnp.einsum("btkgh,bskh->bkgts", do_g, v[:, keys], preferred_element_type=jnp.float32,
                       precision=HIGHEST)  # [B, K, G, tile, S]
     entries = influence_entries(weights, do_v)
-    pooled = pool_blocks(jnp.abs(entries) if absolute else entries, block)
+    pooled = pool_influence(entries, block, magnitude)
     pooled = pooled.reshape(b, n, tile // block, (r + 1) * tile // block)
     rows_out.append(jnp.pad(pooled, [(0, 0), (0, 0), (0, 0), (0, nb_padded - pooled.shape[-1])]))
   nb = num_blocks(t, block)

@@ -2,7 +2,8 @@
 
 The loss is the next-token cross-entropy on response tokens only, averaged over each sample's
 response tokens; a batch's loss is the sum of its samples' losses, so every sample's gradient is
-its own. E_bar is the per-sample block sum of |E| averaged over samples, in float32.
+its own. E_bar is the per-sample block value of E (by `magnitude`: sum of |E|, |sum of E| or sum
+of E, see influence.py) averaged over samples, in float32.
 
 Paths (both give dL/dA through `jax.grad`, see influence.py):
   'direct': probes on the maps A of every layer; holds [L, B, N, T, T]: small inputs only.
@@ -24,8 +25,8 @@ from tqdm.auto import tqdm
 
 from moa_jax.models.config import LlamaConfig
 from moa_jax.profile.calibration import CalibrationBucket, CalibrationSet
-from moa_jax.profile.influence import (block_influence_from_grads, block_influence_tiled,
-                                       num_blocks)
+from moa_jax.profile.influence import (MAGNITUDES, block_influence_from_grads,
+                                       block_influence_tiled, num_blocks)
 from moa_jax.profile.probes import MapProbeAttention, OutputProbeAttention, valid_lengths
 
 PATHS = ("lean", "direct")
@@ -58,13 +59,6 @@ def response_targets(loss_mask: np.ndarray, width: int | None = None,
   return hidden_index, weight
 
 
-def _hidden_and_head(model, tokens, positions, attention):
-  """Final hidden states [B, T, D] and the output embedding [V, D] of a moa_jax Llama."""
-  hidden, _ = model.model(tokens, positions, attention=attention, caches=None)
-  head = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-  return hidden, head[...].astype(model.config.dtype)
-
-
 def response_loss(model, tokens: jax.Array, positions: jax.Array, hidden_index: jax.Array,
                   weight: jax.Array, attention) -> jax.Array:
   """Sum over rows of the mean response-token cross-entropy (logits only where the loss reads).
@@ -75,7 +69,8 @@ def response_loss(model, tokens: jax.Array, positions: jax.Array, hidden_index: 
   Returns:
     a float32 scalar.
   """
-  hidden, head = _hidden_and_head(model, tokens, positions, attention)  # [B, T, D], [V, D]
+  hidden, _ = model.hidden_states(tokens, positions, attention=attention)  # [B, T, D]
+  head = model.output_embedding()  # [V, D]
   picked = jnp.take_along_axis(hidden, hidden_index[..., None], axis=1)  # [B, R, D]
   logits = jnp.einsum("brd,vd->brv", picked, head, preferred_element_type=jnp.float32)
   targets = jnp.take_along_axis(tokens, hidden_index + 1, axis=1)  # [B, R]
@@ -84,9 +79,9 @@ def response_loss(model, tokens: jax.Array, positions: jax.Array, hidden_index: 
   return jnp.sum(weight * cross_entropy)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "block", "absolute"))
-def _direct_batch(graphdef, state, tokens, positions, hidden_index, weight, *, block, absolute):
-  """[L, N, NB, NB] block sums of |E| (or E) over the batch, through probes on the maps."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "block", "magnitude"))
+def _direct_batch(graphdef, state, tokens, positions, hidden_index, weight, *, block, magnitude):
+  """[L, N, NB, NB] per-block influence summed over the batch, through probes on the maps."""
   config: LlamaConfig = nnx.merge(graphdef, state).config
   b, t = tokens.shape
   k, g = config.num_kv_heads, config.group_size
@@ -100,7 +95,7 @@ def _direct_batch(graphdef, state, tokens, positions, hidden_index, weight, *, b
 
   grads, weights = jax.grad(loss_fn, has_aux=True)(zeros)
   return jnp.stack([
-      block_influence_from_grads(weights[layer], grads[layer], block, absolute).sum(0)
+      block_influence_from_grads(weights[layer], grads[layer], block, magnitude).sum(0)
       for layer in range(config.num_layers)])
 
 
@@ -125,10 +120,10 @@ def output_grads(graphdef, state, tokens, positions, hidden_index, weight, *,
   return jax.grad(loss_fn, has_aux=True)(zeros)
 
 
-@functools.partial(jax.jit, static_argnames=("block", "tile", "absolute"))
-def _layer_influence(q, k, v, d_out, lengths, *, block, tile, absolute):
+@functools.partial(jax.jit, static_argnames=("block", "tile", "magnitude"))
+def _layer_influence(q, k, v, d_out, lengths, *, block, tile, magnitude):
   return block_influence_tiled(q, k, v, d_out, lengths, block=block, tile=tile,
-                               absolute=absolute).sum(0)
+                               magnitude=magnitude).sum(0)
 
 
 def default_implementation(dtype) -> str:
@@ -139,27 +134,30 @@ def default_implementation(dtype) -> str:
 
 def batch_influence(model, tokens, positions, hidden_index, weight, *, block: int = 64,
                     path: str = "lean", tile: int = 512, implementation: str | None = None,
-                    absolute: bool = True) -> jax.Array:
-  """Block sums of |E| over one batch: [L, N, NB, NB] float32 (not yet averaged).
+                    magnitude: str = "entries") -> jax.Array:
+  """Per-block influence summed over one batch: [L, N, NB, NB] float32 (not yet averaged).
 
   Args:
     tokens, positions: [B, T] int32, right padded (positions -1 on padding).
     hidden_index, weight: [B, R] from `response_targets`.
-    absolute: sum |E| (the profile) or E (the signed first-order loss change of masking).
+    magnitude: 'entries' (sum of |E|, MoA's profile), 'blocks' (|sum of E| per sample) or
+      'signed' (sum of E, the first-order loss change of masking); see influence.py.
   """
   if path not in PATHS:
     raise ValueError(f"unknown influence path {path!r}; choose one of {PATHS}")
+  if magnitude not in MAGNITUDES:
+    raise ValueError(f"unknown influence magnitude {magnitude!r}; choose one of {MAGNITUDES}")
   graphdef, state = nnx.split(model)
   if path == "direct":
     return _direct_batch(graphdef, state, tokens, positions, hidden_index, weight, block=block,
-                         absolute=absolute)
+                         magnitude=magnitude)
   implementation = implementation or default_implementation(model.config.dtype)
   padded = bool(np.any(np.asarray(positions) < 0))
   d_outs, records = output_grads(graphdef, state, tokens, positions, hidden_index, weight,
                                  implementation=implementation, padded=padded)
   lengths = valid_lengths(jnp.asarray(positions))
   return jnp.stack([_layer_influence(*records[layer], d_outs[layer], lengths, block=block,
-                                     tile=tile, absolute=absolute)
+                                     tile=tile, magnitude=magnitude)
                     for layer in range(len(d_outs))])
 
 
@@ -171,7 +169,7 @@ def profile_model(
     model, config: LlamaConfig, samples: CalibrationSet | Mapping[int, CalibrationBucket],
     lengths: Sequence[int] | None = None, block: int = 64, path: str = "lean", *,
     batch_size: int = 1, tile: int = 512, implementation: str | None = None,
-    absolute: bool = True, progress: bool = True,
+    magnitude: str = "entries", progress: bool = True,
 ) -> dict[int, np.ndarray]:
   """E_bar per profile length: {N: float32 [L, num_heads, ceil(N/block), ceil(N/block)]}.
 
@@ -183,8 +181,8 @@ def profile_model(
       batch of a bucket is filled with weightless copies, so one compile serves a bucket).
     tile: query rows per step of the lean path's tiled pass.
     implementation: attention for the lean path's backward ('cudnn', 'xla'; default by device).
-    absolute: average |E| (MoA's profile, the default) or the signed E (first-order loss change
-      of masking, for validation).
+    magnitude: per-sample block value averaged: 'entries' (sum of |E|, MoA's profile as
+      published), 'blocks' (|sum of E|) or 'signed' (sum of E, for validation); see influence.py.
   """
   if config != model.config:
     raise ValueError("profile_model: `config` is not the model's config")
@@ -211,7 +209,7 @@ def profile_model(
       total_influence += batch_influence(
           model, jnp.asarray(bucket.tokens[rows]), jnp.asarray(bucket.positions()[rows]),
           jnp.asarray(hidden_index), jnp.asarray(weight), block=block, path=path, tile=tile,
-          implementation=implementation, absolute=absolute)
+          implementation=implementation, magnitude=magnitude)
       bar.update()
     result[n] = np.asarray(total_influence / bucket.num_samples, np.float32)
   bar.close()
