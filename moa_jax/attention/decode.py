@@ -197,7 +197,7 @@ def plan_programs(layout: CacheLayout, batch: int, *, block_k: int, target_progr
     "interpret"))
 def decode_gpu(q: jax.Array, q_pos: jax.Array, cache: MoACache, *, scale: float | None = None,
                block_k: int = 64, target_programs: int = 528, min_split_blocks: int = 16,
-               num_warps: int = 4, num_stages: int = 2, interpret: bool = False) -> jax.Array:
+               num_warps: int = 4, num_stages: int = 3, interpret: bool = False) -> jax.Array:
   """Pallas Triton decode: q [B, N, H] at positions [B] over the cache -> [B, N, H].
 
   One launch serves every cache group. H must be a power of two >= 16 and cache capacities

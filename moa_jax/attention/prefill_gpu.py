@@ -9,9 +9,10 @@ operands and loops only over the key blocks the rule can reach:
   2. the window's blocks: the edge blocks masked element-wise, the interior blocks (every
      (query, key) pair of the tile attended) with no mask at all.
 
-With `single_loop` one loop walks both ranges and branches per block on whether it needs the
-mask (one software-pipeline prologue); otherwise one loop walks the masked blocks and a second
-the interior blocks, with no branch.
+One loop walks the masked blocks (sink, leading window edge, diagonal: their indices computed
+from the loop counter), a second the interior blocks, with no branch in either. With
+`single_loop` one loop walks everything and branches per block on whether it needs the mask
+(one software-pipeline prologue instead of two; 2-6% slower on the H100, so not the default).
 
 Softmax is online, in float32, in base 2 (log2(e) folded into the logit scale). Positions are
 those of `moa_jax.attention.base`: within a row, token i of a sequence with `pad` left-padding
@@ -157,7 +158,7 @@ def _prefill_kernel(
 def sparse_prefill_gpu(
     q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, windows: jax.Array, *,
     sink: int, scale: float | None = None, block_rows: int = 128, block_k: int | None = None,
-    num_warps: int | None = None, num_stages: int | None = None, single_loop: bool = True,
+    num_warps: int | None = None, num_stages: int | None = None, single_loop: bool = False,
     interpret: bool = False,
 ) -> jax.Array:
   """MoA self-attention of a prompt: query t attends key j iff `attend_mask` allows it.
