@@ -12,7 +12,8 @@ operands and loops only over the key blocks the rule can reach:
 One loop walks the masked blocks (sink, leading window edge, diagonal: their indices computed
 from the loop counter), a second the interior blocks, with no branch in either. With
 `single_loop` one loop walks everything and branches per block on whether it needs the mask
-(one software-pipeline prologue instead of two; 2-6% slower on the H100, so not the default).
+(one software-pipeline prologue instead of two; up to 6.5% slower on the H100, so not the
+default).
 
 Softmax is online, in float32, in base 2 (log2(e) folded into the logit scale). Positions are
 those of `moa_jax.attention.base`: within a row, token i of a sequence with `pad` left-padding
