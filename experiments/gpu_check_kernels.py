@@ -10,9 +10,10 @@ Run on the GPU machine from the repository root:
    HIGHEST precision: relative Frobenius error and NaN count.
 2. Decode: a prompt written into the MoA cache (longer than some heads' caches), then decode
    steps, each against the reference over the whole history.
-3. Launch-configuration sweeps (`--sweep`): prefill at T=16k (dense and attention density
-   0.125 / 0.25), decode on the cells of the issue-4 grid with the smallest caches, both timed
-   like the benchmark next to the dense cuDNN baseline of the same run; the best
+3. Launch-configuration sweeps (`--sweep`): prefill at T=16k (dense, attention density 0.125 /
+   0.25 / 0.5 with uniform windows, 0.125 / 0.25 with mixed windows), decode on the cells of
+   the issue-4 grid with the smallest caches, both timed like the benchmark next to the dense
+   cuDNN baseline of the same run; the best
    configurations are written out for `bench_attention.py --config`. `--budget-s` stops a
    sweep (not the checks) once the run has taken that long.
 """
@@ -34,10 +35,8 @@ from moa_jax.attention.prefill_gpu import sparse_prefill_gpu
 from moa_jax.attention.reference import reference_attention
 
 TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}  # relative Frobenius
-PREFILL_CONFIGS = [  # block_rows, block_k, num_warps, num_stages, single_loop
-    (128, 128, 8, 3, True), (128, 128, 8, 3, False), (128, 128, 8, 2, True),
-    (128, 64, 8, 3, True), (256, 64, 16, 2, True), (256, 64, 16, 3, True),
-    (256, 128, 16, 2, True)]
+PREFILL_CONFIGS = [  # block_rows, block_k, num_warps, num_stages, single_loop, edge_block_k
+    (128, 128, 8, 3, False, 128), (128, 128, 8, 3, False, 64), (128, 128, 8, 3, False, 32)]
 DECODE_CONFIGS = [  # block_k, num_warps, num_stages, target_programs, min_split_blocks
     (64, 4, 2, 528, 16), (64, 4, 3, 528, 16), (64, 4, 4, 528, 16), (128, 4, 3, 528, 16),
     (64, 4, 2, 528, 4), (64, 4, 2, 528, 64), (64, 4, 3, 1056, 8), (128, 8, 2, 264, 16)]
@@ -59,8 +58,7 @@ def check_prefill(rng, results):
       (1, 1000, 8, 1, 128, jnp.float32, [100]),
       (1, 2047, 32, 4, 128, jnp.bfloat16, [0]),
   ]
-  configs = [dict(block_rows=r, block_k=k, num_warps=w, num_stages=s, single_loop=single)
-             for r, k, w, s, single in PREFILL_CONFIGS]
+  configs = [prefill_config(c) for c in PREFILL_CONFIGS]
   for b, t, n, kv, h, dtype, pads in cases:
     q, k, v = (jnp.asarray(rng.standard_normal((b, t, heads, h)), dtype)
                for heads in (n, kv, kv))
@@ -69,7 +67,7 @@ def check_prefill(rng, results):
     win[0], win[-1] = 1, t + 5
     ref = reference_attention(*(x.astype(jnp.float32) for x in (q, k, v)), pos, pos,
                               windows=win, sink=64)
-    for cfg in configs if dtype == jnp.bfloat16 and kv == 8 else [{}]:
+    for cfg in configs if dtype != jnp.float32 else [{}]:
       if cfg and cfg["block_rows"] < 16 * (n // kv):
         continue
       try:
@@ -119,6 +117,14 @@ def check_decode(rng, results):
 
 
 SWEEP_T = 16384
+SWEEP_DENSITIES = (0.125, 0.25, 0.5)  # uniform windows at each, mixed below 0.5
+
+
+def prefill_config(c: tuple) -> dict:
+  """(block_rows, block_k, num_warps, num_stages, single_loop[, edge_block_k]) -> kwargs."""
+  rows, block_k, warps, stages, single = c[:5]
+  return dict(block_rows=rows, block_k=block_k, num_warps=warps, num_stages=stages,
+              single_loop=bool(single), edge_block_k=c[5] if len(c) > 5 else block_k)
 
 
 def sweep_prefill(results, skip, deadline: float) -> dict:
@@ -134,15 +140,15 @@ def sweep_prefill(results, skip, deadline: float) -> dict:
                                                          implementation="cudnn")
     cudnn = bench.time_calls(dense, (k, v), qs)
     print(f"sweep prefill T={t} kv={kv} cudnn dense {cudnn * 1e3:.3f} ms", flush=True)
-    plans = {"dense": np.full(kv, t), **{f"d{d}": bench.plan_windows("uniform", d, t, kv)
-                                         for d in (0.125, 0.25)}}
-    for rows, block_k, warps, stages, single in PREFILL_CONFIGS:
-      cfg = dict(block_rows=rows, block_k=block_k, num_warps=warps, num_stages=stages,
-                 single_loop=single)
+    plans = {"dense": np.full(kv, t),
+             **{f"{kind[0]}{d}": bench.plan_windows(kind, d, t, kv)
+                for d in SWEEP_DENSITIES for kind in ("uniform", "mixed")
+                if kind == "uniform" or d < 0.5}}
+    for cfg in map(prefill_config, PREFILL_CONFIGS):
       if time.time() > deadline:
         print("sweep prefill: out of time budget", flush=True)
         break
-      if cfg in skip or rows < 16 * (bench.HEADS // kv):
+      if cfg in skip or cfg["block_rows"] < 16 * (bench.HEADS // kv):
         continue
       run = bench.runner(lambda k, v, pos, win, q, cfg=cfg: sparse_prefill_gpu(
           q, k, v, pos, win, sink=64, **cfg))
@@ -161,7 +167,7 @@ def sweep_prefill(results, skip, deadline: float) -> dict:
                           **{f"x_cudnn_{n}": x for n, (_, x) in ratios.items()}))
       print(f"sweep prefill kv={kv} {cfg} " + " ".join(
           f"{n} {ms:.3f} ms ({x:.2f}x)" for n, (ms, x) in ratios.items()), flush=True)
-      score = -(ratios["d0.125"][1] + ratios["d0.25"][1] + ratios["dense"][1] / 4)
+      score = -(ratios["u0.125"][1] + ratios["u0.25"][1] + ratios["dense"][1] / 4)
       if kv not in best or score < best[kv][0]:
         best[kv] = (score, cfg)
   return {str(kv): cfg for kv, (_, cfg) in best.items()}
@@ -272,21 +278,27 @@ def main():
   parser.add_argument("--sweep", default="",
                       help="comma-separated timings to run: prefill, decode, overheads")
   parser.add_argument("--prefill-configs", type=configs_arg, default=None,
-                      help="'block_rows,block_k,warps,stages,single_loop;...' (default: all)")
+                      help="'block_rows,block_k,warps,stages,single_loop[,edge_block_k];...' "
+                           "(default: all)")
+  parser.add_argument("--checks", default="prefill,decode",
+                      help="comma-separated correctness checks to run: prefill, decode")
   parser.add_argument("--decode-configs", type=configs_arg, default=None,
                       help="'block_k,warps,stages,target_programs,min_split_blocks;...'")
   parser.add_argument("--budget-s", type=float, default=1e9)
   args = parser.parse_args()
   global PREFILL_CONFIGS, DECODE_CONFIGS
-  PREFILL_CONFIGS = [(*c[:4], bool(c[4])) for c in args.prefill_configs or PREFILL_CONFIGS]
+  PREFILL_CONFIGS = args.prefill_configs or PREFILL_CONFIGS
   DECODE_CONFIGS = args.decode_configs or DECODE_CONFIGS
   sweeps = set(filter(None, args.sweep.split(",")))
   deadline = time.time() + args.budget_s
   print(jax.devices(), jax.__version__, flush=True)
   rng = np.random.default_rng(0)
   results = []
-  check_prefill(rng, results)
-  check_decode(rng, results)
+  checks = set(filter(None, args.checks.split(",")))
+  if "prefill" in checks:
+    check_prefill(rng, results)
+  if "decode" in checks:
+    check_decode(rng, results)
   failed_configs = [r["config"] for r in results if r["check"] == "prefill" and not r["ok"]]
   best = dict(prefill={}, decode={})
   if "overheads" in sweeps:

@@ -56,11 +56,15 @@ def test_triton_prefill_matches_reference(b, t, n, kv, h, dtype, pads, per_group
   check(out, q, k, v, pos, windows, sink)
 
 
-@pytest.mark.parametrize("single_loop", [True, False])
-def test_triton_prefill_small_blocks(single_loop):
+@pytest.mark.parametrize("single_loop,block_k,edge_block_k", [
+    (True, 16, None), (False, 16, None), (False, 64, 16)])
+def test_triton_prefill_small_blocks(single_loop, block_k, edge_block_k):
+  """edge_block_k < block_k: edge blocks of 16 keys, interior steps of 4 edge blocks from an
+  edge-block boundary, the interior's remainder masked."""
   q, k, v, pos, windows = random_case(5, 2, 300, 8, 2, 32, jnp.float32, [0, 50])
   out = sparse_prefill_gpu(q, k, v, pos, jnp.asarray(windows), sink=8, block_rows=64,
-                           block_k=16, single_loop=single_loop, interpret=True)
+                           block_k=block_k, edge_block_k=edge_block_k, single_loop=single_loop,
+                           interpret=True)
   check(out, q, k, v, pos, windows, 8)
 
 
@@ -129,3 +133,7 @@ def test_triton_prefill_rejects_bad_shapes():
   q, k, v, pos, windows = random_case(1, 1, 64, 4, 2, 24, jnp.float32, [0])
   with pytest.raises(ValueError, match="head_dim"):
     sparse_prefill_gpu(q, k, v, pos, jnp.asarray(windows), sink=4, interpret=True)
+  q, k, v, pos, windows = random_case(1, 1, 64, 4, 2, 32, jnp.float32, [0])
+  with pytest.raises(ValueError, match="edge_block_k"):
+    sparse_prefill_gpu(q, k, v, pos, jnp.asarray(windows), sink=4, block_k=32, edge_block_k=64,
+                       interpret=True)

@@ -10,12 +10,17 @@ operands and loops only over the key blocks the rule can reach:
      (query, key) pair of the tile attended) with no mask at all.
 
 One loop walks the masked blocks (sink, leading window edge, diagonal: their indices computed
-from the loop counter), a second the interior blocks, with no branch in either. With
+from the loop counter), a second the interior blocks, with no branch in either. The masked
+loop may use smaller key blocks (`edge_block_k`) than the interior loop, so that less of the
+edges' masked-out keys is computed; interior blocks then start on an edge-block boundary and
+the interior's remainder (less than one interior block) joins the masked loop. With
 `single_loop` one loop walks everything and branches per block on whether it needs the mask
 (one software-pipeline prologue instead of two; up to 6.5% slower on the H100, so not the
 default).
 
-Softmax is online, in float32, in base 2 (log2(e) folded into the logit scale). Positions are
+Softmax is online, in float32, in base 2 (log2(e) folded into the logit scale; interior blocks
+take the row max on unscaled logits and scale inside exp2's argument, one fused multiply-add per
+logit). Positions are
 those of `moa_jax.attention.base`: within a row, token i of a sequence with `pad` left-padding
 tokens has position i - pad; the mask is `rules.attend_mask` on those positions.
 """
@@ -75,8 +80,8 @@ def key_block_ranges(off, t0, t1, win_min, win_max, *, sink: int, block_k: int):
 
 def _prefill_kernel(
     off_ref, win_ref, q_ref, k_ref, v_ref, o_ref, *,
-    group: int, block_k: int, num_q_blocks: int, seq_len: int, sink: int, logit_scale: float,
-    precision, single_loop: bool,
+    group: int, block_k: int, edge_block_k: int, num_q_blocks: int, seq_len: int, sink: int,
+    logit_scale: float, precision, single_loop: bool,
 ):
   """One (query tile, batch row, KV head) program.
 
@@ -101,52 +106,69 @@ def _prefill_kernel(
   row_pos = t0 + lax.div(lax.iota(jnp.int32, rows), group) - off  # [R]
 
   def apply_mask(s, start):
-    key_idx = start + lax.iota(jnp.int32, block_k)
+    key_idx = start + lax.iota(jnp.int32, s.shape[1])
     key_pos = jnp.where(key_idx < seq_len, key_idx - off, -1)  # [Bk]
     mask = attend_mask(row_pos[:, None], key_pos[None, :], sink, win[:, None])  # [R, Bk]
     return jnp.where(mask, s, MASKED)
 
-  def update(kb, carry, masked):
-    """Online-softmax step over key block kb; masked: bool, or a traced scalar bool."""
+  def update(start, size, carry, masked):
+    """Online-softmax step over keys [start, start + size); masked: bool or traced bool."""
     acc, m, l = carry
-    start = pl.multiple_of(kb * block_k, block_k)
-    k = k_ref[pl.ds(start, block_k), :]  # [Bk, H]
-    v = v_ref[pl.ds(start, block_k), :]
+    k = k_ref[pl.ds(start, size), :]  # [Bk, H]
+    v = v_ref[pl.ds(start, size), :]
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
-                        precision=precision) * logit_scale  # [R, Bk], base-2 logits
-    if masked is True:
-      s = apply_mask(s, start)
-    elif masked is not False:
-      s = lax.cond(masked, apply_mask, lambda s, _: s, s, start)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))  # [R]
-    p = jnp.exp2(s - m_new[:, None])
+                        precision=precision)  # [R, Bk], unscaled logits
+    if masked is False:  # scale inside exp2's argument: one fused multiply-add per logit
+      m_new = jnp.maximum(m, jnp.max(s, axis=1) * logit_scale)  # [R]
+      p = jnp.exp2(s * logit_scale - m_new[:, None])
+    else:
+      s = s * logit_scale  # base-2 logits
+      if masked is True:
+        s = apply_mask(s, start)
+      else:
+        s = lax.cond(masked, apply_mask, lambda s, _: s, s, start)
+      m_new = jnp.maximum(m, jnp.max(s, axis=1))
+      p = jnp.exp2(s - m_new[:, None])
     correction = jnp.exp2(m - m_new)
     l = l * correction + jnp.sum(p, axis=1)
     pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=precision)
     return acc * correction[:, None] + pv, m_new, l
 
-  sink_lo, sink_hi, lo, f0, f1, hi = key_block_ranges(
-      off, t0, t1, win_min, win_max, sink=sink, block_k=block_k)
   carry = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), MASKED, jnp.float32),
            jnp.zeros((rows,), jnp.float32))
   if single_loop:  # one pipelined loop: the sink blocks, then the window's blocks
+    sink_lo, sink_hi, lo, f0, f1, hi = key_block_ranges(
+        off, t0, t1, win_min, win_max, sink=sink, block_k=block_k)
     n_sink = sink_hi - sink_lo
 
     def step(j, carry):
       kb = jnp.where(j < n_sink, sink_lo + j, lo + (j - n_sink))
-      return update(kb, carry, (kb < f0) | (kb >= f1))
+      start = pl.multiple_of(kb * block_k, block_k)
+      return update(start, block_k, carry, (kb < f0) | (kb >= f1))
 
     acc, m, l = lax.fori_loop(0, n_sink + hi - lo, step, carry)
   else:  # two loops: the masked blocks (sink, leading edge, diagonal), then the interior
+    # Ranges in edge blocks; the interior [f0, f1) is walked in steps of `ratio` edge blocks
+    # and its remainder [tail, f1) is masked with the diagonal blocks [f1, hi).
+    sink_lo, sink_hi, lo, f0, f1, hi = key_block_ranges(
+        off, t0, t1, win_min, win_max, sink=sink, block_k=edge_block_k)
+    ratio = block_k // edge_block_k
+    n_interior = lax.div(f1 - f0, ratio)
+    tail = f0 + n_interior * ratio
     n_sink, n_lead = sink_hi - sink_lo, f0 - lo
 
     def masked_step(j, carry):
-      kb = jnp.where(j < n_sink, sink_lo + j,
-                     jnp.where(j < n_sink + n_lead, lo + (j - n_sink), f1 + (j - n_sink - n_lead)))
-      return update(kb, carry, True)
+      lead_or_tail = jnp.where(j < n_sink + n_lead, lo + (j - n_sink), tail + (j - n_sink - n_lead))
+      kb = jnp.where(j < n_sink, sink_lo + j, lead_or_tail)
+      start = pl.multiple_of(kb * edge_block_k, edge_block_k)
+      return update(start, edge_block_k, carry, True)
 
-    carry = lax.fori_loop(0, n_sink + n_lead + hi - f1, masked_step, carry)
-    acc, m, l = lax.fori_loop(f0, f1, functools.partial(update, masked=False), carry)
+    def interior_step(i, carry):
+      start = pl.multiple_of(f0 * edge_block_k + i * block_k, edge_block_k)
+      return update(start, block_k, carry, False)
+
+    carry = lax.fori_loop(0, n_sink + n_lead + hi - tail, masked_step, carry)
+    acc, m, l = lax.fori_loop(0, n_interior, interior_step, carry)
   attended = m > MASKED / 2  # [R]
   out = jnp.where(attended[:, None], acc / jnp.where(attended, l, 1.0)[:, None], 0.0)  # [R, H]
   o_ref[...] = out.reshape(tile_tokens, group, head_dim).astype(o_ref.dtype)
@@ -154,13 +176,13 @@ def _prefill_kernel(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("sink", "scale", "block_rows", "block_k", "num_warps", "num_stages",
-                     "single_loop", "interpret"))
+    static_argnames=("sink", "scale", "block_rows", "block_k", "edge_block_k", "num_warps",
+                     "num_stages", "single_loop", "interpret"))
 def sparse_prefill_gpu(
     q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, windows: jax.Array, *,
     sink: int, scale: float | None = None, block_rows: int = 128, block_k: int | None = None,
-    num_warps: int | None = None, num_stages: int | None = None, single_loop: bool = False,
-    interpret: bool = False,
+    edge_block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+    single_loop: bool = False, interpret: bool = False,
 ) -> jax.Array:
   """MoA self-attention of a prompt: query t attends key j iff `attend_mask` allows it.
 
@@ -173,6 +195,8 @@ def sparse_prefill_gpu(
     sink: sink tokens of every head.
     block_rows: query rows per program (tokens x G stacked heads), a power of two >= 16 * G.
     block_k: keys per block, a power of two >= 16.
+    edge_block_k: keys per block of the masked loop (two loops only), a power of two >= 16
+      that divides block_k; None: block_k.
     single_loop: walk the sink and window blocks in one loop, masking a block only when it is
       an edge block (a branch per block); False: a loop over the masked blocks, then one over
       the interior blocks.
@@ -192,6 +216,12 @@ def sparse_prefill_gpu(
     raise ValueError(f"the Triton kernel needs a power-of-two head_dim >= 16, got {h}")
   if not _is_power_of_two(block_k) or block_k < 16:
     raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
+  edge_block_k = block_k if edge_block_k is None else edge_block_k
+  if not _is_power_of_two(edge_block_k) or not 16 <= edge_block_k <= block_k:
+    raise ValueError(f"edge_block_k must be a power of two in [16, block_k = {block_k}], "
+                     f"got {edge_block_k}")
+  if single_loop and edge_block_k != block_k:
+    raise ValueError("single_loop walks one block size: leave edge_block_k at block_k")
   if not _is_power_of_two(block_rows) or block_rows < 16 * group:
     raise ValueError(
         f"block_rows must be a power of two >= 16 * G = {16 * group}, got {block_rows}")
@@ -211,9 +241,9 @@ def sparse_prefill_gpu(
 
   num_q_blocks = t_pad // tile_tokens
   kernel = functools.partial(
-      _prefill_kernel, group=group, block_k=block_k, num_q_blocks=num_q_blocks, seq_len=t,
-      sink=sink, logit_scale=scale * math.log2(math.e), precision=precision,
-      single_loop=single_loop)
+      _prefill_kernel, group=group, block_k=block_k, edge_block_k=edge_block_k,
+      num_q_blocks=num_q_blocks, seq_len=t, sink=sink, logit_scale=scale * math.log2(math.e),
+      precision=precision, single_loop=single_loop)
   tile = pl.BlockSpec((None, tile_tokens, group, h),
                       lambda i, bi, ki: (bi, num_q_blocks - 1 - i, ki, 0))
   full_kv = pl.BlockSpec((None, t_pad, None, h), lambda i, bi, ki: (bi, 0, ki, 0))
