@@ -57,6 +57,7 @@ def check_prefill(rng, results):
       (2, 1500, 16, 16, 64, jnp.float16, [0, 777]),
       (1, 1000, 8, 1, 128, jnp.float32, [100]),
       (1, 2047, 32, 4, 128, jnp.bfloat16, [0]),
+      (1, 1777, 16, 16, 128, jnp.bfloat16, [45]),
   ]
   configs = [prefill_config(c) for c in PREFILL_CONFIGS]
   for b, t, n, kv, h, dtype, pads in cases:

@@ -46,6 +46,7 @@ GPU_CASES = [  # B, T, N, K, H, dtype, left padding per row, windows per KV grou
     (2, 1000, 4, 4, 64, jnp.float32, [0, 123], False, 64),
     (2, 1000, 8, 2, 128, jnp.bfloat16, [0, 301], False, 64),
     (1, 1000, 8, 1, 64, jnp.float16, [77], True, 16),
+    (1, 600, 4, 4, 32, jnp.bfloat16, [20], False, 64),  # G = 1: 64-row tiles by default
 ]
 
 

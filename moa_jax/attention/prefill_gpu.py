@@ -180,7 +180,8 @@ def _prefill_kernel(
                      "num_stages", "single_loop", "interpret"))
 def sparse_prefill_gpu(
     q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, windows: jax.Array, *,
-    sink: int, scale: float | None = None, block_rows: int = 128, block_k: int | None = None,
+    sink: int, scale: float | None = None, block_rows: int | None = None,
+    block_k: int | None = None,
     edge_block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
     single_loop: bool = False, interpret: bool = False,
 ) -> jax.Array:
@@ -196,27 +197,33 @@ def sparse_prefill_gpu(
     block_rows: query rows per program (tokens x G stacked heads), a power of two >= 16 * G.
     block_k: keys per block, a power of two >= 16.
     edge_block_k: keys per block of the masked loop (two loops only), a power of two >= 16
-      that divides block_k; None: block_k.
+      that divides block_k.
     single_loop: walk the sink and window blocks in one loop, masking a block only when it is
       an edge block (a branch per block); False: a loop over the masked blocks, then one over
       the interior blocks.
-    block_k, num_stages: None picks 128 and 3 for 2-byte inputs, 64 and 2 for float32 (whose
-      128-key, 3-stage pipeline exceeds the H100's shared memory).
+    None picks the launch settings measured fastest on the H100 (benchmarks/attention_notes.md):
+      2-byte inputs: 128 rows, 128-key blocks, 64-key edge blocks, 8 warps, 3 stages; without
+      GQA (G = 1) 64 rows, 64-key blocks, 4 warps (faster at attention density <= 0.25, slower
+      dense). float32: 64-key blocks and 2 stages (a 128-key, 3-stage pipeline exceeds the
+      H100's shared memory). 4 warps for H <= 64 or 64 rows; single_loop: edge = block_k.
   Returns:
     [B, T, N, H] in q's dtype; padding rows are zero.
   """
   b, t, n, h, kv_heads = prefill_shapes(q, k, v)
-  wide = q.dtype.itemsize > 2
-  block_k = (64 if wide else 128) if block_k is None else block_k
-  num_stages = (2 if wide else 3) if num_stages is None else num_stages
   group = n // kv_heads
+  wide = q.dtype.itemsize > 2
+  block_rows = (64 if group == 1 and not wide else 128) if block_rows is None else block_rows
+  block_k = (64 if wide or block_rows <= 64 else 128) if block_k is None else block_k
+  if edge_block_k is None:
+    edge_block_k = block_k if single_loop else min(64, block_k)
+  num_warps = (4 if h <= 64 or block_rows <= 64 else 8) if num_warps is None else num_warps
+  num_stages = (2 if wide else 3) if num_stages is None else num_stages
   if not _is_power_of_two(group):
     raise ValueError(f"the Triton kernel needs a power-of-two GQA group size, got {group}")
   if not _is_power_of_two(h) or h < 16:
     raise ValueError(f"the Triton kernel needs a power-of-two head_dim >= 16, got {h}")
   if not _is_power_of_two(block_k) or block_k < 16:
     raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
-  edge_block_k = block_k if edge_block_k is None else edge_block_k
   if not _is_power_of_two(edge_block_k) or not 16 <= edge_block_k <= block_k:
     raise ValueError(f"edge_block_k must be a power of two in [16, block_k = {block_k}], "
                      f"got {edge_block_k}")
@@ -258,8 +265,7 @@ def sparse_prefill_gpu(
       out_specs=tile,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=pl_triton.CompilerParams(
-          num_warps=num_warps if num_warps is not None else (4 if h <= 64 else 8),
-          num_stages=num_stages),
+          num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="moa_sparse_prefill",
   )(offsets, row_windows, q, k, v)
