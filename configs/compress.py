@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.calibration.source = "jsonl"  # 'multinews' (hub id or local file) or 'jsonl' {context, question}
   c.calibration.path = REFERENCE_CALIBRATION
   c.calibration.split = "train"
-  c.calibration.lengths = (1024, 2048)
+  c.calibration.lengths = (1024, 3072)
   c.calibration.samples_per_length = 8
   c.calibration.max_new_tokens = 16
   c.calibration.template = "auto"
@@ -46,13 +46,16 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.calibration.batch_size = 4
 
   c.profile = config_dict.ConfigDict()
-  c.profile.lengths = (1024, 2048)  # each needs calibration samples of that length
+  c.profile.lengths = (1024, 3072)  # each needs calibration samples of that length
   c.profile.block = 64
   c.profile.path = "lean"  # 'lean' (tiled, memory-lean) or 'direct' (jax.grad on the maps)
   # Per sample and block: 'blocks' = |sum of E| (the size of the loss change of masking the
   # block; measured better on the reference model, benchmarks/README.md "Profile magnitude") or
   # 'entries' = sum of |E| (the paper's profile).
   c.profile.magnitude = "blocks"
+  # The loss differentiated: 'log_odds' (does not vanish on confident answers; measured better on
+  # the reference model, benchmarks/README.md "Profile loss") or 'nll' (the paper's).
+  c.profile.loss = "log_odds"
   c.profile.batch_size = 1
 
   c.optimize = config_dict.ConfigDict()
@@ -69,7 +72,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.optimize.workers = 2
 
   c.select = config_dict.ConfigDict()
-  c.select.length = 3072  # unseen, longer than every profile length
+  c.select.length = 4096  # unseen, longer than every profile length
   c.select.num_samples = 2
   c.select.split = "validation"
 
@@ -99,6 +102,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.calibration.samples_per_length = 50
     c.calibration.max_new_tokens = 128
     c.profile.magnitude = "entries"
+    c.profile.loss = "nll"
     c.profile.lengths = (2048, 4096, 8192)
     c.optimize.constraint_lengths = (2048, 4096, 8192, 16384)
     c.optimize.alpha_step = 1024

@@ -6,7 +6,9 @@
 
 Long-range-dependency tasks (passkey, multi-key needle, variable tracking, UUID key-value); by
 default LongEval line retrieval, the evaluation task, is left out; the second file adds it (other
-seeds than the evaluation's, so no evaluation prompt is reused). Records are sized to
+seeds than the evaluation's, so no evaluation prompt is reused). Each task's needles are spread
+evenly over the context (depths 0.05 ... 0.95), so that the profile sees long-range dependencies
+at every distance, the farthest included. Records are sized to
 about 90% of each target length's prompt budget so that calibration fits them without cutting
 the needle out; the dense model's own answers are generated later by the compress pipeline.
 """
@@ -15,17 +17,18 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 from moa_jax.data import tasks
 from moa_jax.models.hf import load_tokenizer
 from moa_jax.models.loading import reference_model_dir
-
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--tasks", nargs="+", default=["passkey", "niah", "vt", "uuid"])
   parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 3072, 4096])
-  parser.add_argument("--per_task", type=int, default=3)
+  parser.add_argument("--per_task", type=int, default=4)
   parser.add_argument("--seed", type=int, default=2024)
   parser.add_argument("--out", default="moa_jax/assets/calibration/reference_tasks.jsonl")
   args = parser.parse_args()
@@ -33,11 +36,13 @@ def main():
   records = []
   for length in args.lengths:
     for task in args.tasks:
+      depths = np.linspace(0.05, 0.95, args.per_task).tolist()
       for sample in tasks.make_samples(task, tokenizer, int(0.9 * length), args.per_task,
-                                       seed=args.seed):
+                                       seed=args.seed, depths=depths):
         context, _, question = sample.prompt.rstrip("\n").rpartition("\n\n")
         records.append({"context": context, "question": question, "task": task,
-                        "target_length": length, "answer": sample.answer})
+                        "target_length": length, "depth": round(sample.depth, 3),
+                        "answer": sample.answer})
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   with open(args.out, "w") as f:
     for record in records:

@@ -106,7 +106,7 @@ def compress(config, workdir: str | Path) -> Plan:
     with work.stage("profile", profile_key) as out:
       influence = profile_model(model, model.config, train_set, list(prof.lengths),
                                 block=prof.block, path=prof.path, batch_size=prof.batch_size,
-                                magnitude=prof.magnitude)
+                                magnitude=prof.magnitude, loss=prof.loss)
       np.savez(out / "influence.npz", **{str(n): e for n, e in influence.items()})
   with np.load(work.path("profile") / "influence.npz") as data:
     influence = {int(n): data[n] for n in data.files}

@@ -179,6 +179,11 @@ def test_profile_paths_agree_on_tiny_model(tiny_model, tiny_config):
   blocks_single = run(path="direct", batch_size=1, magnitude="blocks")
   assert relative_error(blocks_batched, blocks_single) < 1e-4
   assert np.all(blocks_batched <= lean * (1 + 1e-4))
+  # The log-odds loss through both paths.
+  odds_direct = run(path="direct", batch_size=2, loss="log_odds")
+  odds_lean = run(path="lean", batch_size=2, tile=16, loss="log_odds")
+  assert relative_error(odds_lean, odds_direct) < 1e-4
+  assert relative_error(odds_lean, lean) > 1e-3  # a different loss, a different profile
   # Batching (with a weightless filler row in the last batch) changes nothing.
   assert relative_error(run(path="lean", batch_size=1, tile=24), lean) < 1e-5
   assert np.all(direct >= 0) and np.all(direct[0].sum(-1) > 0)
@@ -190,6 +195,25 @@ def test_profile_paths_agree_on_tiny_model(tiny_model, tiny_config):
     profile_model(tiny_model, tiny_config, buckets, [64], block, progress=False)
   with pytest.raises(ValueError, match="unknown influence path"):
     run(path="fast")
+
+
+def test_response_losses_match_the_model_logits(tiny_model, tiny_config):
+  """Both profile losses equal their definitions on the full logits, per-row means summed."""
+  bucket = _bucket(tiny_config.vocab_size, 24, [24, 19], response=5, seed=3)
+  tokens, positions = jnp.asarray(bucket.tokens), jnp.asarray(bucket.positions())
+  log_p = np.asarray(jax.nn.log_softmax(tiny_model(tokens, positions)[0], axis=-1), np.float64)
+  nll, log_odds = 0.0, 0.0
+  for row in range(2):
+    targets = np.flatnonzero(bucket.loss_mask[row])
+    log_py = log_p[row, targets - 1, bucket.tokens[row, targets]]  # [R]
+    nll += np.mean(-log_py)
+    log_odds += np.mean(np.log1p(-np.exp(log_py)) - log_py)
+  hidden_index, weight = (jnp.asarray(x) for x in response_targets(bucket.loss_mask))
+  for loss, expected in (("nll", nll), ("log_odds", log_odds)):
+    value = response_loss(tiny_model, tokens, positions, hidden_index, weight, None, loss)
+    assert float(value) == pytest.approx(expected, rel=1e-4), loss
+  with pytest.raises(ValueError, match="unknown profile loss 'kl'"):
+    response_loss(tiny_model, tokens, positions, hidden_index, weight, None, "kl")
 
 
 def _masked_losses(model, bucket: CalibrationBucket, block: int, masks) -> np.ndarray:

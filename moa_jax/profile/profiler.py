@@ -1,9 +1,10 @@
 """Profile a model: E_bar[L, N, NB, NB] per length from calibration samples (MOA_SPEC.md section 2).
 
-The loss is the next-token cross-entropy on response tokens only, averaged over each sample's
-response tokens; a batch's loss is the sum of its samples' losses, so every sample's gradient is
-its own. E_bar is the per-sample block value of E (by `magnitude`: sum of |E|, |sum of E| or sum
-of E, see influence.py) averaged over samples, in float32.
+The loss is the next-token cross-entropy (or, optionally, the negative log-odds) on response
+tokens only, averaged over each sample's response tokens; a batch's loss is the sum of its
+samples' losses, so every sample's gradient is its own. E_bar is the per-sample block value of
+E (by `magnitude`: sum of |E|, |sum of E| or sum of E, see influence.py) averaged over samples,
+in float32.
 
 Paths (both give dL/dA through `jax.grad`, see influence.py):
   'direct': probes on the maps A of every layer; holds [L, B, N, T, T]: small inputs only.
@@ -59,28 +60,43 @@ def response_targets(loss_mask: np.ndarray, width: int | None = None,
   return hidden_index, weight
 
 
-def response_loss(model, tokens: jax.Array, positions: jax.Array, hidden_index: jax.Array,
-                  weight: jax.Array, attention) -> jax.Array:
-  """Sum over rows of the mean response-token cross-entropy (logits only where the loss reads).
+LOSSES = ("nll", "log_odds")
 
+
+def response_loss(model, tokens: jax.Array, positions: jax.Array, hidden_index: jax.Array,
+                  weight: jax.Array, attention, loss: str = "nll") -> jax.Array:
+  """Sum over rows of the mean response-token loss (logits only where the loss reads).
+
+  loss: 'nll', the cross-entropy -log p(y) (MoA's profile loss); or 'log_odds', the negative
+    log-odds log(1 - p(y)) - log p(y) = logsumexp over v != y of z_v - z_y. Its gradient is the
+    cross-entropy's divided by 1 - p(y), so it does not vanish where the model is confident: a
+    first-order profile on 'nll' sees almost nothing of a head whose removal turns a confident
+    answer wrong (benchmarks/README.md, "Profile loss").
   Args:
     tokens, positions: [B, T] int32 (right padding: positions -1 after the valid tokens).
     hidden_index, weight: [B, R] from `response_targets`.
   Returns:
     a float32 scalar.
   """
+  if loss not in LOSSES:
+    raise ValueError(f"unknown profile loss {loss!r}; choose one of {LOSSES}")
   hidden, _ = model.hidden_states(tokens, positions, attention=attention)  # [B, T, D]
   head = model.output_embedding()  # [V, D]
   picked = jnp.take_along_axis(hidden, hidden_index[..., None], axis=1)  # [B, R, D]
   logits = jnp.einsum("brd,vd->brv", picked, head, preferred_element_type=jnp.float32)
   targets = jnp.take_along_axis(tokens, hidden_index + 1, axis=1)  # [B, R]
-  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  cross_entropy = jax.nn.logsumexp(logits, axis=-1) - target_logits  # [B, R]
-  return jnp.sum(weight * cross_entropy)
+  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, R]
+  if loss == "nll":
+    rest = logits
+  else:
+    is_target = jnp.arange(logits.shape[-1]) == targets[..., None]  # [B, R, V]
+    rest = jnp.where(is_target, -jnp.inf, logits)
+  return jnp.sum(weight * (jax.nn.logsumexp(rest, axis=-1) - target_logits))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "block", "magnitude"))
-def _direct_batch(graphdef, state, tokens, positions, hidden_index, weight, *, block, magnitude):
+@functools.partial(jax.jit, static_argnames=("graphdef", "block", "magnitude", "loss"))
+def _direct_batch(graphdef, state, tokens, positions, hidden_index, weight, *, block, magnitude,
+                  loss):
   """[L, N, NB, NB] per-block influence summed over the batch, through probes on the maps."""
   config: LlamaConfig = nnx.merge(graphdef, state).config
   b, t = tokens.shape
@@ -90,8 +106,8 @@ def _direct_batch(graphdef, state, tokens, positions, hidden_index, weight, *, b
   def loss_fn(probes):
     attention = MapProbeAttention(probes)
     model = nnx.merge(graphdef, state)
-    loss = response_loss(model, tokens, positions, hidden_index, weight, attention)
-    return loss, attention.weights
+    value = response_loss(model, tokens, positions, hidden_index, weight, attention, loss)
+    return value, attention.weights
 
   grads, weights = jax.grad(loss_fn, has_aux=True)(zeros)
   return jnp.stack([
@@ -99,9 +115,9 @@ def _direct_batch(graphdef, state, tokens, positions, hidden_index, weight, *, b
       for layer in range(config.num_layers)])
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "implementation", "padded"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "implementation", "padded", "loss"))
 def output_grads(graphdef, state, tokens, positions, hidden_index, weight, *,
-                 implementation=None, padded=True):
+                 implementation=None, padded=True, loss="nll"):
   """One backward pass: dO [B, T, N, H] and q, k, v of every layer (lists over layers).
 
   padded=False promises that no row has padding (attention then needs no sequence lengths).
@@ -114,8 +130,8 @@ def output_grads(graphdef, state, tokens, positions, hidden_index, weight, *,
   def loss_fn(probes):
     attention = OutputProbeAttention(probes, implementation, padded)
     model = nnx.merge(graphdef, state)
-    loss = response_loss(model, tokens, positions, hidden_index, weight, attention)
-    return loss, [attention.records[layer] for layer in range(config.num_layers)]
+    value = response_loss(model, tokens, positions, hidden_index, weight, attention, loss)
+    return value, [attention.records[layer] for layer in range(config.num_layers)]
 
   return jax.grad(loss_fn, has_aux=True)(zeros)
 
@@ -134,7 +150,7 @@ def default_implementation(dtype) -> str:
 
 def batch_influence(model, tokens, positions, hidden_index, weight, *, block: int = 64,
                     path: str = "lean", tile: int = 512, implementation: str | None = None,
-                    magnitude: str = "entries") -> jax.Array:
+                    magnitude: str = "entries", loss: str = "nll") -> jax.Array:
   """Per-block influence summed over one batch: [L, N, NB, NB] float32 (not yet averaged).
 
   Args:
@@ -142,19 +158,22 @@ def batch_influence(model, tokens, positions, hidden_index, weight, *, block: in
     hidden_index, weight: [B, R] from `response_targets`.
     magnitude: 'entries' (sum of |E|, MoA's profile), 'blocks' (|sum of E| per sample) or
       'signed' (sum of E, the first-order loss change of masking); see influence.py.
+    loss: 'nll' or 'log_odds' (see `response_loss`).
   """
   if path not in PATHS:
     raise ValueError(f"unknown influence path {path!r}; choose one of {PATHS}")
   if magnitude not in MAGNITUDES:
     raise ValueError(f"unknown influence magnitude {magnitude!r}; choose one of {MAGNITUDES}")
+  if loss not in LOSSES:
+    raise ValueError(f"unknown profile loss {loss!r}; choose one of {LOSSES}")
   graphdef, state = nnx.split(model)
   if path == "direct":
     return _direct_batch(graphdef, state, tokens, positions, hidden_index, weight, block=block,
-                         magnitude=magnitude)
+                         magnitude=magnitude, loss=loss)
   implementation = implementation or default_implementation(model.config.dtype)
   padded = bool(np.any(np.asarray(positions) < 0))
   d_outs, records = output_grads(graphdef, state, tokens, positions, hidden_index, weight,
-                                 implementation=implementation, padded=padded)
+                                 implementation=implementation, padded=padded, loss=loss)
   lengths = valid_lengths(jnp.asarray(positions))
   return jnp.stack([_layer_influence(*records[layer], d_outs[layer], lengths, block=block,
                                      tile=tile, magnitude=magnitude)
@@ -169,7 +188,7 @@ def profile_model(
     model, config: LlamaConfig, samples: CalibrationSet | Mapping[int, CalibrationBucket],
     lengths: Sequence[int] | None = None, block: int = 64, path: str = "lean", *,
     batch_size: int = 1, tile: int = 512, implementation: str | None = None,
-    magnitude: str = "entries", progress: bool = True,
+    magnitude: str = "entries", loss: str = "nll", progress: bool = True,
 ) -> dict[int, np.ndarray]:
   """E_bar per profile length: {N: float32 [L, num_heads, ceil(N/block), ceil(N/block)]}.
 
@@ -183,6 +202,7 @@ def profile_model(
     implementation: attention for the lean path's backward ('cudnn', 'xla'; default by device).
     magnitude: per-sample block value averaged: 'entries' (sum of |E|, MoA's profile as
       published), 'blocks' (|sum of E|) or 'signed' (sum of E, for validation); see influence.py.
+    loss: the loss differentiated: 'nll' (MoA's) or 'log_odds' (see `response_loss`).
   """
   if config != model.config:
     raise ValueError("profile_model: `config` is not the model's config")
@@ -209,7 +229,7 @@ def profile_model(
       total_influence += batch_influence(
           model, jnp.asarray(bucket.tokens[rows]), jnp.asarray(bucket.positions()[rows]),
           jnp.asarray(hidden_index), jnp.asarray(weight), block=block, path=path, tile=tile,
-          implementation=implementation, magnitude=magnitude)
+          implementation=implementation, magnitude=magnitude, loss=loss)
       bar.update()
     result[n] = np.asarray(total_influence / bucket.num_samples, np.float32)
   bar.close()
