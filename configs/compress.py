@@ -2,8 +2,8 @@
 
 Embedded reference model (CPU, about 3 minutes on 2 cores):
   python -m moa_jax compress --config=configs/compress.py --workdir=runs/compress
-The same with calibration that leaves the line-retrieval task out (see benchmarks/README.md:
-the profile then misses the group line retrieval depends on):
+The same with calibration that leaves the line-retrieval task out (benchmarks/README.md, "The
+demo"):
   python -m moa_jax compress --config=configs/compress.py:agnostic --workdir=runs/agnostic
 A random tiny model on the reference tokenizer (CI, under a minute of work after compiles):
   python -m moa_jax compress --config=configs/compress.py:tiny --workdir=/tmp/moa_tiny

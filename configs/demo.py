@@ -1,14 +1,15 @@
 """`make demo`: MoA on the embedded reference model, then dense vs uniform vs MoA.
 
-  python -m moa_jax demo --config=configs/demo.py --workdir=runs/demo        # ~6 min, 2 CPU cores
+  python -m moa_jax demo --config=configs/demo.py --workdir=runs/demo        # ~7 min, 2 CPU cores
   python -m moa_jax demo --config=configs/demo.py:agnostic --workdir=runs/demo_agnostic
   python -m moa_jax demo --config=configs/demo.py:tiny --workdir=/tmp/demo   # random tiny model (CI)
 
 Runs configs/compress.py's pipeline (calibration -> profile -> optimize at KV density 0.5 ->
 choose), then evaluates LongEval line retrieval at `eval.lengths` with every method decoding on
 its own cache. Writes DIR/results.json, DIR/report.md and plots; prints the accuracy table.
-Expected (benchmarks/demo.json): dense 1.0 at 1k/2k/3k; MoA 1.0/0.9/0.9; uniform 0.5.
-':agnostic' leaves line retrieval out of the calibration data (benchmarks/demo_agnostic.json).
+Expected (benchmarks/demo.json): dense 1.0 at 1k/2k/3k; MoA 1.0/1.0/1.0; uniform 0.5.
+':agnostic' leaves line retrieval out of the calibration data (benchmarks/demo_agnostic.json:
+MoA 1.0/0.9/0.9).
 """
 
 import importlib.util
