@@ -7,19 +7,18 @@ from pathlib import Path
 
 import jax.numpy as jnp
 from flax import nnx
-from ml_collections import config_dict
 
 from moa_jax.models.config import LlamaConfig
 from moa_jax.models.hf import load_pretrained, load_tokenizer
 from moa_jax.models.llama import Llama
 
 
-def model_section(path: str | None = "", preset: str = "", dtype: str = "float32"
-                  ) -> config_dict.ConfigDict:
-  """The `model` section every experiment config shares (read by `load_model`).
-
-  path None makes it a required placeholder (--config.model.path=...).
+def model_section(path: str | None = "", preset: str = "", dtype: str = "float32"):
+  """The `model` section (an ml_collections ConfigDict) every experiment config shares, read by
+  `load_model`. path None makes it a required placeholder (--config.model.path=...).
   """
+  from ml_collections import config_dict  # only configs need it (the GPU image lacks it)
+
   section = config_dict.ConfigDict()
   section.path = config_dict.placeholder(str) if path is None else path  # HF dir or hub id
   section.preset = preset  # e.g. 'tiny': a randomly initialised model instead of a checkpoint
