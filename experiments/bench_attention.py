@@ -7,7 +7,9 @@ Run on the GPU machine from the repository root:
 Prefill: B = 1, T in {8k, 16k, 32k}, 32 query heads with 32 and with 8 KV heads, D = 128, bf16;
 plans of attention density ~0.125 / 0.25 / 0.5 (sink 64), uniform windows and mixed per-KV-group
 windows; ours vs cuDNN dense causal vs cuDNN with one sliding window covering the same number
-of attended pairs. Effective TFLOP/s = 4 * D * attended pairs * B * heads / time.
+of attended pairs (`--mosaic-dense`: also JAX's Mosaic GPU FlashAttention-3-style dense causal
+kernel, a warp-specialised wgmma/TMA reference rate, in fp16 next to cuDNN dense in fp16).
+Effective TFLOP/s = 4 * D * attended pairs * B * heads / time.
 Decode: one token per row, 32 query heads / 8 KV heads, D = 128, bf16, batch {1, 16, 64} x
 context {8k, 32k}; ours over the MoA cache at KV density ~0.125 / 0.25 / 0.5 (uniform and mixed)
 vs dense decode over a dense cache (XLA einsum, cuDNN). GB/s counts the K/V bytes read once.
@@ -138,9 +140,18 @@ def _record(**kw):
   return kw
 
 
+def mosaic_gpu_causal(k, v, q):
+  """JAX's own Mosaic GPU (FlashAttention-3 style) dense causal attention, q [B, T, N, H] fp16."""
+  from jax.experimental.pallas.ops.gpu import attention_mgpu  # GPU-only module
+  config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2,
+                                       causal=True)
+  return attention_mgpu.attention(q, k, v, config)
+
+
 def bench_prefill(lengths, kv_heads_list, densities, *, reps: int, samples: int,
-                  configs: dict[int, dict]):
-  """Prefill records: cuDNN dense, then per density ours (uniform, mixed) and cuDNN window."""
+                  configs: dict[int, dict], mosaic_dense: bool = False):
+  """Prefill records: cuDNN dense (and JAX's Mosaic GPU dense), then per density ours
+  (uniform, mixed) and cuDNN window."""
   records = []
   key = jax.random.key(0)
   for t in lengths:
@@ -167,6 +178,14 @@ def bench_prefill(lengths, kv_heads_list, densities, *, reps: int, samples: int,
                                                            implementation="cudnn")
       add("cudnn_dense", try_time(f"{common} dense", dense, (k, v), qs, samples=samples),
           full_pairs, kv_density=1.0)
+      if mosaic_dense:  # the rate of a warp-specialised wgmma/TMA kernel, for scale
+        f16 = lambda x: x.astype(jnp.float16)  # the kernel's shared memory is float16 only
+        add("jax_mosaic_gpu_dense_fp16",
+            try_time(f"{common} mosaic", mosaic_gpu_causal, (f16(k), f16(v)),
+                     [f16(q) for q in qs], samples=samples), full_pairs, kv_density=1.0)
+        add("cudnn_dense_fp16", try_time(f"{common} dense fp16", dense, (f16(k), f16(v)),
+                                         [f16(q) for q in qs], samples=samples),
+            full_pairs, kv_density=1.0)
       config = configs.get(kv_heads, {})
       ours = runner(lambda k, v, pos, win, q: sparse_prefill_gpu(q, k, v, pos, win, sink=SINK,
                                                                  **config))
@@ -324,6 +343,8 @@ def main(argv=None):
   parser.add_argument("--skip", choices=("prefill", "decode"), default=None)
   parser.add_argument("--reps", type=int, default=4)
   parser.add_argument("--samples", type=int, default=7)
+  parser.add_argument("--mosaic-dense", action="store_true",
+                      help="also time JAX's Mosaic GPU dense causal kernel (Hopper)")
   parser.add_argument("--config", default=None,
                       help="JSON from gpu_check_kernels.py: its 'best' launch configurations")
   args = parser.parse_args(argv)
@@ -338,7 +359,8 @@ def main(argv=None):
   if args.skip != "prefill":
     records += bench_prefill(ints(args.lengths), [32, 8], densities, reps=args.reps,
                              samples=args.samples,
-                             configs={int(k): v for k, v in best["prefill"].items()})
+                             configs={int(k): v for k, v in best["prefill"].items()},
+                             mosaic_dense=args.mosaic_dense)
   if args.skip != "decode":
     records += bench_decode(ints(args.batches), ints(args.contexts), densities, kv_heads=8,
                             reps=2 * args.reps, samples=args.samples, **best["decode"])

@@ -10,8 +10,9 @@ Run on the GPU machine from the repository root:
    HIGHEST precision: relative Frobenius error and NaN count.
 2. Decode: a prompt written into the MoA cache (longer than some heads' caches), then decode
    steps, each against the reference over the whole history.
-3. Launch-configuration sweeps (`--sweep`): prefill at T=16k (dense, attention density 0.125 /
-   0.25 / 0.5 with uniform windows, 0.125 / 0.25 with mixed windows), decode on the cells of
+3. Launch-configuration sweeps (`--sweep`): prefill at T=16k (or `--sweep-t`; dense and
+   attention density 0.125 / 0.25 / 0.5 with uniform windows, 0.125 / 0.25 with mixed windows, or
+   `--sweep-densities` / `--sweep-no-dense`), decode on the cells of
    the issue-4 grid with the smallest caches, both timed like the benchmark next to the dense
    cuDNN baseline of the same run; the best
    configurations are written out for `bench_attention.py --config`. `--budget-s` stops a
@@ -117,8 +118,9 @@ def check_decode(rng, results):
           f"rel_err={worst:.2e} nans={nans} {'OK' if ok else 'FAIL'}", flush=True)
 
 
-SWEEP_T = 16384
+SWEEP_T = (16384,)
 SWEEP_DENSITIES = (0.125, 0.25, 0.5)  # uniform windows at each, mixed below 0.5
+SWEEP_DENSE = True  # also time the dense plan
 
 
 def prefill_config(c: tuple) -> dict:
@@ -129,10 +131,9 @@ def prefill_config(c: tuple) -> dict:
 
 
 def sweep_prefill(results, skip, deadline: float) -> dict:
-  t = SWEEP_T
   best = {}
   key = jax.random.key(2)
-  for kv in (8, 32):
+  for t, kv in ((t, kv) for t in SWEEP_T for kv in (8, 32)):
     qs = [bench.normal(key, (1, t, bench.HEADS, bench.HEAD_DIM), i) for i in range(4)]
     k = bench.normal(key, (1, t, kv, bench.HEAD_DIM), 10)
     v = bench.normal(key, (1, t, kv, bench.HEAD_DIM), 11)
@@ -141,7 +142,7 @@ def sweep_prefill(results, skip, deadline: float) -> dict:
                                                          implementation="cudnn")
     cudnn = bench.time_calls(dense, (k, v), qs)
     print(f"sweep prefill T={t} kv={kv} cudnn dense {cudnn * 1e3:.3f} ms", flush=True)
-    plans = {"dense": np.full(kv, t),
+    plans = {**({"dense": np.full(kv, t)} if SWEEP_DENSE else {}),
              **{f"{kind[0]}{d}": bench.plan_windows(kind, d, t, kv)
                 for d in SWEEP_DENSITIES for kind in ("uniform", "mixed")
                 if kind == "uniform" or d < 0.5}}
@@ -160,18 +161,18 @@ def sweep_prefill(results, skip, deadline: float) -> dict:
           pairs = float(bench.attended_pairs(win, bench.SINK, t).mean())
           ratios[name] = (seconds * 1e3, pairs / (t * (t + 1) / 2) * cudnn / seconds)
       except Exception as error:  # e.g. a launch configuration out of shared memory
-        print(f"sweep prefill kv={kv} {cfg} FAILED: {str(error)[:300]}", flush=True)
+        print(f"sweep prefill T={t} kv={kv} {cfg} FAILED: {str(error)[:300]}", flush=True)
         continue
       results.append(dict(check="sweep_prefill", T=t, kv_heads=kv, config=cfg,
                           ms_cudnn_dense=cudnn * 1e3,
                           **{f"ms_{n}": ms for n, (ms, _) in ratios.items()},
                           **{f"x_cudnn_{n}": x for n, (_, x) in ratios.items()}))
-      print(f"sweep prefill kv={kv} {cfg} " + " ".join(
+      print(f"sweep prefill T={t} kv={kv} {cfg} " + " ".join(
           f"{n} {ms:.3f} ms ({x:.2f}x)" for n, (ms, x) in ratios.items()), flush=True)
-      score = -(ratios["u0.125"][1] + ratios["u0.25"][1] + ratios["dense"][1] / 4)
-      if kv not in best or score < best[kv][0]:
-        best[kv] = (score, cfg)
-  return {str(kv): cfg for kv, (_, cfg) in best.items()}
+      score = -sum(x for _, x in ratios.values())
+      if (t, kv) not in best or score < best[t, kv][0]:
+        best[t, kv] = (score, cfg)
+  return {f"T={t} kv={kv}": cfg for (t, kv), (_, cfg) in best.items()}
 
 
 def sweep_decode(results, deadline: float) -> dict:
@@ -286,8 +287,16 @@ def main():
   parser.add_argument("--decode-configs", type=configs_arg, default=None,
                       help="'block_k,warps,stages,target_programs,min_split_blocks;...'")
   parser.add_argument("--budget-s", type=float, default=1e9)
+  parser.add_argument("--sweep-t", default="16384", help="comma-separated prefill sweep lengths")
+  parser.add_argument("--sweep-densities", default="0.125,0.25,0.5",
+                      help="comma-separated attention densities of the prefill sweep")
+  parser.add_argument("--sweep-no-dense", action="store_true",
+                      help="leave the dense plan out of the prefill sweep")
   args = parser.parse_args()
-  global PREFILL_CONFIGS, DECODE_CONFIGS
+  global PREFILL_CONFIGS, DECODE_CONFIGS, SWEEP_T, SWEEP_DENSITIES, SWEEP_DENSE
+  SWEEP_T = tuple(int(x) for x in args.sweep_t.split(","))
+  SWEEP_DENSITIES = tuple(float(x) for x in args.sweep_densities.split(","))
+  SWEEP_DENSE = not args.sweep_no_dense
   PREFILL_CONFIGS = args.prefill_configs or PREFILL_CONFIGS
   DECODE_CONFIGS = args.decode_configs or DECODE_CONFIGS
   sweeps = set(filter(None, args.sweep.split(",")))

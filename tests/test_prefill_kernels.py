@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
 from moa_jax.attention import dispatch
-from moa_jax.attention.prefill_gpu import key_block_ranges, sparse_prefill_gpu
+from moa_jax.attention.prefill_gpu import launch_defaults, key_block_ranges, sparse_prefill_gpu
 from moa_jax.attention.prefill_tpu import block_tables, sparse_prefill_tpu
 from moa_jax.attention.reference import reference_attention
 from moa_jax.plans.rules import FULL, SKIP, block_layout
@@ -55,6 +55,20 @@ def test_triton_prefill_matches_reference(b, t, n, kv, h, dtype, pads, per_group
   q, k, v, pos, windows = random_case(t + n + kv, b, t, n, kv, h, dtype, pads, per_group)
   out = sparse_prefill_gpu(q, k, v, pos, jnp.asarray(windows), sink=sink, interpret=True)
   check(out, q, k, v, pos, windows, sink)
+
+
+def test_launch_defaults():
+  """The H100 defaults: 128 rows with GQA or beyond 16k tokens, 64 rows for G = 1 up to 16k."""
+  bf16 = dict(head_dim=128, itemsize=2)
+  assert launch_defaults(group=4, seq_len=16384, **bf16) == dict(
+      block_rows=128, block_k=128, edge_block_k=64, num_warps=8, num_stages=3)
+  assert launch_defaults(group=1, seq_len=16384, **bf16) == dict(
+      block_rows=64, block_k=64, edge_block_k=64, num_warps=4, num_stages=3)
+  assert launch_defaults(group=1, seq_len=32768, **bf16)["block_rows"] == 128
+  assert launch_defaults(group=1, seq_len=100, head_dim=128, itemsize=4) == dict(
+      block_rows=128, block_k=64, edge_block_k=64, num_warps=8, num_stages=2)
+  assert launch_defaults(group=1, seq_len=100, block_rows=128, **bf16)["block_k"] == 128
+  assert launch_defaults(group=2, seq_len=100, single_loop=True, **bf16)["edge_block_k"] == 128
 
 
 @pytest.mark.parametrize("single_loop,block_k,edge_block_k", [

@@ -174,6 +174,28 @@ def _prefill_kernel(
   o_ref[...] = out.reshape(tile_tokens, group, head_dim).astype(o_ref.dtype)
 
 
+def launch_defaults(*, group: int, head_dim: int, seq_len: int, itemsize: int,
+                    single_loop: bool = False, block_rows: int | None = None) -> dict:
+  """Launch settings measured fastest on the H100 (benchmarks/attention_notes.md).
+
+  A given block_rows is kept and the other settings follow from it.
+
+  2-byte inputs: 128 rows, 128-key blocks, 64-key edge blocks, 8 warps, 3 stages. Without GQA
+  (G = 1) and T <= 16k: 64 rows, 64-key blocks, 4 warps (at 16k faster at attention density
+  0.125, equal at 0.25; at 32k 128 rows win). float32: 64-key blocks and 2 stages (a 128-key,
+  3-stage pipeline exceeds the H100's shared memory). 4 warps for H <= 64 or 64 rows;
+  single_loop: edge blocks = block_k.
+  """
+  wide = itemsize > 2
+  if block_rows is None:
+    block_rows = 64 if group == 1 and not wide and seq_len <= 16384 else 128
+  block_k = 64 if wide or block_rows <= 64 else 128
+  return dict(block_rows=block_rows, block_k=block_k,
+              edge_block_k=block_k if single_loop else min(64, block_k),
+              num_warps=4 if head_dim <= 64 or block_rows <= 64 else 8,
+              num_stages=2 if wide else 3)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("sink", "scale", "block_rows", "block_k", "edge_block_k", "num_warps",
@@ -201,23 +223,20 @@ def sparse_prefill_gpu(
     single_loop: walk the sink and window blocks in one loop, masking a block only when it is
       an edge block (a branch per block); False: a loop over the masked blocks, then one over
       the interior blocks.
-    None picks the launch settings measured fastest on the H100 (benchmarks/attention_notes.md):
-      2-byte inputs: 128 rows, 128-key blocks, 64-key edge blocks, 8 warps, 3 stages; without
-      GQA (G = 1) 64 rows, 64-key blocks, 4 warps (faster at attention density <= 0.25, slower
-      dense). float32: 64-key blocks and 2 stages (a 128-key, 3-stage pipeline exceeds the
-      H100's shared memory). 4 warps for H <= 64 or 64 rows; single_loop: edge = block_k.
+    None picks `launch_defaults` (measured fastest on the H100).
   Returns:
     [B, T, N, H] in q's dtype; padding rows are zero.
   """
   b, t, n, h, kv_heads = prefill_shapes(q, k, v)
   group = n // kv_heads
-  wide = q.dtype.itemsize > 2
-  block_rows = (64 if group == 1 and not wide else 128) if block_rows is None else block_rows
-  block_k = (64 if wide or block_rows <= 64 else 128) if block_k is None else block_k
+  defaults = launch_defaults(group=group, head_dim=h, seq_len=t, itemsize=q.dtype.itemsize,
+                             single_loop=single_loop, block_rows=block_rows)
+  block_rows = defaults["block_rows"]
+  block_k = defaults["block_k"] if block_k is None else block_k
   if edge_block_k is None:
-    edge_block_k = block_k if single_loop else min(64, block_k)
-  num_warps = (4 if h <= 64 or block_rows <= 64 else 8) if num_warps is None else num_warps
-  num_stages = (2 if wide else 3) if num_stages is None else num_stages
+    edge_block_k = block_k if single_loop else min(defaults["edge_block_k"], block_k)
+  num_warps = defaults["num_warps"] if num_warps is None else num_warps
+  num_stages = defaults["num_stages"] if num_stages is None else num_stages
   if not _is_power_of_two(group):
     raise ValueError(f"the Triton kernel needs a power-of-two GQA group size, got {group}")
   if not _is_power_of_two(h) or h < 16:
