@@ -6,7 +6,7 @@ Run on the GPU machine from the repository root:
 
 Prefill: B = 1, T in {8k, 16k, 32k}, 32 query heads with 32 and with 8 KV heads, D = 128, bf16;
 plans of attention density ~0.125 / 0.25 / 0.5 (sink 64), uniform windows and mixed per-KV-group
-windows; ours vs cuDNN dense causal vs cuDNN with one sliding window covering the same number
+windows; ours (the Mosaic GPU kernel for Hopper and the Triton kernel) vs cuDNN dense causal vs cuDNN with one sliding window covering the same number
 of attended pairs (`--mosaic-dense`: also JAX's Mosaic GPU FlashAttention-3-style dense causal
 kernel, a warp-specialised wgmma/TMA reference rate, in fp16 next to cuDNN dense in fp16).
 Effective TFLOP/s = 4 * D * attended pairs * B * heads / time.
@@ -37,6 +37,7 @@ import numpy as np
 from moa_jax import cache as cache_lib
 from moa_jax.attention import decode as decode_lib
 from moa_jax.attention.prefill_gpu import sparse_prefill_gpu
+from moa_jax.attention.prefill_hopper import sparse_prefill_hopper
 from moa_jax.plans.rules import attended_pairs, kv_density
 
 SINK = 64
@@ -197,6 +198,11 @@ def bench_prefill(lengths, kv_heads_list, densities, *, reps: int, samples: int,
           add("moa_triton", try_time(f"{common} ours", ours, shared, qs, samples=samples), pairs,
               windows=kind, target_density=density, kv_density=kv_density(win, SINK, t),
               config=config)
+          hopper = lambda k, v, q, static=tuple(int(w) for w in win): sparse_prefill_hopper(
+              q, k, v, static, sink=SINK)
+          add("moa_mosaic_gpu", try_time(f"{common} hopper", hopper, (k, v), qs,
+                                         samples=samples), pairs,
+              windows=kind, target_density=density, kv_density=kv_density(win, SINK, t))
           if kind == "uniform":
             w = cudnn_window(pairs, t)
             local = lambda k, v, q, w=w: jax.nn.dot_product_attention(
@@ -301,11 +307,12 @@ def bench_decode(batches, contexts, densities, *, kv_heads: int, reps: int, samp
 def markdown(records) -> str:
   """Two tables: prefill (ours vs cuDNN) and decode (ours vs dense)."""
   nan = float("nan")
-  lines = ["| T | KV heads | attn density | windows | MoA ms | MoA TFLOP/s | cuDNN dense ms | "
-           "cuDNN dense TFLOP/s | MoA / dense TFLOP/s | cuDNN window ms |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| T | KV heads | attn density | windows | kernel | MoA ms | MoA TFLOP/s | "
+           "cuDNN dense ms | cuDNN dense TFLOP/s | MoA / dense TFLOP/s | cuDNN window ms |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   pre = [r for r in records if r["op"] == "prefill"]
-  for r in (r for r in pre if r["impl"] == "moa_triton"):
+  kernels = {"moa_mosaic_gpu": "Mosaic GPU", "moa_triton": "Triton"}
+  for r in (r for r in pre if r["impl"] in kernels):
     match = lambda x, impl: (x["impl"] == impl and x["T"] == r["T"] and
                              x["kv_heads"] == r["kv_heads"])
     dense = next((x for x in pre if match(x, "cudnn_dense")), dict(ms=nan, tflops=nan))
@@ -314,7 +321,7 @@ def markdown(records) -> str:
     window_ms = f"{window[0]['ms']:.3f}" if window else "-"
     lines.append(
         f"| {r['T']} | {r['kv_heads']} | {r['attn_density']:.3f} | {r['windows']} | "
-        f"{r['ms']:.3f} | {r['tflops']:.0f} | {dense['ms']:.3f} | {dense['tflops']:.0f} | "
+        f"{kernels[r['impl']]} | {r['ms']:.3f} | {r['tflops']:.0f} | {dense['ms']:.3f} | {dense['tflops']:.0f} | "
         f"{r['tflops'] / dense['tflops']:.2f} | {window_ms} |")
   lines += ["", "| context | batch | KV density | windows | MoA ms | MoA GB/s | dense cuDNN ms | "
             "dense XLA ms | MoA / dense time | target 1.3 x rho | harness ms |",

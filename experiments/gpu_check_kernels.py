@@ -4,7 +4,8 @@ Run on the GPU machine from the repository root:
 
     PYTHONUNBUFFERED=1 python3 experiments/gpu_check_kernels.py --out $OUT/gpu_check.json
 
-1. Prefill: fresh random inputs (left padding, T not a multiple of the blocks, GQA 1/4/8,
+1. Prefill: fresh random inputs (left padding; unpadded cases also through the Mosaic GPU
+   kernel, T not a multiple of the blocks, GQA 1/4/8,
    D 64/128, per-head windows including 1 and >= T), every launch configuration that is timed
    later, bf16/fp16/fp32, against `reference_attention` on float32 copies of the inputs with
    HIGHEST precision: relative Frobenius error and NaN count.
@@ -33,6 +34,7 @@ import bench_attention as bench
 from moa_jax import cache as cache_lib
 from moa_jax.attention import decode as decode_lib
 from moa_jax.attention.prefill_gpu import sparse_prefill_gpu
+from moa_jax.attention.prefill_hopper import sparse_prefill_hopper
 from moa_jax.attention.reference import reference_attention
 
 TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}  # relative Frobenius
@@ -59,6 +61,8 @@ def check_prefill(rng, results):
       (1, 1000, 8, 1, 128, jnp.float32, [100]),
       (1, 2047, 32, 4, 128, jnp.bfloat16, [0]),
       (1, 1777, 16, 16, 128, jnp.bfloat16, [45]),
+      (2, 1000, 32, 8, 128, jnp.bfloat16, [0, 0]),  # unpadded: also the Mosaic GPU kernel
+      (1, 1500, 16, 16, 64, jnp.float16, [0]),
   ]
   configs = [prefill_config(c) for c in PREFILL_CONFIGS]
   for b, t, n, kv, h, dtype, pads in cases:
@@ -83,6 +87,14 @@ def check_prefill(rng, results):
       results.append(dict(check="prefill", B=b, T=t, N=n, K=kv, H=h, dtype=dtype.__name__,
                           config=cfg, rel_error=err, nans=nans, ok=ok))
       print(f"prefill B={b} T={t} N={n} K={kv} H={h} {dtype.__name__:<8} {cfg} "
+            f"rel_err={err:.2e} nans={nans} {'OK' if ok else 'FAIL'}", flush=True)
+    if dtype != jnp.float32 and not any(pads) and h % 64 == 0:
+      out = sparse_prefill_hopper(q, k, v, tuple(int(w) for w in win), sink=64)
+      err, nans = rel_error(out, ref), int(jnp.isnan(out).sum())
+      ok = err < TOLERANCE[dtype] and nans == 0
+      results.append(dict(check="prefill_mosaic_gpu", B=b, T=t, N=n, K=kv, H=h,
+                          dtype=dtype.__name__, rel_error=err, nans=nans, ok=ok))
+      print(f"prefill B={b} T={t} N={n} K={kv} H={h} {dtype.__name__:<8} Mosaic GPU "
             f"rel_err={err:.2e} nans={nans} {'OK' if ok else 'FAIL'}", flush=True)
 
 

@@ -15,6 +15,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from moa_jax.attention import dispatch
 from moa_jax.attention.prefill_gpu import launch_defaults, key_block_ranges, sparse_prefill_gpu
+from moa_jax.attention.prefill_hopper import sparse_prefill_hopper
 from moa_jax.attention.prefill_tpu import block_tables, sparse_prefill_tpu
 from moa_jax.attention.reference import reference_attention
 from moa_jax.plans.rules import FULL, SKIP, block_layout
@@ -134,9 +135,13 @@ def test_block_ranges_skip_padding():
 def test_dispatch():
   assert dispatch.default_impl() == "reference"  # CI runs on the CPU
   q, k, v, pos, windows = random_case(9, 1, 130, 4, 2, 16, jnp.float32, [3])
-  for impl in dispatch.IMPLS:
+  for impl in ("triton", "mosaic", "reference"):
     out = dispatch.prefill_attention(q, k, v, pos, windows, sink=8, impl=impl, interpret=True)
     check(out, q, k, v, pos, windows, 8)
+  with pytest.raises(ValueError, match="no CPU interpret mode"):
+    dispatch.prefill_attention(q, k, v, pos, windows, sink=8, impl="mosaic_gpu", interpret=True)
+  assert [dispatch.gpu_impl(cc) for cc in ("9.0", "8.0", "10.0", None)] == [
+      "mosaic_gpu", "triton", "triton", "triton"]
   with pytest.raises(ValueError, match="unknown attention impl"):
     dispatch.prefill_attention(q, k, v, pos, windows, sink=8, impl="cuda")
 
@@ -152,3 +157,14 @@ def test_triton_prefill_rejects_bad_shapes():
   with pytest.raises(ValueError, match="edge_block_k"):
     sparse_prefill_gpu(q, k, v, pos, jnp.asarray(windows), sink=4, block_k=32, edge_block_k=64,
                        interpret=True)
+
+
+def test_hopper_prefill_rejects_bad_inputs():
+  """The Mosaic GPU kernel runs only on the GPU (no interpret mode): its input checks run here."""
+  q, k, v, _, _ = random_case(2, 1, 128, 4, 2, 64, jnp.bfloat16, [0])
+  with pytest.raises(ValueError, match="bf16 or fp16"):
+    sparse_prefill_hopper(q.astype(jnp.float32), k, v, (8, 8), sink=4)
+  with pytest.raises(ValueError, match="multiple of 64"):
+    sparse_prefill_hopper(q[..., :32], k[..., :32], v[..., :32], (8, 8), sink=4)
+  with pytest.raises(ValueError, match="4 query heads or 2 KV groups"):
+    sparse_prefill_hopper(q, k, v, (8, 8, 8), sink=4)
