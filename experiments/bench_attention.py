@@ -6,7 +6,8 @@ Run on the GPU machine from the repository root:
 
 Prefill: B = 1, T in {8k, 16k, 32k}, 32 query heads with 32 and with 8 KV heads, D = 128, bf16;
 plans of attention density ~0.125 / 0.25 / 0.5 (sink 64), uniform windows and mixed per-KV-group
-windows; ours (the Mosaic GPU kernel for Hopper and the Triton kernel) vs cuDNN dense causal vs cuDNN with one sliding window covering the same number
+windows; ours (the Mosaic GPU kernel for Hopper and the Triton kernel) vs cuDNN dense causal vs
+cuDNN with one sliding window covering the same number
 of attended pairs (`--mosaic-dense`: also JAX's Mosaic GPU FlashAttention-3-style dense causal
 kernel, a warp-specialised wgmma/TMA reference rate, in fp16 next to cuDNN dense in fp16).
 Effective TFLOP/s = 4 * D * attended pairs * B * heads / time.
@@ -321,7 +322,8 @@ def markdown(records) -> str:
     window_ms = f"{window[0]['ms']:.3f}" if window else "-"
     lines.append(
         f"| {r['T']} | {r['kv_heads']} | {r['attn_density']:.3f} | {r['windows']} | "
-        f"{kernels[r['impl']]} | {r['ms']:.3f} | {r['tflops']:.0f} | {dense['ms']:.3f} | {dense['tflops']:.0f} | "
+        f"{kernels[r['impl']]} | {r['ms']:.3f} | {r['tflops']:.0f} | {dense['ms']:.3f} | "
+        f"{dense['tflops']:.0f} | "
         f"{r['tflops'] / dense['tflops']:.2f} | {window_ms} |")
   lines += ["", "| context | batch | KV density | windows | MoA ms | MoA GB/s | dense cuDNN ms | "
             "dense XLA ms | MoA / dense time | target 1.3 x rho | harness ms |",
