@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
@@ -168,3 +169,18 @@ def test_hopper_prefill_rejects_bad_inputs():
     sparse_prefill_hopper(q[..., :32], k[..., :32], v[..., :32], (8, 8), sink=4)
   with pytest.raises(ValueError, match="4 query heads or 2 KV groups"):
     sparse_prefill_hopper(q, k, v, (8, 8, 8), sink=4)
+
+
+@pytest.mark.parametrize("dtype,windows,hopper", [
+    (jnp.bfloat16, np.array([100, 20]), True),  # static windows: Hopper or Triton at run time
+    (jnp.float32, np.array([100, 20]), False),  # float32: Triton only
+    (jnp.bfloat16, None, False),  # traced windows: Triton only
+])
+def test_mosaic_gpu_dispatch_choice(dtype, windows, hopper):
+  """impl="mosaic_gpu" picks between the kernels by padding (a cond) only where Hopper applies."""
+  q, k, v, pos, _ = random_case(3, 2, 300, 8, 2, 64, dtype, [0, 0])
+  def prefill(q, k, v, pos, traced):
+    wins = traced if windows is None else windows
+    return dispatch.prefill_attention(q, k, v, pos, wins, sink=16, impl="mosaic_gpu")
+  jaxpr = jax.make_jaxpr(prefill)(q, k, v, pos, jnp.array([100, 20], jnp.int32))
+  assert any(eqn.primitive.name == "cond" for eqn in jaxpr.eqns) == hopper
