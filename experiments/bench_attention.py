@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moa_jax import cache as cache_lib
+from moa_jax.attention import cache as cache_lib
 from moa_jax.attention import decode as decode_lib
 from moa_jax.attention.prefill_gpu import sparse_prefill_gpu
 from moa_jax.attention.prefill_hopper import sparse_prefill_hopper

@@ -7,7 +7,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from moa_jax import cache as cache_lib
+from moa_jax.attention import cache as cache_lib
 from moa_jax.attention import decode as decode_lib
 from moa_jax.attention import dispatch
 from moa_jax.attention.reference import reference_attention

@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from moa_jax.cache import CacheLayout, MoACache
+from moa_jax.attention.cache import CacheLayout, MoACache
 from moa_jax.plans.rules import attend_mask
 
 MASKED = -1e30

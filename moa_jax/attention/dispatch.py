@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from moa_jax.attention import decode as decode_lib
+from moa_jax.attention.cache import MoACache
 from moa_jax.attention.prefill_gpu import sparse_prefill_gpu
 from moa_jax.attention.prefill_hopper import sparse_prefill_hopper
 from moa_jax.attention.prefill_tpu import sparse_prefill_tpu
 from moa_jax.attention.reference import reference_attention
-from moa_jax.cache import MoACache
 
 IMPLS = ("mosaic_gpu", "triton", "mosaic", "reference")
 _BY_BACKEND = {"gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "mosaic"}

@@ -7,9 +7,9 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from moa_jax import cache as cache_lib
+from moa_jax.attention import cache as cache_lib
 from moa_jax.attention import dispatch
-from moa_jax.cache import MoACache
+from moa_jax.attention.cache import MoACache
 from moa_jax.plans.rules import DEFAULT_SINK, expand_to_query_heads
 
 Windows = np.ndarray | Callable[[int], np.ndarray]
