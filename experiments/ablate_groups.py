@@ -20,6 +20,7 @@ from scipy import stats
 from moa_jax.attention.dense import DenseAttention
 from moa_jax.attention.moa import MoAAttention
 from moa_jax.data import tasks
+from moa_jax.calibration import prompts
 from moa_jax.eval import metrics
 from moa_jax.generate import generate
 from moa_jax.models.hf import load_pretrained, load_tokenizer
@@ -29,7 +30,7 @@ from moa_jax.plans.rules import DEFAULT_SINK, expand_to_query_heads
 
 
 def accuracy(model, tokenizer, samples, attention) -> float:
-  prompts = [tasks.prompt_ids(tokenizer, s.prompt) for s in samples]
+  prompts = [prompts.chat_prompt_ids(tokenizer, s.prompt) for s in samples]
   outputs = generate(model, prompts, 12, attention=attention, eos_id=tokenizer.eos_token_id)
   return float(np.mean([metrics.score(s.metric, tokenizer.decode(o).split("\n")[0], s.answer)
                         for s, o in zip(samples, outputs)]))

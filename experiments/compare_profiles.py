@@ -22,7 +22,7 @@ from scipy import stats
 
 from moa_jax.models.hf import load_pretrained
 from moa_jax.models.loading import reference_model_dir
-from moa_jax.profile.calibration import CalibrationSet
+from moa_jax.calibration.build import CalibrationSet
 from moa_jax.profile.profiler import profile_model
 
 

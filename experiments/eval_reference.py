@@ -27,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moa_jax.calibration import prompts  # noqa: E402
 from moa_jax.data import tasks  # noqa: E402
 from moa_jax.eval import metrics  # noqa: E402
 from moa_jax.generate import generate  # noqa: E402
@@ -47,7 +48,7 @@ def evaluate_length(model, config, tokenizer, length: int, samples_per_depth: in
   """Per-decile records (harness format) for `samples_per_depth` prompts at each decile."""
   samples = tasks.make_samples("lines", tokenizer, length, samples_per_depth * 10, seed=seed,
                                depths=tasks.DECILES)
-  prompts = [tasks.prompt_ids(tokenizer, s.prompt) for s in samples]
+  prompts = [prompts.chat_prompt_ids(tokenizer, s.prompt) for s in samples]
   longest = int(np.argmax([len(p) for p in prompts]))
   rows = rows_per_batch(config, len(prompts[longest]) + max_new_tokens, memory_bytes)
   if rows >= 2:  # every batch carries the longest prompt: one shape, one compile per length

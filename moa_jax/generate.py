@@ -137,7 +137,7 @@ def generate_command(config, workdir: Path | None) -> list[dict]:
   ids and their text), also written to workdir/generated.json if given.
   """
   from moa_jax.attention.moa import MoAAttention
-  from moa_jax.data.tasks import prompt_ids
+  from moa_jax.calibration.prompts import chat_prompt_ids
   from moa_jax.models.loading import load_model
   from moa_jax.plans.plan import Plan
 
@@ -145,7 +145,7 @@ def generate_command(config, workdir: Path | None) -> list[dict]:
   attention = None
   if config.plan:
     attention = MoAAttention.from_plan(Plan.load(config.plan).validate(model.config))
-  prompts = [prompt_ids(tokenizer, text) if config.chat else tokenizer(text)["input_ids"]
+  prompts = [chat_prompt_ids(tokenizer, text) if config.chat else tokenizer(text)["input_ids"]
              for text in config.prompts]
   new_tokens = generate(model, prompts, config.max_new_tokens, attention=attention,
                         temperature=config.temperature, top_k=config.top_k or None,

@@ -28,7 +28,7 @@ from moa_jax.optimize.select import select_plan
 from moa_jax.plans import plots
 from moa_jax.plans import rules as rules_lib
 from moa_jax.plans.plan import Plan, dense_plan, uniform_plan
-from moa_jax.profile.calibration import (CalibrationConfig, CalibrationSet, build_calibration,
+from moa_jax.calibration.build import (CalibrationConfig, CalibrationSet, build_calibration,
                                          cache_key, cache_key_inputs)
 from moa_jax.profile.profiler import profile_model, response_loss, response_targets
 from moa_jax.workdir import Workdir, atomic_write_text, fingerprint

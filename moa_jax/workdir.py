@@ -14,31 +14,52 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 COMPLETE = "COMPLETE.json"
 
 
+def digest(*parts: Any) -> str:
+  """The sha256 hex digest of JSON-serialisable parts (sorted keys)."""
+  return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def fingerprint(*parts: Any) -> str:
-  """A short stable hash of JSON-serialisable parts (sorted keys)."""
-  text = json.dumps(parts, sort_keys=True, default=str)
-  return hashlib.sha256(text.encode()).hexdigest()[:16]
+  """A short stable hash of JSON-serialisable parts (the first 16 hex digits of `digest`)."""
+  return digest(*parts)[:16]
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-  """Write a file so that readers see the old or the new content, never a partial one."""
+def file_digest(path: str | os.PathLike) -> str:
+  """The sha256 hex digest of a file's bytes, read in 1 MiB chunks."""
+  hasher = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      hasher.update(chunk)
+  return hasher.hexdigest()
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+  """Call `write(f)` on a temporary file beside `path`, then rename it over `path`: readers see
+  the old or the new content, never a partial one (also when the process is killed)."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
   try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
+    with os.fdopen(fd, "wb") as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)
     raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+  """Write a text file atomically (see `atomic_write`)."""
+  atomic_write(path, lambda f: f.write(text.encode()))
 
 
 class Workdir:

@@ -12,10 +12,11 @@ import pytest
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from moa_jax.data import multinews
+from moa_jax.calibration import sources as multinews
 from moa_jax.generate import generate
-from moa_jax.profile import calibration
-from moa_jax.profile.calibration import CalibrationConfig, CalibrationSet, build_calibration
+from moa_jax.calibration import build as calibration
+from moa_jax.calibration import prompts
+from moa_jax.calibration.build import CalibrationConfig, CalibrationSet, build_calibration
 
 FIXTURE = Path(__file__).parent / "data" / "multinews_tiny"
 LLAMA3_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -102,7 +103,7 @@ def test_context_question_jsonl(tmp_path):
 
 def test_chat_templates(tokenizer, tmp_path):
   text = lambda template: tokenizer.decode(calibration.render_prompt(
-      tokenizer, "The ferry runs daily.", "How often?", calibration.CHAT_TEMPLATES[template]))
+      tokenizer, "The ferry runs daily.", "How often?", template))
   vicuna = text("vicuna")
   assert vicuna.startswith("<s>") and "<unk>" not in vicuna
   words = " ".join(vicuna[3:].split())  # this BPE decodes with spaces around special tokens
@@ -111,20 +112,20 @@ def test_chat_templates(tokenizer, tmp_path):
   llama3 = "".join(text("llama3").split())
   assert llama3.startswith("<s><|start_header_id|>user<|end_header_id|>Theferryrunsdaily.")
   assert llama3.endswith("Howoften?<|eot_id|><|start_header_id|>assistant<|end_header_id|>")
-  # 'auto': the tokenizer's own template if it has one, else by vocabulary.
-  assert calibration.resolve_template(tokenizer, "auto")[0] == "llama3"
+  # 'auto': the tokenizer's own template if it has one, else the raw prompt (as evaluation).
   plain = make_tokenizer(tmp_path / "plain", llama3_tokens=False)
-  assert calibration.resolve_template(plain, "auto")[0] == "vicuna"
-  plain.chat_template = calibration.CHAT_TEMPLATES["vicuna"]
-  assert calibration.resolve_template(plain, "auto") == ("tokenizer", None)
+  assert prompts.resolve_template(plain, "auto") == ("none", None)
+  assert calibration.render_prompt(plain, "A.", "B?", "auto") == plain.encode("A.\n\nB?")
+  plain.chat_template = prompts.CHAT_TEMPLATES["vicuna"]
+  assert prompts.resolve_template(plain, "auto") == ("tokenizer", plain.chat_template)
   with pytest.raises(ValueError, match="unknown chat template"):
-    calibration.resolve_template(plain, "chatml")
+    prompts.resolve_template(plain, "alpaca")
 
 
 def test_fit_prompt_cuts_the_middle(tokenizer, tmp_path):
   records = multinews.load_multinews(FIXTURE, cache_dir=str(tmp_path))
   example = multinews.multinews_examples(records)[2]
-  template = calibration.CHAT_TEMPLATES["vicuna"]
+  template = "vicuna"
   full = calibration.render_prompt(tokenizer, example.context, example.question, template)
   for budget in (len(full) + 5, 400, 250):
     ids, full_length = calibration.fit_prompt(tokenizer, example, budget, template)

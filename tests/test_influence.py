@@ -10,7 +10,7 @@ from scipy.stats import spearmanr
 
 from moa_jax.attention.dense import DenseAttention
 from moa_jax.models import Llama
-from moa_jax.profile.calibration import CalibrationBucket
+from moa_jax.calibration.build import CalibrationBucket
 from moa_jax.profile.influence import (MAGNITUDES, block_influence_from_grads,
                                        block_influence_tiled, causal_weights, influence_entries,
                                        pool_blocks)

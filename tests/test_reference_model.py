@@ -6,6 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from moa_jax.data import tasks
+from moa_jax.calibration import prompts
 from moa_jax.eval import metrics
 from moa_jax.generate import generate
 from moa_jax.models import hf
@@ -35,7 +36,7 @@ def test_tokenizer_and_chat_template(reference):
   assert tokenizer.vocab_size == config.vocab_size
   assert tokenizer.bos_token_id == config.bos_token_id
   assert tokenizer.eos_token_id == config.eos_token_ids[0]
-  ids = tasks.prompt_ids(tokenizer, "Tell me a number.")
+  ids = prompts.chat_prompt_ids(tokenizer, "Tell me a number.")
   assert ids[0] == tokenizer.bos_token_id
   assert tokenizer.decode(ids) == "<s>USER: Tell me a number. ASSISTANT:"
 
@@ -44,7 +45,7 @@ def test_tokenizer_and_chat_template(reference):
 def test_answers_short_line_retrieval_prompts(reference):
   model, _, tokenizer = reference
   samples = tasks.make_samples("lines", tokenizer, 400, 3, seed=123, depths=(0.1, 0.5, 0.9))
-  outputs = generate(model, [tasks.prompt_ids(tokenizer, s.prompt) for s in samples], 8,
+  outputs = generate(model, [prompts.chat_prompt_ids(tokenizer, s.prompt) for s in samples], 8,
                      eos_id=tokenizer.eos_token_id)
   for sample, out in zip(samples, outputs):
     prediction = tokenizer.decode(out, skip_special_tokens=True)

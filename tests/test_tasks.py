@@ -122,22 +122,8 @@ def test_errors():
     tasks.make_samples("lines", CharTokenizer(), 1000, 1, depths=[1.5])
 
 
-def test_training_text_and_prompt_ids(bpe):
+def test_training_text(bpe):
   (s,) = tasks.make_samples("passkey", bpe, 600, 1, seed=1)
   assert tasks.training_text(s) == s.prompt + s.answer
-  assert tasks.prompt_ids(bpe, s.prompt) == bpe.encode(s.prompt)
-  assert tasks.prompt_ids(bpe, s.prompt)[0] == bpe.bos_token_id
-  assert tasks.answer_ids(bpe, s.answer) == bpe.encode(s.answer, add_special_tokens=False)
   texts = tasks.make_training_texts("lines", bpe, 500, 3, seed=2)
   assert len(texts) == 3 and all(t.startswith("Below is a record") for t in texts)
-
-  chat = PreTrainedTokenizerFast(tokenizer_object=bpe.backend_tokenizer, bos_token="<s>",
-                                 eos_token="</s>")
-  chat.chat_template = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]"
-                        "{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}[assistant]"
-                        "{% endif %}")
-  text = tasks.format_prompt(chat, s.prompt)
-  assert text == f"<s>[user]{s.prompt}[assistant]"
-  ids = tasks.prompt_ids(chat, s.prompt)
-  assert ids == chat.encode(text, add_special_tokens=False) and ids.count(chat.bos_token_id) == 1
-  assert tasks.format_prompt(bpe, s.prompt) == s.prompt

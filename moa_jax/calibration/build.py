@@ -1,4 +1,5 @@
-"""Calibration data (MOA_SPEC.md section 1): long-document prompts answered by the dense model.
+"""Calibration sets (docs/method.md, "Calibration"): long-document prompts answered by the dense
+model.
 
 Each record (a long context and a question or instruction) is wrapped in the model's chat
 template, its context cut in the middle so that prompt + max_new_tokens fits a target length N;
@@ -26,37 +27,14 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from moa_jax.data import multinews
-from moa_jax.data.multinews import ContextQuestion
+from moa_jax.calibration import prompts, sources
+from moa_jax.calibration.sources import ContextQuestion
+from moa_jax.workdir import atomic_write, digest, file_digest
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: 'auto' templates fall back to the raw prompt (as evaluation does)
 SOURCES = ("multinews", "jsonl")
 PROMPT = "{context}\n\n{question}"
 CUT_MARKER = "\n...\n"
-
-# Built-in chat templates (Jinja, as transformers renders them) for tokenizers without one.
-CHAT_TEMPLATES = {
-    # Vicuna v1.1: system line, then " USER: ... ASSISTANT: ...</s>".
-    "vicuna": (
-        "{% if bos_token %}{{ bos_token }}{% endif %}"
-        "A chat between a curious user and an artificial intelligence assistant. The assistant"
-        " gives helpful, detailed, and polite answers to the user's questions."
-        "{% for message in messages %}"
-        "{% if message['role'] == 'user' %} USER: {{ message['content'] }}"
-        "{% elif message['role'] == 'assistant' %} ASSISTANT: {{ message['content'] }}"
-        "{{ eos_token }}{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %} ASSISTANT:{% endif %}"),
-    # Llama-3 instruct: header tokens around each role, <|eot_id|> after each turn.
-    "llama3": (
-        "{% if bos_token %}{{ bos_token }}{% endif %}"
-        "{% for message in messages %}"
-        "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
-        "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
-        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
-        "{% endif %}"),
-}
-TEMPLATE_NAMES = ("auto", *CHAT_TEMPLATES)
-
 
 @dataclasses.dataclass(frozen=True)
 class CalibrationConfig:
@@ -65,30 +43,29 @@ class CalibrationConfig:
   source: 'multinews' (path: hub id, or a local .jsonl/.parquet file or folder in its schema) or
     'jsonl' (path: a JSONL file of {context, question}).
   lengths: target lengths N (prompt + answer <= N); samples_per_length: samples per length.
-  template: 'auto' (the tokenizer's chat template; without one 'llama3' if its vocabulary has
-    Llama-3's header tokens, else 'vicuna'), or 'vicuna' / 'llama3' (ours).
+  template: a name of `moa_jax.calibration.prompts.TEMPLATE_NAMES` ('auto': the tokenizer's own
+    chat template, or the raw prompt without one; evaluation uses the same rule).
   min_fill: a record joins length N only if its untruncated prompt has at least
     min_fill * (N - max_new_tokens) tokens.
   batch_size: prompts per generate call (does not change the result, so not in the cache key).
   """
 
   source: str = "multinews"
-  path: str = multinews.HUB_ID
+  path: str = sources.HUB_ID
   split: str = "train"
   lengths: tuple[int, ...] = (2048, 4096, 8192)
   samples_per_length: int = 8
   max_new_tokens: int = 128
   seed: int = 0
   template: str = "auto"
-  instruction: str = multinews.INSTRUCTION
+  instruction: str = sources.INSTRUCTION
   min_fill: float = 0.5
   batch_size: int = 4
 
   def __post_init__(self):
     if self.source not in SOURCES:
       raise ValueError(f"unknown calibration source {self.source!r}; choose one of {SOURCES}")
-    if self.template not in TEMPLATE_NAMES:
-      raise ValueError(f"unknown chat template {self.template!r}; choose one of {TEMPLATE_NAMES}")
+    prompts.check_template(self.template)
     object.__setattr__(self, "lengths", tuple(int(n) for n in self.lengths))
     if not self.lengths or min(self.lengths) <= self.max_new_tokens:
       raise ValueError(f"calibration lengths {self.lengths} must exist and exceed max_new_tokens "
@@ -147,9 +124,9 @@ class CalibrationSet:
       arrays[f"tokens_{n}"] = bucket.tokens
       arrays[f"loss_mask_{n}"] = bucket.loss_mask
       arrays[f"lengths_{n}"] = bucket.lengths
-    _atomic_write(directory / "data.npz", lambda f: np.savez(f, **arrays))
+    atomic_write(directory / "data.npz", lambda f: np.savez(f, **arrays))
     meta = dict(self.metadata, lengths=sorted(self.buckets))
-    _atomic_write(directory / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    atomic_write(directory / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
 
   @classmethod
   def load(cls, directory: str | os.PathLike) -> CalibrationSet:
@@ -166,28 +143,17 @@ class CalibrationSet:
     return cls(buckets, metadata)
 
 
-def _atomic_write(path: Path, write) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "wb") as f:
-    write(f)
-  os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------- identity / cache key
-
-def _sha256(data: bytes) -> str:
-  return hashlib.sha256(data).hexdigest()
-
 
 def params_fingerprint(model, values_per_leaf: int = 256) -> str:
   """Hash of every parameter's path, shape, dtype and first values (cheap even for 8B models)."""
-  digest = hashlib.sha256()
+  hasher = hashlib.sha256()
   leaves = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
   for path, leaf in leaves:
-    digest.update(f"{jax.tree_util.keystr(path)}{leaf.shape}{leaf.dtype}".encode())
+    hasher.update(f"{jax.tree_util.keystr(path)}{leaf.shape}{leaf.dtype}".encode())
     head = np.asarray(leaf.reshape(-1)[:values_per_leaf].astype(np.float32))
-    digest.update(head.tobytes())
-  return digest.hexdigest()
+    hasher.update(head.tobytes())
+  return hasher.hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -197,15 +163,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
       sorted(tokenizer.get_vocab().items()))
   specials = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
   template = getattr(tokenizer, "chat_template", None) or ""
-  return _sha256("\0".join([type(tokenizer).__name__, rules, specials, str(template)]).encode())
-
-
-def _file_sha256(path: Path) -> str:
-  digest = hashlib.sha256()
-  with path.open("rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
+  return digest(type(tokenizer).__name__, rules, specials, str(template))
 
 
 def source_fingerprint(config: CalibrationConfig) -> dict[str, Any]:
@@ -214,7 +172,7 @@ def source_fingerprint(config: CalibrationConfig) -> dict[str, Any]:
   files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) \
       if path.is_dir() else []
   return {"source": config.source, "path": config.path, "split": config.split,
-          "files": [[str(p.relative_to(path.parent)), _file_sha256(p)] for p in files]}
+          "files": [[str(p.relative_to(path.parent)), file_digest(p)] for p in files]}
 
 
 def cache_key_inputs(model, tokenizer, config: CalibrationConfig, model_id: str = "") -> dict:
@@ -228,38 +186,25 @@ def cache_key_inputs(model, tokenizer, config: CalibrationConfig, model_id: str 
 
 
 def cache_key(inputs: Mapping[str, Any]) -> str:
-  return _sha256(json.dumps(inputs, sort_keys=True, default=str).encode())
+  """The key a calibration set is cached under: the digest of all its inputs."""
+  return digest(inputs)
 
 
 # ------------------------------------------------------------------------------------- prompts
 
-def resolve_template(tokenizer, template: str = "auto") -> tuple[str, str | None]:
-  """(name, Jinja string or None for the tokenizer's own) of the chat template to use."""
-  if template not in TEMPLATE_NAMES:
-    raise ValueError(f"unknown chat template {template!r}; choose one of {TEMPLATE_NAMES}")
-  if template != "auto":
-    return template, CHAT_TEMPLATES[template]
-  if getattr(tokenizer, "chat_template", None):
-    return "tokenizer", None
-  name = "llama3" if "<|start_header_id|>" in tokenizer.get_vocab() else "vicuna"
-  return name, CHAT_TEMPLATES[name]
-
-
-def render_prompt(tokenizer, context: str, question: str, chat_template: str | None) -> list[int]:
+def render_prompt(tokenizer, context: str, question: str, template: str) -> list[int]:
   """Token ids of one user turn (context + question) and the assistant's generation prompt."""
-  messages = [{"role": "user", "content": PROMPT.format(context=context, question=question)}]
-  text = tokenizer.apply_chat_template(messages, chat_template=chat_template,
-                                       add_generation_prompt=True, tokenize=False)
-  return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+  return prompts.chat_prompt_ids(tokenizer, PROMPT.format(context=context, question=question),
+                                 template)
 
 
-def fit_prompt(tokenizer, example: ContextQuestion, budget: int, chat_template: str | None,
+def fit_prompt(tokenizer, example: ContextQuestion, budget: int, template: str,
                ) -> tuple[list[int] | None, int]:
   """The prompt cut to at most `budget` tokens (middle of the context dropped) and its full length.
 
   Returns (None, full length) when even an empty context does not fit.
   """
-  ids = render_prompt(tokenizer, example.context, example.question, chat_template)
+  ids = render_prompt(tokenizer, example.context, example.question, template)
   full = len(ids)
   if full <= budget:
     return ids, full
@@ -270,7 +215,7 @@ def fit_prompt(tokenizer, example: ContextQuestion, budget: int, chat_template: 
       return None, full
     head, tail = context_ids[:keep - keep // 2], context_ids[len(context_ids) - keep // 2:]
     context = tokenizer.decode(head) + CUT_MARKER + (tokenizer.decode(tail) if tail else "")
-    ids = render_prompt(tokenizer, context, example.question, chat_template)
+    ids = render_prompt(tokenizer, context, example.question, template)
     if len(ids) <= budget:
       return ids, full
     keep -= len(ids) - budget
@@ -280,28 +225,18 @@ def fit_prompt(tokenizer, example: ContextQuestion, budget: int, chat_template: 
 def load_examples(config: CalibrationConfig, cache_dir: str | None = None) -> list[ContextQuestion]:
   """The source's records as (context, question) pairs; an empty source is an error."""
   if config.source == "multinews":
-    ds = multinews.load_multinews(config.path, config.split, cache_dir=cache_dir)
-    examples = multinews.multinews_examples(ds, config.instruction)
+    ds = sources.load_multinews(config.path, config.split, cache_dir=cache_dir)
+    examples = sources.multinews_examples(ds, config.instruction)
   else:
-    examples = multinews.load_context_questions(config.path)
+    examples = sources.load_context_questions(config.path)
   if not examples:
     raise ValueError(f"calibration source {config.source}:{config.path!r} has no records: the "
                      "calibration set would be empty")
   return examples
 
 
-def _stop_ids(model, tokenizer) -> tuple[int, ...]:
-  ids = set(model.config.eos_token_ids)
-  if tokenizer.eos_token_id is not None:
-    ids.add(tokenizer.eos_token_id)
-  eot = tokenizer.get_vocab().get("<|eot_id|>")
-  if eot is not None:
-    ids.add(eot)
-  return tuple(sorted(ids))
-
-
 def _select_prompts(tokenizer, examples: Sequence[ContextQuestion], config: CalibrationConfig,
-                    chat_template: str | None) -> dict[int, list[tuple[int, list[int]]]]:
+                    ) -> dict[int, list[tuple[int, list[int]]]]:
   """Per length: up to samples_per_length (record index, prompt ids), records in seeded order."""
   selected = {}
   for n in config.lengths:
@@ -309,7 +244,7 @@ def _select_prompts(tokenizer, examples: Sequence[ContextQuestion], config: Cali
     order = np.random.default_rng([config.seed, n]).permutation(len(examples))
     chosen, longest = [], 0
     for index in order:
-      ids, full = fit_prompt(tokenizer, examples[index], budget, chat_template)
+      ids, full = fit_prompt(tokenizer, examples[index], budget, config.template)
       longest = max(longest, full)
       if ids is not None and full >= config.min_fill * budget:
         chosen.append((int(index), ids))
@@ -345,9 +280,9 @@ def build_calibration(model, tokenizer, config: CalibrationConfig, *,
       return cached
 
   examples = load_examples(config, datasets_cache_dir)
-  template_name, chat_template = resolve_template(tokenizer, config.template)
-  selected = _select_prompts(tokenizer, examples, config, chat_template)
-  stop_ids = _stop_ids(model, tokenizer)
+  template_name, _ = prompts.resolve_template(tokenizer, config.template)
+  selected = _select_prompts(tokenizer, examples, config)
+  stop_ids = prompts.stop_ids(tokenizer, model.config.eos_token_ids)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
   buckets, records = {}, {}

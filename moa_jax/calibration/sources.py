@@ -2,7 +2,7 @@
 
 MultiNews records have `document` (the news articles joined by '|||||') and `summary`. MoA
 calibrates on them with an instruction to summarize; the dense model's own answer replaces the
-human summary (moa_jax/profile/calibration.py), so only `document` is used here.
+human summary (moa_jax/calibration/build.py), so only `document` is used here.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ A sample's size is measured as `len(tokenizer.encode(prompt))` on the raw task t
 within 5% of the requested length. `depth` is the relative position of the needle (0 = start of
 the context, 1 = end). Prompts end with the question and a newline; the expected answer follows
 directly, so `training_text(sample)` (prompt + answer) is the text a language model trains on.
-Chat templating for instruction-tuned models is `prompt_ids(tokenizer, prompt)`.
+Prompts are raw task text; `moa_jax.calibration.prompts.chat_prompt_ids` renders them.
 """
 
 from __future__ import annotations
@@ -275,25 +275,3 @@ def make_training_texts(task: str, tokenizer: Tokenizer, length: int, num: int,
                         seed: int = 0) -> list[str]:
   """`num` training texts of `task` at `length` prompt tokens with uniformly random depths."""
   return [training_text(s) for s in make_samples(task, tokenizer, length, num, seed)]
-
-
-def format_prompt(tokenizer: Tokenizer, prompt: str) -> str:
-  """The prompt in the tokenizer's chat template (one user turn + generation prompt) if it has
-  one, else the raw prompt."""
-  if getattr(tokenizer, "chat_template", None):
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-  return prompt
-
-
-def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
-  """Token ids to feed the model: the chat-templated prompt (the template brings its own
-  special tokens), or the raw prompt encoded with the tokenizer's special tokens (BOS)."""
-  if getattr(tokenizer, "chat_template", None):
-    return list(tokenizer.encode(format_prompt(tokenizer, prompt), add_special_tokens=False))
-  return list(tokenizer.encode(prompt))
-
-
-def answer_ids(tokenizer: Tokenizer, answer: str) -> list[int]:
-  """Token ids of an answer continuing a prompt (no special tokens added)."""
-  return list(tokenizer.encode(answer, add_special_tokens=False))

@@ -31,6 +31,7 @@ from moa_jax.attention.base import Attention
 from moa_jax.attention.dense import DenseAttention
 from moa_jax.attention.moa import MoAAttention
 from moa_jax.data import longbench as longbench_lib
+from moa_jax.calibration import prompts as prompts_lib
 from moa_jax.data import tasks as tasks_lib
 from moa_jax.eval import metrics
 from moa_jax.generate import generate, left_pad
@@ -116,7 +117,7 @@ def evaluate(model, tokenizer, *, methods: Sequence[str], attention_factory: Att
 
   Every (task, length) uses the same seeded samples for every method: samples_per_depth at each
   of `depths`. Prompts go through the tokenizer's chat template if it has one
-  (`tasks.prompt_ids`); greedy decoding for max_new_tokens (default: twice the longest answer
+  (`calibration.prompts.chat_prompt_ids`); greedy decoding for max_new_tokens (default: twice the longest answer
   in tokens + 8); with first_line, only the first line of the decoded answer is scored.
   Returns records sorted by method, task, length, decile (see `save_results`).
   """
@@ -127,8 +128,8 @@ def evaluate(model, tokenizer, *, methods: Sequence[str], attention_factory: Att
   for task, length in jobs:
     samples = tasks_lib.make_samples(task, tokenizer, length, samples_per_depth * len(depths),
                                      seed=seed, depths=depths)
-    prompts = [tasks_lib.prompt_ids(tokenizer, s.prompt) for s in samples]
-    answers = [tasks_lib.answer_ids(tokenizer, s.answer) for s in samples]
+    prompts = [prompts_lib.chat_prompt_ids(tokenizer, s.prompt) for s in samples]
+    answers = [prompts_lib.answer_ids(tokenizer, s.answer) for s in samples]
     new_tokens = max_new_tokens or 2 * max(len(a) for a in answers) + 8
     for method in methods:
       bar.set_postfix_str(f"{method} {task}@{length}")
@@ -228,7 +229,7 @@ def evaluate_longbench(model, tokenizer, records, *, methods: Sequence[str],
   if not records:
     raise ValueError("no LongBench records to evaluate")
   eos = getattr(tokenizer, "eos_token_id", None)
-  prompts = [truncate_middle(tasks_lib.prompt_ids(tokenizer, longbench_lib.build_prompt(r)),
+  prompts = [truncate_middle(prompts_lib.chat_prompt_ids(tokenizer, longbench_lib.build_prompt(r)),
                              max_prompt_tokens) for r in records]
   infos = [longbench_lib.dataset_info(r["dataset"]) for r in records]
   out = []

@@ -25,7 +25,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from moa_jax.models.config import LlamaConfig
-from moa_jax.profile.calibration import CalibrationBucket, CalibrationSet
+from moa_jax.calibration.build import CalibrationBucket, CalibrationSet
 from moa_jax.profile.influence import (MAGNITUDES, block_influence_from_grads,
                                        block_influence_tiled, num_blocks)
 from moa_jax.profile.probes import MapProbeAttention, OutputProbeAttention, valid_lengths

@@ -22,20 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from moa_jax.calibration import prompts
+from moa_jax.calibration.prompts import answer_turn, user_turn
 from moa_jax.data import tasks
 from moa_jax.train.tokenizer import BOS, BOS_ID, EOS, PAD_ID
 
 TASK_NAMES = ("lines", "passkey", "niah", "vt", "uuid")
 _LINE = re.compile(r"^line (\S+): REGISTER_CONTENT is <(\d+)>$", re.MULTILINE)
-
-
-def user_turn(content: str) -> str:
-  """One user turn of the chat template, ready for the answer (see tokenizer.CHAT_TEMPLATE)."""
-  return f"USER: {content} ASSISTANT:"
-
-
-def answer_turn(answer: str) -> str:
-  return f" {answer}{EOS}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,20 +60,20 @@ def render_doc(rng: np.random.Generator, source: str, units: int, extra_question
 
 def _lines_doc(rng: np.random.Generator, units: int, extra_questions: int) -> Doc:
   prompt, answer, _ = tasks.TASKS["lines"].render(rng, units, float(rng.random()))
-  segments, is_answer = [BOS + user_turn(prompt), answer_turn(answer)], [False, True]
+  segments, is_answer = [BOS + user_turn(prompt), answer_turn(answer, EOS)], [False, True]
   pairs = _LINE.findall(prompt)
   question = prompt.rstrip("\n").rsplit("\n", 1)[-1]  # the question: last line of the prompt
   asked = question.split(" in line ", 1)[1].split("?", 1)[0]
   for i in rng.choice(len(pairs), size=min(extra_questions, len(pairs)), replace=False):
     key, value = pairs[int(i)]
-    segments += [user_turn(question.replace(f" {asked}?", f" {key}?") + "\n"), answer_turn(value)]
+    segments += [user_turn(question.replace(f" {asked}?", f" {key}?") + "\n"), answer_turn(value, EOS)]
     is_answer += [False, True]
   return Doc(tuple(segments), tuple(is_answer))
 
 
 def _task_doc(rng: np.random.Generator, task: str, units: int) -> Doc:
   prompt, answer, _ = tasks.TASKS[task].render(rng, units, float(rng.random()))
-  return Doc((BOS + user_turn(prompt), answer_turn(answer)), (False, True))
+  return Doc((BOS + user_turn(prompt), answer_turn(answer, EOS)), (False, True))
 
 
 class Mixture:
@@ -195,8 +188,8 @@ def line_retrieval_probe(tokenizer: Any, seq_len: int, lengths: Sequence[int], n
   rows, spans = [], []
   for length in lengths:
     for s in tasks.make_samples("lines", tokenizer, length, num, seed=seed):
-      prompt = tasks.prompt_ids(tokenizer, s.prompt)
-      answer = tasks.answer_ids(tokenizer, answer_turn(s.answer))
+      prompt = prompts.chat_prompt_ids(tokenizer, s.prompt)
+      answer = prompts.answer_ids(tokenizer, answer_turn(s.answer, EOS))
       if len(prompt) + len(answer) > seq_len:
         raise ValueError(f"probe length {length} does not fit in {seq_len} tokens")
       spans.append((len(rows), len(prompt), answer))

@@ -17,18 +17,10 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from moa_jax.calibration import prompts
+
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
-
-# "<s>USER: {question} ASSISTANT: {answer}</s>USER: ..." (Vicuna v1.1 without a system prompt).
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: {{ message['content'] }} ASSISTANT:"
-    "{% elif message['role'] == 'assistant' %} {{ message['content'] }}{{ eos_token }}"
-    "{% else %}{{ raise_exception('roles are user and assistant') }}{% endif %}"
-    "{% endfor %}"
-)
 
 # Machine-specific or generated modules that differ between installs of the same version.
 _EXCLUDED_STDLIB = ("_sysconfigdata",)
@@ -89,5 +81,5 @@ def wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
     raise ValueError(f"special token ids {ids} are not ({PAD_ID}, {BOS_ID}, {EOS_ID})")
   return PreTrainedTokenizerFast(
       tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-      chat_template=CHAT_TEMPLATE, padding_side="left", clean_up_tokenization_spaces=False,
+      chat_template=prompts.REFERENCE, padding_side="left", clean_up_tokenization_spaces=False,
       model_max_length=1 << 20)

@@ -1,0 +1,1 @@
+"""Calibration data: sources (MultiNews, JSONL), prompts (every chat template), build."""
