@@ -13,7 +13,6 @@ from pathlib import Path
 
 from moa_jax import pipeline
 from moa_jax.eval import harness, plots
-from moa_jax.models.loading import load_model
 from moa_jax.plans.plan import uniform_plan
 from moa_jax.workdir import atomic_write_text
 
@@ -38,8 +37,9 @@ def run(config, workdir: str | Path, command: str = "") -> dict:
   `command` (the command line that ran this) is recorded in the results."""
   start = time.perf_counter()
   workdir = Path(workdir)
-  plan = pipeline.compress(config, workdir / "compress")
-  model, tokenizer, model_id = load_model(config.model)
+  compressed = pipeline.compress(config, workdir / "compress")
+  plan, model, tokenizer, model_id = (compressed.plan, compressed.model, compressed.tokenizer,
+                                      compressed.model_id)
   ev = config.eval
   factory = harness.plan_factory(model.config, density=config.optimize.density,
                                  plans={"moa": plan}, sink=config.optimize.sink)

@@ -1,9 +1,12 @@
-"""MoA's automatic pipeline: calibration -> profile -> optimize -> choose (MOA_SPEC.md section 1).
+"""MoA's automatic pipeline: calibration -> profile -> optimize -> choose (docs/method.md).
 
-`compress(config, workdir)` runs the four stages in `workdir`; each stage writes its outputs
-atomically and is skipped when already complete for the same inputs (see `moa_jax.workdir`), so
-a run killed mid-stage resumes with nothing corrupt. The chosen plan lands at `DIR/plan.json`,
-with `DIR/report.md` and its plots beside it.
+`compress(config, workdir)` runs the table `STAGES` in `workdir`. Each stage's key chains the key
+of the stage before it with its own inputs (calibration: the model, tokenizer, source and
+settings; profile, optimize: their config sections; choose: the validation set and `select`), so
+the calibration and profile of runs that share those sections are shared too (the sweep relies
+on it). Each stage writes its outputs atomically and is skipped when already complete for the
+same key (see `moa_jax.workdir`), so a run killed mid-stage resumes with nothing corrupt. The
+chosen plan lands at `DIR/plan.json`, with `DIR/report.md` and its plots beside it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import functools
 import json
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -82,93 +86,175 @@ def _log(message: str) -> None:
   print(f"[moa_jax] {message}", flush=True)
 
 
-def compress(config, workdir: str | Path) -> Plan:
-  """Run calibration -> profile -> optimize -> choose; return the chosen (validated) plan."""
+@dataclasses.dataclass
+class Compressed:
+  """What `compress` hands on: the chosen plan and the loaded model, so that callers (the demo,
+  the notebook, the eval) need not load the model again."""
+
+  plan: Plan
+  model: Any  # moa_jax.models.llama.Llama
+  tokenizer: Any
+  model_id: str
+  workdir: Path
+
+
+@dataclasses.dataclass
+class _Run:
+  """State the stages share: config, model, and each finished stage's outputs."""
+
+  config: Any
+  model: Any
+  tokenizer: Any
+  model_id: str
+  outputs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _calibration_inputs(run: _Run) -> Any:
+  return cache_key(cache_key_inputs(run.model, run.tokenizer,
+                                    _calibration_config(run.config.calibration, run.config.seed),
+                                    run.model_id))
+
+
+def _calibration_build(run: _Run, out: Path) -> None:
+  calib = _calibration_config(run.config.calibration, run.config.seed)
+  build_calibration(run.model, run.tokenizer, calib, model_id=run.model_id).save(out / "train")
+
+
+def _calibration_load(run: _Run, path: Path) -> CalibrationSet:
+  return CalibrationSet.load(path / "train")
+
+
+def _profile_build(run: _Run, out: Path) -> None:
+  prof = run.config.profile
+  influence = profile_model(run.model, run.model.config, run.outputs["calibration"],
+                            list(prof.lengths), block=prof.block, path=prof.path,
+                            batch_size=prof.batch_size, magnitude=prof.magnitude, loss=prof.loss)
+  np.savez(out / "influence.npz", **{str(n): e for n, e in influence.items()})
+
+
+def _profile_load(run: _Run, path: Path) -> dict[int, np.ndarray]:
+  with np.load(path / "influence.npz") as data:
+    return {int(n): data[n] for n in data.files}
+
+
+def _candidate_rules(config) -> list[rules_lib.ElasticRule]:
+  return rules_lib.candidate_rules(list(config.profile.lengths),
+                                   list(config.optimize.constraint_lengths),
+                                   alpha_step=config.optimize.alpha_step,
+                                   betas=tuple(config.optimize.betas))
+
+
+def _optimize_build(run: _Run, out: Path) -> None:
+  config, opt, block = run.config, run.config.optimize, run.config.profile.block
+  rules = _candidate_rules(config)
+  dl = {n: loss_delta(e, rules, n, opt.sink, block) for n, e in run.outputs["profile"].items()}
+  problem = milp.build_problem(
+      dl, rules, list(opt.constraint_lengths), num_kv_heads=run.model.config.num_kv_heads,
+      budget=opt.density, lo=opt.lower, max_rules_per_layer=opt.max_rules_per_layer,
+      grouping=opt.grouping, sink=opt.sink, block=block)
+  front = pareto.pareto_front(problem, intervals=opt.intervals,
+                              options=milp.SolverOptions(time_limit=opt.time_limit),
+                              workers=opt.workers)
+  provenance = {"config": config.to_dict(), "seed": config.seed, "model": run.model_id,
+                "calibration": run.outputs["keys"]["calibration"]}
+  for i, solution in enumerate(front.solutions):
+    problem.to_plan(solution, architecture="LlamaForCausalLM",
+                    provenance=provenance).save(out / f"plan-{i:03d}.json")
+  atomic_write_text(out / "front.json", json.dumps(
+      {"plans": len(front.solutions), "solves": front.solves, "no_solution": front.no_solution,
+       "seconds": front.seconds, "rules": [[r.alpha, r.beta] for r in rules]}, indent=1))
+
+
+def _optimize_load(run: _Run, path: Path) -> list[Plan]:
+  return [Plan.load(p) for p in sorted(path.glob("plan-*.json"))]
+
+
+def _validation_config(run: _Run) -> CalibrationConfig:
+  sel = run.config.select
+  return _calibration_config(run.config.calibration, run.config.seed + 1, lengths=(sel.length,),
+                             samples_per_length=sel.num_samples, split=sel.split)
+
+
+def _choose_inputs(run: _Run) -> Any:
+  valid = cache_key(cache_key_inputs(run.model, run.tokenizer, _validation_config(run),
+                                     run.model_id))
+  return [valid, run.config.select.to_dict()]
+
+
+def _choose_build(run: _Run, out: Path) -> None:
+  config, model, opt = run.config, run.model, run.config.optimize
+  valid_set = build_calibration(model, run.tokenizer, _validation_config(run),
+                                model_id=run.model_id)
+  valid_set.save(out / "validation")
+  n, candidates = config.select.length, run.outputs["optimize"]
+  loss = lambda plan: validation_loss(model, valid_set, plan.windows(n), plan.sink)
+  chosen, table = select_plan(candidates, loss)
+  baselines = {"dense": loss(dense_plan(model.config, sink=opt.sink)),
+               "uniform": loss(uniform_plan(model.config, opt.density, n, sink=opt.sink))}
+  chosen.save(out / "plan.json")
+  plots.plot_spans(chosen, n, out / "spans.png")
+  plots.plot_pareto_front(candidates, out / "pareto_front.png", chosen=chosen)
+  atomic_write_text(out / "report.md",
+                    _report(config, run.model_id, chosen, candidates, table, baselines, n))
+
+
+def _choose_load(run: _Run, path: Path) -> Plan:
+  return Plan.load(path / "plan.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One resumable stage: `inputs(run)` is what its outputs depend on besides the stages before
+  it (its key chains the previous stage's key), `build(run, out)` writes them into `out`, and
+  `load(run, path)` reads them back for the stages after it."""
+
+  name: str
+  inputs: Callable[[_Run], Any]
+  build: Callable[[_Run, Path], None]
+  load: Callable[[_Run, Path], Any]
+
+
+STAGES = (
+    Stage("calibration", _calibration_inputs, _calibration_build, _calibration_load),
+    Stage("profile", lambda run: run.config.profile.to_dict(), _profile_build, _profile_load),
+    Stage("optimize", lambda run: run.config.optimize.to_dict(), _optimize_build, _optimize_load),
+    Stage("choose", _choose_inputs, _choose_build, _choose_load),
+)
+
+
+def compress(config, workdir: str | Path, loaded: tuple[Any, Any, str] | None = None
+             ) -> Compressed:
+  """Run the STAGES (calibration -> profile -> optimize -> choose) in `workdir`, skipping every
+  stage already complete for the same inputs; `loaded` is an already loaded (model, tokenizer,
+  model id) of `config.model`. Writes DIR/plan.json and DIR/report.md."""
   start = time.perf_counter()
   work = Workdir(workdir)
-  model, tokenizer, model_id = load_model(config.model)
-  opt = config.optimize
-
-  calib = _calibration_config(config.calibration, config.seed)
-  calib_key = cache_key(cache_key_inputs(model, tokenizer, calib, model_id))
-  if work.is_complete("calibration", calib_key):
-    _log("calibration: complete, skipped")
-  else:
-    with work.stage("calibration", calib_key, {"model": model_id}) as out:
-      build_calibration(model, tokenizer, calib, model_id=model_id).save(out / "train")
-  train_set = CalibrationSet.load(work.path("calibration") / "train")
-
-  prof = config.profile
-  profile_key = fingerprint(calib_key, prof.to_dict())
-  if work.is_complete("profile", profile_key):
-    _log("profile: complete, skipped")
-  else:
-    with work.stage("profile", profile_key) as out:
-      influence = profile_model(model, model.config, train_set, list(prof.lengths),
-                                block=prof.block, path=prof.path, batch_size=prof.batch_size,
-                                magnitude=prof.magnitude, loss=prof.loss)
-      np.savez(out / "influence.npz", **{str(n): e for n, e in influence.items()})
-  with np.load(work.path("profile") / "influence.npz") as data:
-    influence = {int(n): data[n] for n in data.files}
-
-  rules = rules_lib.candidate_rules(list(prof.lengths), list(opt.constraint_lengths),
-                                    alpha_step=opt.alpha_step, betas=tuple(opt.betas))
-  optimize_key = fingerprint(profile_key, opt.to_dict())
-  if work.is_complete("optimize", optimize_key):
-    _log("optimize: complete, skipped")
-  else:
-    with work.stage("optimize", optimize_key) as out:
-      dl = {n: loss_delta(e, rules, n, opt.sink, prof.block) for n, e in influence.items()}
-      problem = milp.build_problem(
-          dl, rules, list(opt.constraint_lengths), num_kv_heads=model.config.num_kv_heads,
-          budget=opt.density, lo=opt.lower, max_rules_per_layer=opt.max_rules_per_layer,
-          grouping=opt.grouping, sink=opt.sink, block=prof.block)
-      front = pareto.pareto_front(problem, intervals=opt.intervals,
-                                  options=milp.SolverOptions(time_limit=opt.time_limit),
-                                  workers=opt.workers)
-      provenance = {"config": config.to_dict(), "seed": config.seed, "model": model_id,
-                    "calibration": calib_key}
-      for i, solution in enumerate(front.solutions):
-        problem.to_plan(solution, architecture="LlamaForCausalLM",
-                        provenance=provenance).save(out / f"plan-{i:03d}.json")
-      (out / "front.json").write_text(json.dumps(
-          {"plans": len(front.solutions), "solves": front.solves,
-           "no_solution": front.no_solution, "seconds": front.seconds,
-           "rules": [[r.alpha, r.beta] for r in rules]}, indent=1))
-  candidates = [Plan.load(p) for p in sorted(work.path("optimize").glob("plan-*.json"))]
-
-  sel = config.select
-  valid = _calibration_config(config.calibration, config.seed + 1, lengths=(sel.length,),
-                              samples_per_length=sel.num_samples, split=sel.split)
-  valid_key = cache_key(cache_key_inputs(model, tokenizer, valid, model_id))
-  choose_key = fingerprint(optimize_key, valid_key, sel.to_dict())
-  if work.is_complete("choose", choose_key):
-    _log("choose: complete, skipped")
-  else:
-    with work.stage("choose", choose_key) as out:
-      valid_set = build_calibration(model, tokenizer, valid, model_id=model_id)
-      valid_set.save(out / "validation")
-      n = sel.length
-      loss = lambda plan: validation_loss(model, valid_set, plan.windows(n), plan.sink)
-      chosen, table = select_plan(candidates, loss)
-      baselines = {"dense": loss(dense_plan(model.config, sink=opt.sink)),
-                   "uniform": loss(uniform_plan(model.config, opt.density, n, sink=opt.sink))}
-      chosen.save(out / "plan.json")
-      plots.plot_spans(chosen, n, out / "spans.png")
-      plots.plot_pareto_front(candidates, out / "pareto_front.png", chosen=chosen)
-      (out / "report.md").write_text(
-          _report(config, model_id, chosen, candidates, table, baselines, n))
+  model, tokenizer, model_id = loaded or load_model(config.model)
+  run = _Run(config, model, tokenizer, model_id, outputs={"keys": {}})
+  key = ""
+  for stage in STAGES:
+    key = fingerprint(key, stage.inputs(run))
+    run.outputs["keys"][stage.name] = key
+    if work.is_complete(stage.name, key):
+      _log(f"{stage.name}: complete, skipped")
+    else:
+      stage_start = time.perf_counter()
+      with work.stage(stage.name, key, {"model": model_id}) as out:
+        stage.build(run, out)
+      _log(f"{stage.name}: done in {time.perf_counter() - stage_start:.1f} s")
+    run.outputs[stage.name] = stage.load(run, work.path(stage.name))
   for name in ("plan.json", "report.md"):
     atomic_write_text(work.root / name, (work.path("choose") / name).read_text())
   _log(f"compress finished in {time.perf_counter() - start:.1f} s: {work.root / 'plan.json'}")
-  return Plan.load(work.root / "plan.json").validate(model.config)
+  plan = Plan.load(work.root / "plan.json").validate(model.config)
+  return Compressed(plan, model, tokenizer, model_id, work.root)
 
 
 def compress_command(config, workdir: Path | None) -> Plan:
   """`python -m moa_jax compress --config=... --workdir=DIR`."""
   if workdir is None:
     raise SystemExit("error: compress needs --workdir=DIR (its stages resume from there)")
-  return compress(config, workdir)
+  return compress(config, workdir).plan
 
 
 def _report(config, model_id: str, chosen: Plan, candidates: list[Plan], table,

@@ -48,7 +48,6 @@ from IPython.display import Image, Markdown, display
 
 from moa_jax import demo, pipeline
 from moa_jax.cli import load_config
-from moa_jax.models.loading import load_model
 from moa_jax.plans.plan import uniform_plan
 
 # 'reference' is the full demo (minutes on a laptop CPU); CI runs the notebook with 'tiny'.
@@ -63,8 +62,8 @@ print(config.model, config.optimize.density, config.eval.lengths)
 # already complete, so re-running this cell is cheap.
 
 # %%
-plan = pipeline.compress(config, workdir / "compress")
-model, tokenizer, model_id = load_model(config.model)
+compressed = pipeline.compress(config, workdir / "compress")  # loads the model once, hands it on
+plan, model, tokenizer = compressed.plan, compressed.model, compressed.tokenizer
 for n in (*config.profile.lengths, *config.optimize.constraint_lengths):
   print(f"N={n:5d}  KV density {plan.kv_density(n):.3f}  attention density "
         f"{plan.attention_density(n):.3f}")
