@@ -12,24 +12,14 @@ Expected (benchmarks/demo.json): dense 1.0 at 1k/2k/3k; MoA 1.0/1.0/1.0; uniform
 MoA 1.0/0.9/0.9).
 """
 
-import importlib.util
-from pathlib import Path
-
 from ml_collections import config_dict
 
-
-def _compress_config(arg):
-  spec = importlib.util.spec_from_file_location(
-      "moa_configs_compress", Path(__file__).with_name("compress.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from configs import common
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   variant = arg or "reference"
-  c = _compress_config(variant)
-  c.unlock()
+  c = common.compress_config(variant, lock=False)
   c.eval = config_dict.ConfigDict()
   c.eval.tasks = ("lines",)
   c.eval.lengths = (1024, 2048, 3072)

@@ -7,6 +7,7 @@ reported as one `UsageError` line.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -38,8 +39,19 @@ def _last_line(error: Exception) -> str:
   return lines[-1] if lines else type(error).__name__
 
 
+def _importable_config_package(spec: str | None) -> None:
+  """Let a config file import its own package (`from configs import common`): put the folder
+  that holds the config file's package on sys.path, wherever the command runs from."""
+  if not spec:
+    return
+  folder = Path(spec.split(":", 1)[0]).resolve().parent
+  if (folder / "__init__.py").is_file() and str(folder.parent) not in sys.path:
+    sys.path.insert(0, str(folder.parent))
+
+
 def _parse_flags(argv: Sequence[str]) -> tuple[list[str], ConfigDict | None, str | None]:
   """absl-parse argv with a fresh flag registry -> (positional args, config, workdir)."""
+  _importable_config_package(_config_spec(argv))
   registry = flags.FlagValues()
   config_flag = config_flags.DEFINE_config_file(
       "config", None, "ml_collections config file[:arg]", flag_values=registry,

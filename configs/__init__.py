@@ -1,0 +1,1 @@
+"""Experiment configs (ml_collections files); shared sections in configs/common.py."""
