@@ -2,9 +2,10 @@
 
 Command (GPU; give it the full 10-minute limit: XLA compiles each 32-layer program for a minute
 or more, and a first H100 run spent 150 s on the 2-layer check alone):
-  python experiments/bench_profile.py --out benchmarks/profile.json [--check]
+  PYTHONPATH=. python experiments/bench_profile.py --out benchmarks/profile.json [--check]
 CPU smoke run of the same code at a small size:
   JAX_PLATFORMS=cpu python experiments/bench_profile.py --small --check --out /tmp/profile.json
+(the package must be importable: pip install -e . or PYTHONPATH=. from the repository root)
 
 Random bf16 weights, initialised on the device (no float32 host copy); one sample of `--length`
 random tokens whose last 128 are the response. Phases (baselines are skipped once `--budget-s`
@@ -24,7 +25,6 @@ and writes JSON to --out (after every phase, so a run cut short keeps what it me
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -36,16 +36,17 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 if "--autotune" not in sys.argv:
   os.environ["XLA_FLAGS"] = " ".join(
       [os.environ.get("XLA_FLAGS", ""), "--xla_gpu_autotune_level=0"]).strip()
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax
+from absl import app, flags
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from moa_jax.models import Llama, LlamaConfig  # noqa: E402
-from moa_jax.profile.probes import EfficientAttention, OutputProbeAttention  # noqa: E402
-from moa_jax.profile.profiler import (batch_influence, default_implementation,  # noqa: E402
+from moa_jax.models import Llama, LlamaConfig
+from moa_jax.workdir import atomic_write_text
+from moa_jax.attention.fused import FusedCausalAttention
+from moa_jax.profile.probes import OutputProbeAttention
+from moa_jax.profile.profiler import (batch_influence, default_implementation,
                                       output_grads, response_loss, response_targets)
 
 GIB = 2 ** 30
@@ -153,7 +154,7 @@ def bench(config: LlamaConfig, length: int, reps: int, deadline: float, report) 
     """Loss and the gradient w.r.t. every weight: a plain training forward + backward."""
     def loss_fn(params):
       model = nnx.merge(param_graphdef, params, rest)
-      return response_loss(model, *batch, EfficientAttention(implementation, padded=False))
+      return response_loss(model, *batch, FusedCausalAttention(implementation, padded=False))
     return jax.value_and_grad(loss_fn)(params)
 
   for name, fn, arg in (("baseline_fwd_bwd_activations", forward_backward_activations, state),
@@ -167,17 +168,20 @@ def bench(config: LlamaConfig, length: int, reps: int, deadline: float, report) 
       report(name, {"error": f"{type(error).__name__}: {str(error)[:300]}"})
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default="benchmarks/profile.json")
-  parser.add_argument("--length", type=int, default=8192)
-  parser.add_argument("--check-length", type=int, default=1024)
-  parser.add_argument("--reps", type=int, default=3)
-  parser.add_argument("--budget-s", type=float, default=170.0)
-  parser.add_argument("--small", action="store_true", help="a small model (CPU smoke run)")
-  parser.add_argument("--check", action="store_true", help="run the 2-layer agreement check too")
-  parser.add_argument("--autotune", action="store_true", help="keep XLA's GEMM autotuning")
-  args = parser.parse_args()
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", "benchmarks/profile.json", "results file")
+flags.DEFINE_integer("length", 8192, "profile length T")
+flags.DEFINE_integer("check_length", 1024, "length of the 2-layer agreement check")
+flags.DEFINE_integer("reps", 3, "timed repetitions")
+flags.DEFINE_float("budget_s", 170.0, "time budget of the bench phase (seconds)")
+flags.DEFINE_bool("small", False, "a small model (CPU smoke run)")
+flags.DEFINE_bool("check", False, "run the 2-layer agreement check too")
+flags.DEFINE_bool("autotune", False, "keep XLA's GEMM autotuning")
+
+
+def main(argv) -> None:
+  del argv
+  args = FLAGS
   start = time.perf_counter()
   config = LlamaConfig.llama3_8b()
   if args.small:
@@ -194,9 +198,7 @@ def main() -> None:
     results[name] = value
     results["elapsed_s"] = time.perf_counter() - start
     print(f"[{results['elapsed_s']:7.1f}s] {name}: {json.dumps(value, default=float)}", flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(results, f, indent=1, default=float)
+    atomic_write_text(args.out, json.dumps(results, indent=1, default=float))
 
   phases = [("bench", lambda: bench(config, args.length, args.reps, start + args.budget_s,
                                      report))]
@@ -229,4 +231,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -13,28 +13,31 @@ about 90% of each target length's prompt budget so that calibration fits them wi
 the needle out; the dense model's own answers are generated later by the compress pipeline.
 """
 
-import argparse
 import json
-from pathlib import Path
 
 import numpy as np
+from absl import app, flags
 
 from moa_jax.data import tasks
 from moa_jax.models.hf import load_tokenizer
 from moa_jax.models.loading import reference_model_dir
+from moa_jax.workdir import atomic_write_text
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--tasks", nargs="+", default=["passkey", "niah", "vt", "uuid"])
-  parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 3072, 4096])
-  parser.add_argument("--per_task", type=int, default=4)
-  parser.add_argument("--seed", type=int, default=2024)
-  parser.add_argument("--out", default="moa_jax/assets/calibration/reference_tasks.jsonl")
-  args = parser.parse_args()
+FLAGS = flags.FLAGS
+flags.DEFINE_list("tasks", ["passkey", "niah", "vt", "uuid"], "task names")
+flags.DEFINE_list("lengths", ["1024", "2048", "3072", "4096"], "target lengths (tokens)")
+flags.DEFINE_integer("per_task", 4, "records per task and length")
+flags.DEFINE_integer("seed", 2024, "sample seed (other than any evaluation's)")
+flags.DEFINE_string("out", "moa_jax/assets/calibration/reference_tasks.jsonl", "JSONL to write")
+
+
+def main(argv):
+  del argv
+  args = FLAGS
   tokenizer = load_tokenizer(reference_model_dir())
   records = []
-  for length in args.lengths:
+  for length in map(int, args.lengths):
     for task in args.tasks:
       depths = np.linspace(0.05, 0.95, args.per_task).tolist()
       for sample in tasks.make_samples(task, tokenizer, int(0.9 * length), args.per_task,
@@ -43,12 +46,9 @@ def main():
         records.append({"context": context, "question": question, "task": task,
                         "target_length": length, "depth": round(sample.depth, 3),
                         "answer": sample.answer})
-  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  with open(args.out, "w") as f:
-    for record in records:
-      f.write(json.dumps(record) + "\n")
+  atomic_write_text(args.out, "".join(json.dumps(record) + "\n" for record in records))
   print(f"wrote {len(records)} records to {args.out}")
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -23,10 +23,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from moa_jax.train import data as train_data  # noqa: E402
-from moa_jax.train import tokenizer as tok_lib  # noqa: E402
+from moa_jax.train import data as train_data
+from moa_jax.train import tokenizer as tok_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/train_reference.py",
                                           "configs/train_reference.py[:tiny]")
