@@ -1,11 +1,11 @@
-"""LongBench (THUDM/LongBench) through `datasets`: loading, prompts, metrics, length buckets.
+"""LongBench (THUDM/LongBench) through `datasets`: loading, schema and prompts.
 
 Records keep LongBench's schema: input, context, answers (list), length (words, or characters
 for Chinese), dataset, language, all_classes (list or null), _id. With a hub reachable,
 `load_longbench(subset)` reads `THUDM/LongBench`; offline, `load_longbench(subset,
 data_dir=...)` reads `<data_dir>/<subset>.jsonl` (the layout of LongBench's data.zip; LongBench-E
-subsets end in `_e`). Scores are means x 100 per length bucket (0-4k, 4-8k, 8k+), as LongBench
-reports them. The prompt templates are ours, with the intent of LongBench's per-dataset ones.
+subsets end in `_e`). The prompt templates are ours, with the intent of LongBench's per-dataset
+ones. Scoring is `moa_jax.eval.longbench`.
 """
 
 from __future__ import annotations
@@ -15,13 +15,10 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from moa_jax.eval import metrics
-
 if TYPE_CHECKING:  # `datasets` is imported where data is loaded (the GPU image lacks it)
   import datasets
 
 HUB_ID = "THUDM/LongBench"
-BUCKETS = ("0-4k", "4-8k", "8k+")
 FIELDS = ("input", "context", "answers", "length", "dataset", "language", "all_classes", "_id")
 
 _QA = ("Answer the question based on the given passages. Only give me the answer and do not"
@@ -34,55 +31,51 @@ _CODE = "Complete the code below.\n{context}{input}Next line of code:\n"
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  """How one LongBench dataset is prompted and scored.
+  """How one LongBench dataset is prompted.
 
-  metric: name in moa_jax.eval.metrics.METRICS; max_new_tokens: LongBench's generation budget;
-  template: str.format template over a record's fields; first_line: score only the first line
-  of the prediction (few-shot datasets, whose models tend to continue with another example).
+  max_new_tokens: LongBench's generation budget; template: str.format template over a record's
+  fields.
   """
 
-  metric: str
   max_new_tokens: int
   template: str
-  first_line: bool = False
 
 
 DATASETS: dict[str, DatasetInfo] = {
-    "narrativeqa": DatasetInfo("qa_f1", 128, _QA),
-    "qasper": DatasetInfo("qa_f1", 128, _QA),
-    "multifieldqa_en": DatasetInfo("qa_f1", 64, _QA),
-    "multifieldqa_zh": DatasetInfo("qa_f1_zh", 64, _QA_ZH),
-    "hotpotqa": DatasetInfo("qa_f1", 32, _QA),
-    "2wikimqa": DatasetInfo("qa_f1", 32, _QA),
-    "musique": DatasetInfo("qa_f1", 32, _QA),
-    "dureader": DatasetInfo("rouge_l_zh", 128, _QA_ZH),
-    "gov_report": DatasetInfo("rouge_l", 512, _SUMMARY),
-    "qmsum": DatasetInfo("rouge_l", 512, "Answer the query about the meeting transcript below in"
-                         " one or more sentences.\n\n{context}\n\nQuery: {input}\nAnswer:"),
-    "multi_news": DatasetInfo("rouge_l", 512, "Write a one-page summary of all the news below."
+    "narrativeqa": DatasetInfo(128, _QA),
+    "qasper": DatasetInfo(128, _QA),
+    "multifieldqa_en": DatasetInfo(64, _QA),
+    "multifieldqa_zh": DatasetInfo(64, _QA_ZH),
+    "hotpotqa": DatasetInfo(32, _QA),
+    "2wikimqa": DatasetInfo(32, _QA),
+    "musique": DatasetInfo(32, _QA),
+    "dureader": DatasetInfo(128, _QA_ZH),
+    "gov_report": DatasetInfo(512, _SUMMARY),
+    "qmsum": DatasetInfo(512, "Answer the query about the meeting transcript below in one or"
+                         " more sentences.\n\n{context}\n\nQuery: {input}\nAnswer:"),
+    "multi_news": DatasetInfo(512, "Write a one-page summary of all the news below."
                               "\n\n{context}\n\nSummary:"),
-    "vcsum": DatasetInfo("rouge_l_zh", 512, "为下面的会议记录写一段总结。\n\n{context}\n\n总结："),
-    "trec": DatasetInfo("classification", 64, "Determine the type of the question below. Here are"
-                        " some examples of questions.\n\n" + _FEW_SHOT, first_line=True),
-    "triviaqa": DatasetInfo("qa_f1", 32, "Answer the question based on the passage. Only give the"
-                            " answer. Here are some examples.\n\n" + _FEW_SHOT, first_line=True),
-    "samsum": DatasetInfo("rouge_l", 128, "Summarize the dialogue into a few short sentences."
-                          " Here are some examples.\n\n" + _FEW_SHOT, first_line=True),
-    "lsht": DatasetInfo("classification", 64, "判断新闻的类别。下面是一些例子。\n\n" + _FEW_SHOT,
-                        first_line=True),
-    "passage_count": DatasetInfo("count", 32, "Below are several paragraphs, some of which may be"
-                                 " duplicates. How many unique paragraphs are there after removing"
-                                 " duplicates?\n\n{context}\n\nAnswer with a number only.\n"
-                                 "The final answer is: "),
-    "passage_retrieval_en": DatasetInfo("retrieval", 32, "Here are paragraphs and an abstract."
-                                        " Which paragraph is the abstract from?\n\n{context}\n\n"
+    "vcsum": DatasetInfo(512, "为下面的会议记录写一段总结。\n\n{context}\n\n总结："),
+    "trec": DatasetInfo(64, "Determine the type of the question below. Here are some examples"
+                        " of questions.\n\n" + _FEW_SHOT),
+    "triviaqa": DatasetInfo(32, "Answer the question based on the passage. Only give the answer."
+                            " Here are some examples.\n\n" + _FEW_SHOT),
+    "samsum": DatasetInfo(128, "Summarize the dialogue into a few short sentences. Here are"
+                          " some examples.\n\n" + _FEW_SHOT),
+    "lsht": DatasetInfo(64, "判断新闻的类别。下面是一些例子。\n\n" + _FEW_SHOT),
+    "passage_count": DatasetInfo(32, "Below are several paragraphs, some of which may be"
+                                 " duplicates. How many unique paragraphs are there after"
+                                 " removing duplicates?\n\n{context}\n\nAnswer with a number"
+                                 " only.\nThe final answer is: "),
+    "passage_retrieval_en": DatasetInfo(32, "Here are paragraphs and an abstract. Which"
+                                        " paragraph is the abstract from?\n\n{context}\n\n"
                                         "Abstract: {input}\n\nAnswer as \"Paragraph k\".\n"
                                         "The answer is: "),
-    "passage_retrieval_zh": DatasetInfo("retrieval_zh", 32, "以下是若干段落和一个摘要。摘要来自哪一段？"
+    "passage_retrieval_zh": DatasetInfo(32, "以下是若干段落和一个摘要。摘要来自哪一段？"
                                         "\n\n{context}\n\n摘要：{input}\n\n请按“段落k”的格式回答。\n"
                                         "答案是："),
-    "lcc": DatasetInfo("edit_sim", 64, _CODE),
-    "repobench-p": DatasetInfo("edit_sim", 64, _CODE),
+    "lcc": DatasetInfo(64, _CODE),
+    "repobench-p": DatasetInfo(64, _CODE),
 }
 
 
@@ -92,11 +85,6 @@ def dataset_info(name: str) -> DatasetInfo:
   if base not in DATASETS:
     raise ValueError(f"unknown LongBench dataset {name!r}; choose one of {sorted(DATASETS)}")
   return DATASETS[base]
-
-
-def length_bucket(length: int) -> str:
-  """'0-4k', '4-8k' or '8k+' for a record's `length` field."""
-  return BUCKETS[0] if length < 4000 else BUCKETS[1] if length < 8000 else BUCKETS[2]
 
 
 def load_longbench(subset: str, *, data_dir: str | os.PathLike | None = None,
@@ -126,27 +114,3 @@ def build_prompt(record: Mapping[str, Any]) -> str:
   """The task prompt of one record (its dataset's template filled with context and input)."""
   return dataset_info(record["dataset"]).template.format(context=record["context"],
                                                          input=record["input"])
-
-
-def score_record(record: Mapping[str, Any], prediction: str) -> float:
-  """The record's metric in [0, 1], best over its reference answers."""
-  info = dataset_info(record["dataset"])
-  if info.first_line:
-    prediction = prediction.lstrip("\n").split("\n")[0]
-  return metrics.score(info.metric, prediction, record["answers"],
-                       all_classes=record.get("all_classes"))
-
-
-def evaluate_predictions(records: Sequence[Mapping[str, Any]] | datasets.Dataset,
-                         predictions: Sequence[str]) -> dict[str, dict[str, float]]:
-  """Mean score x 100 and count, overall ('all') and per length bucket (empty buckets left out)."""
-  if len(records) != len(predictions):
-    raise ValueError(f"{len(records)} records but {len(predictions)} predictions")
-  groups: dict[str, list[float]] = {}
-  for record, prediction in zip(records, predictions):
-    value = score_record(record, prediction)
-    for key in ("all", length_bucket(record["length"])):
-      groups.setdefault(key, []).append(value)
-  order = ("all",) + BUCKETS
-  return {k: {"score": 100 * sum(groups[k]) / len(groups[k]), "count": len(groups[k])}
-          for k in order if k in groups}
