@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from moa_jax.plans.plan import Plan
 
@@ -15,17 +16,19 @@ from moa_jax.plans.plan import Plan
 def plot_spans(plan: Plan, n: int, path: str | os.PathLike) -> None:
   """Heatmap of every query head's window at planned length n: layers down, heads across."""
   windows = plan.windows(n)  # [L, H]
-  fig = Figure(figsize=(max(4.0, 0.22 * plan.num_heads + 2), max(3.0, 0.2 * plan.num_layers + 1.5)))
+  fig = Figure(figsize=(max(6.0, 0.22 * plan.num_heads + 3), max(4.0, 0.2 * plan.num_layers + 2)),
+               layout="constrained")
   ax = fig.add_subplot()
   image = ax.imshow(windows, aspect="auto", cmap="viridis", vmin=0, vmax=n,
                     interpolation="nearest")
-  fig.colorbar(image, ax=ax, label="window W(N) in tokens (sink not included)")
+  fig.colorbar(image, ax=ax, label="window W(N), tokens\n(sink not included)")
   ax.set_xlabel("query head")
   ax.set_ylabel("layer")
-  ax.set_title(f"spans at N={n}: KV density {plan.kv_density(n):.3f}, "
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+  ax.set_title(f"spans at N={n}\nKV density {plan.kv_density(n):.3f}, "
                f"attention density {plan.attention_density(n):.3f}", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
 def plot_pareto_front(plans: Sequence[Plan], path: str | os.PathLike,
