@@ -26,8 +26,10 @@ from flax import nnx
 
 from moa_jax.attention.reference import reference_attention
 from moa_jax.models.loading import load_model
-from moa_jax.optimize import milp, pareto
+from moa_jax.optimize import pareto
+from moa_jax.optimize.direct import SolverOptions
 from moa_jax.optimize.loss_delta import loss_delta
+from moa_jax.optimize.problem import build_problem
 from moa_jax.optimize.select import select_plan
 from moa_jax.plans import plots
 from moa_jax.plans import rules as rules_lib
@@ -148,12 +150,12 @@ def _optimize_build(run: _Run, out: Path) -> None:
   config, opt, block = run.config, run.config.optimize, run.config.profile.block
   rules = _candidate_rules(config)
   dl = {n: loss_delta(e, rules, n, opt.sink, block) for n, e in run.outputs["profile"].items()}
-  problem = milp.build_problem(
+  problem = build_problem(
       dl, rules, list(opt.constraint_lengths), num_kv_heads=run.model.config.num_kv_heads,
       budget=opt.density, lo=opt.lower, max_rules_per_layer=opt.max_rules_per_layer,
       grouping=opt.grouping, sink=opt.sink, block=block)
   front = pareto.pareto_front(problem, intervals=opt.intervals,
-                              options=milp.SolverOptions(time_limit=opt.time_limit),
+                              options=SolverOptions(time_limit=opt.time_limit),
                               workers=opt.workers)
   provenance = {"config": config.to_dict(), "seed": config.seed, "model": run.model_id,
                 "calibration": run.outputs["keys"]["calibration"]}

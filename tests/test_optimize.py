@@ -6,9 +6,11 @@ import itertools
 import numpy as np
 import pytest
 
+from moa_jax.optimize import decomposition
+from moa_jax.optimize import direct
 from moa_jax.optimize import loss_delta as loss_delta_lib
-from moa_jax.optimize import milp
 from moa_jax.optimize import pareto
+from moa_jax.optimize import problem as problem_lib
 from moa_jax.optimize import select
 from moa_jax.plans import rules as rules_lib
 
@@ -65,9 +67,9 @@ def _small_problem(rng, *, layers, heads, kv_heads, grouping, max_rules, budget,
                    num_rules=4):
   rules = SMALL_RULES[:num_rules]
   dl = {n: rng.exponential(size=(layers, heads, num_rules)) for n in LENGTHS}
-  return milp.build_problem(dl, rules, LENGTHS, num_kv_heads=kv_heads, budget=budget, lo=lo,
-                            max_rules_per_layer=max_rules, grouping=grouping, sink=SINK,
-                            block=BLOCK)
+  return problem_lib.build_problem(
+      dl, rules, LENGTHS, num_kv_heads=kv_heads, budget=budget, lo=lo,
+      max_rules_per_layer=max_rules, grouping=grouping, sink=SINK, block=BLOCK)
 
 
 def _enumerate(problem):
@@ -105,11 +107,14 @@ SMALL_CASES = [  # 4 units x 4 rules (256 assignments) or 4 query heads in 2 gro
 @pytest.mark.parametrize("case", SMALL_CASES)
 def test_milp_matches_enumeration(case, method):
   rng = np.random.default_rng(len(str(case)) + len(method))
-  options = milp.SolverOptions(method=method, mip_rel_gap=0.0, time_limit=None)
+  options = direct.SolverOptions(method=method, mip_rel_gap=0.0, time_limit=None)
   solved = infeasible = 0
   for trial in range(6):
     problem = _small_problem(rng, budget=float(rng.uniform(0.3, 0.75)),
                              lo=float(rng.choice([0.0, 0.7, 0.9])), **case)
+    solver = decomposition.solver_for(problem, options)
+    assert isinstance(solver, direct.DirectSolver if method == "direct"
+                      else decomposition.Decomposition)
     index, objectives, densities = _enumerate(problem)
     band = np.all((densities >= problem.lo * problem.budget - 1e-12)
                   & (densities <= problem.budget + 1e-12), -1)
@@ -120,11 +125,11 @@ def test_milp_matches_enumeration(case, method):
       bounds = {LENGTHS[1 - primary]: float(other[len(other) // 2 - 1:len(other) // 2 + 1].mean())}
     feasible = band & (objectives[:, 1 - primary] <= bounds.get(LENGTHS[1 - primary], np.inf))
     if not feasible.any():
-      with pytest.raises(milp.InfeasibleError):
-        problem.solve(LENGTHS[primary], bounds, options)
+      with pytest.raises(problem_lib.InfeasibleError):
+        solver.solve(LENGTHS[primary], bounds, options)
       infeasible += 1
       continue
-    solution = problem.solve(LENGTHS[primary], bounds, options)
+    solution = solver.solve(LENGTHS[primary], bounds, options)
     _check_solution(problem, solution)
     best = objectives[feasible, primary].min()
     if method == "direct":
@@ -147,34 +152,62 @@ def test_infeasible_budget_names_smallest_feasible_budget():
   # An assignment admits budgets B with max(density) <= B <= min(density) / lo.
   low, high = densities.max(-1), densities.min(-1) / problem.lo
   smallest, largest = low[low <= high].min(), high[low <= high].max()
-  exact = milp.SolverOptions(method="direct", mip_rel_gap=0.0, time_limit=None)
-  assert problem.feasible_budget_range(exact) == pytest.approx((smallest, largest), abs=1e-7)
+  exact = direct.SolverOptions(method="direct", mip_rel_gap=0.0, time_limit=None)
+  exact_solver = direct.DirectSolver(problem)
+  found = exact_solver.feasible_budget_range(exact)
+  assert found == pytest.approx((smallest, largest), abs=1e-7)
   with pytest.raises(ValueError, match=f"smallest feasible budget is {smallest:.4f}"):
-    problem.solve(options=exact)
+    exact_solver.solve(options=exact)
   # The decomposition's budgets are feasible ones, no further out than the true extremes.
-  decomposition = milp.SolverOptions(method="decomposition", mip_rel_gap=0.0, time_limit=None)
-  found_low, found_high = problem.feasible_budget_range(decomposition)
+  options = direct.SolverOptions(method="decomposition", mip_rel_gap=0.0, time_limit=None)
+  decomposed = decomposition.Decomposition(problem)
+  found_low, found_high = decomposed.feasible_budget_range(options)
   for budget in (found_low, found_high):
     assert smallest - 1e-9 <= budget <= largest + 1e-9
     assert np.any((low <= budget + 1e-9) & (budget - 1e-9 <= high))
-  with pytest.raises(milp.InfeasibleError, match="smallest feasible budget"):
-    problem.solve(options=decomposition)
+  with pytest.raises(problem_lib.InfeasibleError, match="smallest feasible budget"):
+    decomposed.solve(options=options)
 
 
 def test_build_problem_rejects_bad_input():
   dl = {64: np.ones((2, 4, 4))}
   kwargs = dict(num_kv_heads=2, budget=0.5, sink=SINK, block=BLOCK)
   with pytest.raises(ValueError, match="3 rules"):
-    milp.build_problem(dl, SMALL_RULES[:3], LENGTHS, **kwargs)
+    problem_lib.build_problem(dl, SMALL_RULES[:3], LENGTHS, **kwargs)
   with pytest.raises(ValueError, match="KV groups"):
-    milp.build_problem(dl, SMALL_RULES[:4], LENGTHS, **{**kwargs, "num_kv_heads": 3})
+    problem_lib.build_problem(dl, SMALL_RULES[:4], LENGTHS, **{**kwargs, "num_kv_heads": 3})
   with pytest.raises(ValueError, match="NaN"):
-    milp.build_problem({64: np.full((2, 4, 4), np.nan)}, SMALL_RULES[:4], LENGTHS, **kwargs)
+    problem_lib.build_problem({64: np.full((2, 4, 4), np.nan)}, SMALL_RULES[:4], LENGTHS,
+                              **kwargs)
   with pytest.raises(ValueError, match="grouping"):
-    milp.build_problem(dl, SMALL_RULES[:4], LENGTHS, grouping="heads", **kwargs)
-  problem = milp.build_problem(dl, SMALL_RULES[:4], LENGTHS, **kwargs)
+    problem_lib.build_problem(dl, SMALL_RULES[:4], LENGTHS, grouping="heads", **kwargs)
+  problem = problem_lib.build_problem(dl, SMALL_RULES[:4], LENGTHS, **kwargs)
   with pytest.raises(ValueError, match="not a profile length"):
-    problem.solve(128)
+    direct.DirectSolver(problem).solve(128)
+
+
+def test_solver_for_and_the_decomposition_pool():
+  rng = np.random.default_rng(6)
+  problem = _small_problem(rng, layers=3, heads=4, kv_heads=4, grouping="kv_group", max_rules=2,
+                           budget=0.5, lo=0.7)  # 3 x 4 x 4 = 48 binaries
+  auto = lambda limit: decomposition.solver_for(
+      problem, direct.SolverOptions(direct_max_binaries=limit))
+  assert isinstance(auto(48), direct.DirectSolver)
+  assert isinstance(auto(47), decomposition.Decomposition)
+  options = direct.SolverOptions(method="decomposition", mip_rel_gap=0.0, time_limit=None)
+  solver = decomposition.Decomposition(problem)
+  assert solver.num_columns == 0
+  first = solver.solve(64, options=options)
+  pooled = solver.num_columns
+  assert pooled >= problem.num_layers  # at least one column per layer
+  again = solver.solve(64, options=options)  # the same target again: nothing new to price
+  assert solver.num_columns == pooled
+  np.testing.assert_array_equal(again.rule_index, first.rule_index)
+  solver.solve(128, options=options)
+  fresh = decomposition.Decomposition(problem)  # the problem holds no pool: this one is empty
+  assert fresh.num_columns == 0
+  fresh.solve(128, options=options)
+  assert solver.num_columns > max(pooled, fresh.num_columns)  # the 64 solve's columns stayed
 
 
 # ---------------------------------------------------------------------- Pareto and choice
@@ -182,15 +215,15 @@ def test_build_problem_rejects_bad_input():
 def _three_objective_problem(rng, **case):
   rules = SMALL_RULES[:4]
   dl = {n: rng.exponential(size=(case["layers"], case["heads"], 4)) for n in (64, 96, 128)}
-  return milp.build_problem(dl, rules, LENGTHS, num_kv_heads=case["kv_heads"], budget=0.6,
-                            lo=0.5, max_rules_per_layer=case["max_rules"],
-                            grouping=case["grouping"], sink=SINK, block=BLOCK)
+  return problem_lib.build_problem(
+      dl, rules, LENGTHS, num_kv_heads=case["kv_heads"], budget=0.6, lo=0.5,
+      max_rules_per_layer=case["max_rules"], grouping=case["grouping"], sink=SINK, block=BLOCK)
 
 
 @pytest.mark.parametrize("case", SMALL_CASES[:3])
 def test_pareto_front_is_feasible_distinct_and_non_dominated(case):
   problem = _three_objective_problem(np.random.default_rng(7), **case)
-  options = milp.SolverOptions(method="direct", mip_rel_gap=0.0, time_limit=None)
+  options = direct.SolverOptions(method="direct", mip_rel_gap=0.0, time_limit=None)
   front = pareto.pareto_front(problem, intervals=3, options=options, progress=False)
   assert front.solves == 3 + 3 * (3 * 3 - 1)
   index, objectives, densities = _enumerate(problem)
@@ -210,9 +243,10 @@ def test_pareto_front_decomposition_threads():
   layers, heads, num_rules = 6, 8, 5
   dl = {n: rng.exponential(size=(layers, heads, num_rules)) * rng.uniform(0.2, 2, (1, heads, 1))
         for n in (64, 96, 128)}
-  problem = milp.build_problem(dl, SMALL_RULES[:num_rules], LENGTHS, num_kv_heads=4, budget=0.55,
-                               lo=0.8, grouping="query_head", sink=SINK, block=BLOCK)
-  options = milp.SolverOptions(method="decomposition", time_limit=10.0)
+  problem = problem_lib.build_problem(
+      dl, SMALL_RULES[:num_rules], LENGTHS, num_kv_heads=4, budget=0.55, lo=0.8,
+      grouping="query_head", sink=SINK, block=BLOCK)
+  options = direct.SolverOptions(method="decomposition", time_limit=10.0)
   front = pareto.pareto_front(problem, intervals=2, options=options, workers=2, progress=False)
   assert front.solutions and all(s.method in ("decomposition", "direct") for s in front.solutions)
   values = np.array([[s.objectives[n] for n in (64, 96, 128)] for s in front.solutions])
@@ -225,7 +259,7 @@ def test_pareto_front_decomposition_threads():
 
 def test_select_plan_picks_lowest_validation_loss():
   problem = _three_objective_problem(np.random.default_rng(9), **SMALL_CASES[0])
-  options = milp.SolverOptions(method="direct", mip_rel_gap=0.0, time_limit=None)
+  options = direct.SolverOptions(method="direct", mip_rel_gap=0.0, time_limit=None)
   front = pareto.pareto_front(problem, intervals=2, options=options, progress=False)
   plans = [problem.to_plan(s) for s in front.solutions]
   assert len(plans) >= 2

@@ -1,4 +1,4 @@
-"""Predicted loss increase dL(rule, N) of every candidate rule for every head (MOA_SPEC.md 2, 4).
+"""Predicted loss increase dL(rule, N) of every candidate rule for every head (docs/method.md 2, 4).
 
     dL_h(rule, N) = sum over causal blocks (r >= c) of (1 - keep_rule[r, c]) * E_bar_h[r, c]
 

@@ -6,6 +6,8 @@
    combination of interval upper ends for the other objectives, minimize Z_p subject to
    Z_q <= bound_q (the all-loose combination is the anchor itself and is skipped).
 3. Keep the distinct, non-dominated assignments.
+Every solve of one front goes through one solver (`decomposition.solver_for`): with the
+decomposition, later solves reuse the columns earlier ones generated.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from collections.abc import Sequence
 import numpy as np
 import tqdm
 
-from moa_jax.optimize import milp
+from moa_jax.optimize import decomposition
+from moa_jax.optimize import direct
+from moa_jax.optimize import problem as problem_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,13 +31,13 @@ class ParetoFront:
   """solutions: distinct non-dominated assignments, sorted by the first objective;
   solves: MILPs solved; no_solution: epsilon combinations that were infeasible or timed out."""
 
-  solutions: list[milp.Solution]
+  solutions: list[problem_lib.Solution]
   solves: int
   no_solution: int
   seconds: float
 
 
-def non_dominated(solutions: Sequence[milp.Solution]) -> list[milp.Solution]:
+def non_dominated(solutions: Sequence[problem_lib.Solution]) -> list[problem_lib.Solution]:
   """Distinct assignments (first occurrence kept) that no other one dominates, sorted by the
   objective vector (profile lengths ascending)."""
   distinct = {}
@@ -49,7 +53,7 @@ def non_dominated(solutions: Sequence[milp.Solution]) -> list[milp.Solution]:
   return [candidates[i] for i in sorted(keep, key=lambda i: tuple(values[i]))]
 
 
-def epsilon_bounds(anchors: Sequence[milp.Solution], profile_lengths: Sequence[int],
+def epsilon_bounds(anchors: Sequence[problem_lib.Solution], profile_lengths: Sequence[int],
                    intervals: int) -> list[tuple[int, dict[int, float]]]:
   """(primary, {other length: upper bound}) for every primary and interval combination."""
   values = np.array([[a.objectives[n] for n in profile_lengths] for a in anchors])  # [P, P]
@@ -69,27 +73,28 @@ def epsilon_bounds(anchors: Sequence[milp.Solution], profile_lengths: Sequence[i
   return jobs
 
 
-def pareto_front(problem: milp.AssignmentProblem, intervals: int = 3,
-                 options: milp.SolverOptions = milp.SolverOptions(), workers: int = 1,
+def pareto_front(problem: problem_lib.AssignmentProblem, intervals: int = 3,
+                 options: direct.SolverOptions = direct.SolverOptions(), workers: int = 1,
                  progress: bool = True) -> ParetoFront:
   """The epsilon-constraint Pareto front of `problem` over its profile lengths' objectives.
 
   `workers` > 1 solves the epsilon subproblems in that many threads (HiGHS releases the GIL).
-  An infeasible budget raises milp.InfeasibleError from the first anchor.
+  An infeasible budget raises InfeasibleError from the first anchor.
   """
   if intervals < 1:
     raise ValueError(f"intervals must be >= 1, got {intervals}")
   start = time.perf_counter()
+  solver = decomposition.solver_for(problem, options)
   lengths = problem.profile_lengths
-  anchors = [problem.solve(n, options=options)
+  anchors = [solver.solve(n, options=options)
              for n in tqdm.tqdm(lengths, desc="pareto anchors", disable=not progress)]
   jobs = epsilon_bounds(anchors, lengths, intervals) if len(lengths) > 1 else []
 
   def run(job):
     primary, bounds = job
     try:
-      return problem.solve(primary, bounds, options)
-    except (milp.InfeasibleError, TimeoutError):
+      return solver.solve(primary, bounds, options)
+    except (problem_lib.InfeasibleError, TimeoutError):
       return None
 
   with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
