@@ -1,9 +1,12 @@
-"""Sparse MoA prefill kernels (Pallas Triton and Mosaic, interpret mode) against the jnp reference.
+"""Sparse MoA prefill kernels (Pallas Triton, Mosaic GPU, Mosaic TPU) against the jnp reference.
 
-Interpret mode fills every output buffer with NaN before the kernel runs (Pallas'
-uninitialized value; set explicitly for the TPU interpreter), so an element the kernel never
-writes fails the NaN check. Inputs are fresh random draws; windows are random per head and
-include 1 (a query sees only itself and the sink) and more than T (dense).
+Tests marked `gpu` run compiled on a GPU (`pytest -m gpu`) and, where they take the
+`interpret` fixture, in interpret mode elsewhere (tests/conftest.py); the Mosaic TPU kernel
+always runs interpreted. Interpret mode fills every output buffer with NaN before the kernel
+runs (Pallas' uninitialized value; set explicitly for the TPU interpreter), so an element the
+kernel never writes fails the NaN check. Inputs are fresh random draws; windows are random per
+head and include 1 (a query sees only itself and the sink) and more than T (dense). GQA ratios
+N / K of 1, 3, 4, 7 and 8 are covered.
 """
 
 from __future__ import annotations
@@ -15,11 +18,10 @@ import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
 from moa_jax.attention import dispatch
-from moa_jax.attention.prefill_gpu import launch_defaults, key_block_ranges, sparse_prefill_gpu
+from moa_jax.attention.prefill_gpu import launch_defaults, sparse_prefill_gpu
 from moa_jax.attention.prefill_hopper import sparse_prefill_hopper
-from moa_jax.attention.prefill_tpu import block_tables, sparse_prefill_tpu
+from moa_jax.attention.prefill_tpu import sparse_prefill_tpu
 from moa_jax.attention.reference import reference_attention
-from moa_jax.plans.rules import FULL, SKIP, block_layout
 
 # Max abs error against the float32 reference on the same (rounded) inputs.
 TOLERANCE = {jnp.float32: 2e-5, jnp.float16: 4e-3, jnp.bfloat16: 3e-2}
@@ -44,19 +46,46 @@ def check(out, q, k, v, pos, windows, sink):
   assert jnp.all(out[pos < 0] == 0), "padding rows must be zero"
 
 
-GPU_CASES = [  # B, T, N, K, H, dtype, left padding per row, windows per KV group, sink
-    (2, 1000, 4, 4, 64, jnp.float32, [0, 123], False, 64),
-    (2, 1000, 8, 2, 128, jnp.bfloat16, [0, 301], False, 64),
-    (1, 1000, 8, 1, 64, jnp.float16, [77], True, 16),
-    (1, 600, 4, 4, 32, jnp.bfloat16, [20], False, 64),  # G = 1: 64-row tiles by default
+CASES = [  # B, T, N, K, H, dtype, left padding per row, windows per KV group, sink
+    (2, 300, 2, 2, 32, jnp.float32, [0, 37], False, 16),  # GQA ratio 1
+    (2, 300, 6, 2, 16, jnp.bfloat16, [0, 50], True, 16),  # 3 (padded to 4 stacked heads)
+    (1, 500, 8, 2, 128, jnp.bfloat16, [101], False, 64),  # 4
+    (1, 300, 7, 1, 32, jnp.float16, [0], False, 64),  # 7 (padded to 8)
+    (1, 300, 8, 1, 64, jnp.float16, [77], True, 16),  # 8
+    (1, 300, 4, 4, 32, jnp.bfloat16, [20], False, 64),  # 1: 64-row tiles by default
+]
+GPU_CASES = [  # GPU-sized (compiled only): the same fields
+    (2, 1000, 32, 8, 128, jnp.bfloat16, [0, 301], False, 64),
+    (2, 1500, 16, 16, 64, jnp.float16, [0, 777], False, 64),
+    (1, 1000, 8, 1, 128, jnp.float32, [100], False, 64),
+    (1, 2047, 32, 4, 128, jnp.bfloat16, [0], True, 64),
+    (2, 1000, 24, 8, 128, jnp.bfloat16, [0, 0], False, 64),  # ratio 3 (Llama-3.2-3B, SmolLM2)
+    (1, 1777, 28, 4, 128, jnp.float16, [45], True, 64),  # ratio 7
+]
+GPU_CONFIGS = [  # launch settings beside the defaults: 32-key edge blocks; one loop
+    dict(block_rows=128, block_k=128, edge_block_k=32, num_warps=8, num_stages=3),
+    dict(block_rows=128, block_k=128, num_warps=8, num_stages=3, single_loop=True),
 ]
 
 
-@pytest.mark.parametrize("b,t,n,kv,h,dtype,pads,per_group,sink", GPU_CASES)
-def test_triton_prefill_matches_reference(b, t, n, kv, h, dtype, pads, per_group, sink):
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,t,n,kv,h,dtype,pads,per_group,sink", CASES)
+def test_triton_prefill_matches_reference(b, t, n, kv, h, dtype, pads, per_group, sink,
+                                          interpret):
   q, k, v, pos, windows = random_case(t + n + kv, b, t, n, kv, h, dtype, pads, per_group)
-  out = sparse_prefill_gpu(q, k, v, pos, jnp.asarray(windows), sink=sink, interpret=True)
+  out = sparse_prefill_gpu(q, k, v, pos, jnp.asarray(windows), sink=sink, interpret=interpret)
   check(out, q, k, v, pos, windows, sink)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,t,n,kv,h,dtype,pads,per_group,sink", GPU_CASES)
+def test_triton_prefill_gpu_sizes(b, t, n, kv, h, dtype, pads, per_group, sink):
+  """Compiled: the defaults and the other launch settings (2-byte inputs) on larger shapes."""
+  q, k, v, pos, windows = random_case(t + n + kv, b, t, n, kv, h, dtype, pads, per_group)
+  configs = [{}] if dtype == jnp.float32 else [{}, *GPU_CONFIGS]
+  for config in configs:
+    out = sparse_prefill_gpu(q, k, v, pos, jnp.asarray(windows), sink=sink, **config)
+    check(out, q, k, v, pos, windows, sink)
 
 
 def test_launch_defaults():
@@ -73,64 +102,30 @@ def test_launch_defaults():
   assert launch_defaults(group=2, seq_len=100, single_loop=True, **bf16)["edge_block_k"] == 128
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("single_loop,block_k,edge_block_k", [
     (True, 16, None), (False, 16, None), (False, 64, 16)])
-def test_triton_prefill_small_blocks(single_loop, block_k, edge_block_k):
+def test_triton_prefill_small_blocks(single_loop, block_k, edge_block_k, interpret):
   """edge_block_k < block_k: edge blocks of 16 keys, interior steps of 4 edge blocks from an
   edge-block boundary, the interior's remainder masked."""
-  q, k, v, pos, windows = random_case(5, 2, 300, 8, 2, 32, jnp.float32, [0, 50])
+  q, k, v, pos, windows = random_case(5, 2, 160, 8, 2, 32, jnp.float32, [0, 50])
   out = sparse_prefill_gpu(q, k, v, pos, jnp.asarray(windows), sink=8, block_rows=64,
                            block_k=block_k, edge_block_k=edge_block_k, single_loop=single_loop,
-                           interpret=True)
+                           interpret=interpret)
   check(out, q, k, v, pos, windows, 8)
 
 
-@pytest.mark.parametrize("b,t,n,kv,h,dtype,pads,interpret,max_window", [
-    (2, 1000, 8, 2, 128, jnp.bfloat16, [0, 301], "tpu", True),
-    (1, 1000, 8, 8, 64, jnp.float32, [50], "hlo", False),
+@pytest.mark.parametrize("b,t,n,kv,h,dtype,pads,mode,max_window", [
+    (2, 300, 6, 2, 64, jnp.bfloat16, [0, 101], "tpu", True),  # GQA ratio 3
+    (1, 300, 7, 1, 32, jnp.float32, [50], "hlo", False),  # 7
+    (1, 300, 4, 4, 32, jnp.float32, [0], "hlo", True),  # 1
 ])
-def test_mosaic_prefill_matches_reference(b, t, n, kv, h, dtype, pads, interpret, max_window):
+def test_mosaic_prefill_matches_reference(b, t, n, kv, h, dtype, pads, mode, max_window):
   q, k, v, pos, windows = random_case(t + kv, b, t, n, kv, h, dtype, pads)
-  mode = pltpu.InterpretParams(uninitialized_memory="nan") if interpret == "tpu" else True
+  mode = pltpu.InterpretParams(uninitialized_memory="nan") if mode == "tpu" else True
   out = sparse_prefill_tpu(q, k, v, pos, jnp.asarray(windows), sink=64, interpret=mode,
                            max_window=int(windows.max()) if max_window else None)
   check(out, q, k, v, pos, windows, 64)
-
-
-@pytest.mark.parametrize("sink,block", [(64, 64), (0, 32), (100, 32)])
-def test_block_ranges_are_the_rule_layout(sink, block):
-  """Without padding, with tiles of one block: the key blocks a tile visits are exactly the
-  non-SKIP blocks of the rule's layout for the group's largest window; interior (unmasked)
-  blocks are FULL for every head of the group, and every FULL block past the sink is interior."""
-  n, rng = 700, np.random.default_rng(sink + block)
-  windows = np.sort(rng.integers(1, n + 10, (5, 3)), axis=-1)  # [K, G]
-  nb = -(-n // block)
-  index, full, count = (np.asarray(x) for x in block_tables(
-      jnp.zeros(1, jnp.int32), jnp.asarray(windows, jnp.int32), sink=sink, seq_len=n,
-      tile_tokens=block, block_k=block, num_q_blocks=nb, max_steps=nb))
-  layout = block_layout(windows, sink, n, block)  # [K, G, NB, NB]
-  for g in range(windows.shape[0]):
-    for r in range(nb):
-      visited = index[0, g, r, :count[0, g, r]]
-      assert len(set(visited)) == len(visited)
-      assert set(visited) == set(np.flatnonzero(layout[g, -1, r] != SKIP))
-      interior = set(visited[full[0, g, r, :count[0, g, r]] == 1])
-      all_full = set(np.flatnonzero((layout[g, :, r] == FULL).all(0)))
-      assert interior <= all_full
-      assert {c for c in all_full if c * block >= sink} <= interior
-
-
-def test_block_ranges_skip_padding():
-  """A tile of pure left padding visits nothing; a later tile starts at the first real token."""
-  ranges = key_block_ranges(jnp.int32(300), jnp.int32(0), jnp.int32(127), 50, 50, sink=64,
-                            block_k=64)
-  sink_lo, sink_hi, lo, f0, f1, hi = (int(x) for x in ranges)
-  assert sink_hi - sink_lo == 0 and hi - lo == 0
-  ranges = key_block_ranges(jnp.int32(300), jnp.int32(1024), jnp.int32(1151), 2000, 2000,
-                            sink=64, block_k=64)
-  sink_lo, sink_hi, lo, f0, f1, hi = (int(x) for x in ranges)
-  assert (lo, hi, f0, f1) == (300 // 64, 1151 // 64 + 1, 5, 16)
-  assert sink_hi == sink_lo  # the window already covers the sink
 
 
 def test_dispatch():
@@ -149,8 +144,9 @@ def test_dispatch():
 
 def test_triton_prefill_rejects_bad_shapes():
   q, k, v, pos, windows = random_case(1, 1, 64, 6, 2, 16, jnp.float32, [0])
-  with pytest.raises(ValueError, match="power-of-two GQA group"):
-    sparse_prefill_gpu(q, k, v, pos, jnp.asarray(windows), sink=4, interpret=True)
+  with pytest.raises(ValueError, match=r"block_rows must be .* >= 16 \* G' = 64"):
+    sparse_prefill_gpu(q, k, v, pos, jnp.asarray(windows), sink=4, block_rows=32,
+                       interpret=True)
   q, k, v, pos, windows = random_case(1, 1, 64, 4, 2, 24, jnp.float32, [0])
   with pytest.raises(ValueError, match="head_dim"):
     sparse_prefill_gpu(q, k, v, pos, jnp.asarray(windows), sink=4, interpret=True)
@@ -171,16 +167,43 @@ def test_hopper_prefill_rejects_bad_inputs():
     sparse_prefill_hopper(q, k, v, (8, 8, 8), sink=4)
 
 
-@pytest.mark.parametrize("dtype,windows,hopper", [
+@pytest.mark.parametrize("dtype,windows,uses_hopper", [
     (jnp.bfloat16, np.array([100, 20]), True),  # static windows: Hopper or Triton at run time
     (jnp.float32, np.array([100, 20]), False),  # float32: Triton only
     (jnp.bfloat16, None, False),  # traced windows: Triton only
 ])
-def test_mosaic_gpu_dispatch_choice(dtype, windows, hopper):
+def test_mosaic_gpu_dispatch_choice(dtype, windows, uses_hopper):
   """impl="mosaic_gpu" picks between the kernels by padding (a cond) only where Hopper applies."""
   q, k, v, pos, _ = random_case(3, 2, 300, 8, 2, 64, dtype, [0, 0])
   def prefill(q, k, v, pos, traced):
     wins = traced if windows is None else windows
     return dispatch.prefill_attention(q, k, v, pos, wins, sink=16, impl="mosaic_gpu")
   jaxpr = jax.make_jaxpr(prefill)(q, k, v, pos, jnp.array([100, 20], jnp.int32))
-  assert any(eqn.primitive.name == "cond" for eqn in jaxpr.eqns) == hopper
+  assert any(eqn.primitive.name == "cond" for eqn in jaxpr.eqns) == uses_hopper
+
+
+HOPPER_CASES = [  # B, T, N, K, H, dtype, windows per KV group, sink (unpadded rows)
+    (2, 1000, 4, 4, 64, jnp.float16, False, 64),  # GQA ratio 1
+    (2, 1000, 24, 8, 128, jnp.bfloat16, False, 64),  # 3
+    (1, 1500, 16, 4, 128, jnp.float16, True, 64),  # 4
+    (1, 777, 7, 1, 64, jnp.bfloat16, False, 16),  # 7
+    (1, 2047, 32, 4, 128, jnp.bfloat16, True, 64),  # 8
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,t,n,kv,h,dtype,per_group,sink", HOPPER_CASES)
+def test_hopper_prefill_matches_reference(b, t, n, kv, h, dtype, per_group, sink, hopper):
+  q, k, v, pos, windows = random_case(t + n, b, t, n, kv, h, dtype, [0] * b, per_group)
+  out = sparse_prefill_hopper(q, k, v, tuple(int(w) for w in windows), sink=sink)
+  check(out, q, k, v, pos, windows, sink)
+
+
+@pytest.mark.gpu
+def test_mosaic_gpu_dispatch_runs_both_kernels(hopper):
+  """impl="mosaic_gpu" on a GPU: an unpadded batch through Hopper, a padded one through Triton."""
+  for pads in ([0, 0], [0, 57]):
+    q, k, v, pos, windows = random_case(11, 2, 700, 12, 4, 128, jnp.bfloat16, pads)
+    out = jax.jit(lambda q, k, v, pos: dispatch.prefill_attention(
+        q, k, v, pos, windows, sink=64, impl="mosaic_gpu"))(q, k, v, pos)
+    check(out, q, k, v, pos, windows, 64)

@@ -1,5 +1,6 @@
 """Brute-force checks of moa_jax/plans/rules.py: every derived quantity against the N x N mask."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -118,7 +119,49 @@ def test_candidate_rules_paper_grid():
 
 def test_expand_to_query_heads_gqa_order():
   per_group = np.array([[1, 2], [3, 4]])
-  np.testing.assert_array_equal(
-      rules.expand_to_query_heads(per_group, 6), [[1, 1, 1, 2, 2, 2], [3, 3, 3, 4, 4, 4]])
+  expected = [[1, 1, 1, 2, 2, 2], [3, 3, 3, 4, 4, 4]]
+  np.testing.assert_array_equal(rules.expand_to_query_heads(per_group, 6), expected)
+  np.testing.assert_array_equal(rules.expand_to_query_heads(jnp.asarray(per_group), 6), expected)
+  np.testing.assert_array_equal(rules.expand_to_query_heads((5, 6), 4), [5, 5, 6, 6])
+  assert rules.expand_to_query_heads(per_group, 2) is per_group  # already per query head
   with pytest.raises(ValueError, match="groups"):
     rules.expand_to_query_heads(per_group, 5)
+
+
+@pytest.mark.parametrize("sink,block", [(64, 64), (0, 32), (100, 32)])
+def test_key_block_ranges_are_the_rule_layout(sink, block):
+  """Without padding, with tiles of one block: the key blocks a tile visits (sink, then window)
+  are exactly the non-SKIP blocks of the layout for the tile's largest window; interior
+  (unmasked) blocks are FULL for every window of the tile, and every FULL block past the sink
+  is interior."""
+  n, rng = 700, np.random.default_rng(sink + block)
+  windows = np.sort(rng.integers(1, n + 10, (5, 3)), axis=-1)  # [K, G]: one tile per group
+  nb = rules.num_blocks(n, block)
+  t0 = np.arange(nb) * block
+  ranges = rules.key_block_ranges(
+      0, t0[None], np.minimum(t0 + block - 1, n - 1)[None], windows.min(-1)[:, None],
+      windows.max(-1)[:, None], sink=sink, block_k=block)
+  sink_lo, sink_hi, lo, f0, f1, hi = (np.broadcast_to(x, (len(windows), nb)) for x in ranges)
+  layout = rules.block_layout(windows, sink, n, block)  # [K, G, NB, NB]
+  for g in range(windows.shape[0]):
+    for r in range(nb):
+      visited = [*range(sink_lo[g, r], sink_hi[g, r]), *range(lo[g, r], hi[g, r])]
+      assert len(set(visited)) == len(visited)
+      assert set(visited) == set(np.flatnonzero(layout[g, -1, r] != rules.SKIP))
+      interior = set(range(f0[g, r], f1[g, r]))
+      all_full = set(np.flatnonzero((layout[g, :, r] == rules.FULL).all(0)))
+      assert interior <= all_full
+      assert {c for c in all_full if c * block >= sink} <= interior
+
+
+def test_key_block_ranges_skip_padding():
+  """A tile of pure left padding visits nothing; a later tile starts at the first real token."""
+  ranges = rules.key_block_ranges(jnp.int32(300), jnp.int32(0), jnp.int32(127), 50, 50, sink=64,
+                                  block_k=64)
+  sink_lo, sink_hi, lo, f0, f1, hi = (int(x) for x in ranges)
+  assert sink_hi - sink_lo == 0 and hi - lo == 0
+  ranges = rules.key_block_ranges(jnp.int32(300), jnp.int32(1024), jnp.int32(1151), 2000, 2000,
+                                  sink=64, block_k=64)
+  sink_lo, sink_hi, lo, f0, f1, hi = (int(x) for x in ranges)
+  assert (lo, hi, f0, f1) == (300 // 64, 1151 // 64 + 1, 5, 16)
+  assert sink_hi == sink_lo  # the window already covers the sink

@@ -11,7 +11,7 @@ import pytest
 from moa_jax.attention.reference import reference_attention
 from moa_jax.train import data as train_data
 from moa_jax.train import tokenizer as tok_lib
-from moa_jax.train.attention import FusedCausalAttention
+from moa_jax.attention.fused import FusedCausalAttention
 from moa_jax.train.trainer import Phase, learning_rate, phase_at, probe_accuracy, train
 
 STDLIB_FILES = 12

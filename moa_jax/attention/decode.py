@@ -23,9 +23,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from moa_jax.attention.cache import CacheLayout, MoACache
-from moa_jax.plans.rules import attend_mask
+from moa_jax.plans.rules import MASKED_LOGIT as MASKED, attend_mask
 
-MASKED = -1e30
 MIN_ROWS = 16  # smallest M of a Triton dot
 
 

@@ -1,7 +1,9 @@
 """Block-sparse MoA prefill on GPU: a Pallas kernel lowered through Triton.
 
 One program computes one query tile for one KV head: the tile stacks the G query heads of the
-group (rows r = token * G + head), so every key/value block is loaded once for the whole group.
+group (rows r = token * G' + head), so every key/value block is loaded once for the whole group.
+Triton tiles are powers of two, so a group of any other size G (GQA ratios 3, 5, 7, 24, ...) is
+padded to G' (the next power of two) with copies of its last head, whose rows are dropped.
 The program reads its per-row windows and the sequence's left-padding offset from int32
 operands and loops only over the key blocks the rule can reach:
 
@@ -36,10 +38,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from moa_jax.attention.reference import per_query_head
-from moa_jax.plans.rules import attend_mask
-
-MASKED = -1e30  # finite: a row with nothing attended yet never produces NaN
+from moa_jax.plans.rules import (MASKED_LOGIT, attend_mask, expand_to_query_heads,
+                                 key_block_ranges, num_blocks)
 
 
 def prefill_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, int, int, int, int]:
@@ -58,26 +58,6 @@ def _is_power_of_two(x: int) -> bool:
   return x > 0 and (x & (x - 1)) == 0
 
 
-def key_block_ranges(off, t0, t1, win_min, win_max, *, sink: int, block_k: int):
-  """Key blocks that query tokens t0..t1 (indices in a row with `off` left-padding tokens) reach.
-
-  Works on scalars inside kernels and on broadcasting int32 arrays. Returns
-  (sink_lo, sink_hi, lo, f0, f1, hi): the sink blocks [sink_lo, sink_hi) that lie before the
-  window's blocks [lo, hi), of which [f0, f1) are interior: key block [k0, k0 + Bk) with
-  k0 >= off (no padding), k0 + Bk - 1 <= t0 (causal for every row) and t1 - k0 < win_min
-  (inside every row's window), so every pair is attended. The other blocks need the mask.
-  """
-  lo = lax.div(jnp.maximum(off, t0 - win_max + 1), block_k)
-  hi = jnp.maximum(lax.div(t1, block_k) + 1, lo)  # empty when the tile is all padding
-  first_full = lax.div(jnp.maximum(off, t1 - win_min + 1) + block_k - 1, block_k)
-  f0 = jnp.clip(first_full, lo, hi)
-  f1 = jnp.clip(lax.div(t0 + 1, block_k), f0, hi)
-  sink_lo = lax.div(off, block_k)
-  sink_end = lax.div(off + sink + block_k - 1, block_k) if sink > 0 else sink_lo
-  sink_hi = jnp.clip(sink_end, sink_lo, jnp.maximum(lo, sink_lo))
-  return sink_lo, sink_hi, lo, f0, f1, hi
-
-
 def _prefill_kernel(
     off_ref, win_ref, q_ref, k_ref, v_ref, o_ref, *,
     group: int, block_k: int, edge_block_k: int, num_q_blocks: int, seq_len: int, sink: int,
@@ -88,9 +68,10 @@ def _prefill_kernel(
   Refs: off_ref [] int32 (left padding of this row), win_ref [R] int32 (window of each tile
   row), q_ref / o_ref [Tq, G, H] (R = Tq * G rows), k_ref / v_ref [S, H].
 
-  Masked logits are set to MASKED. A row that has attended nothing yet has m = MASKED, so its
-  masked entries contribute exp2(0) = 1; the first attended key rescales them by
-  exp2(MASKED - m) = 0, and a row that never attends anything keeps m = MASKED and writes 0.
+  Masked logits are set to MASKED_LOGIT. A row that has attended nothing yet has
+  m = MASKED_LOGIT, so its masked entries contribute exp2(0) = 1; the first attended key rescales
+  them by exp2(MASKED_LOGIT - m) = 0, and a row that never attends anything keeps
+  m = MASKED_LOGIT and writes 0.
   """
   tile_tokens, _, head_dim = q_ref.shape
   rows = tile_tokens * group
@@ -109,7 +90,7 @@ def _prefill_kernel(
     key_idx = start + lax.iota(jnp.int32, s.shape[1])
     key_pos = jnp.where(key_idx < seq_len, key_idx - off, -1)  # [Bk]
     mask = attend_mask(row_pos[:, None], key_pos[None, :], sink, win[:, None])  # [R, Bk]
-    return jnp.where(mask, s, MASKED)
+    return jnp.where(mask, s, MASKED_LOGIT)
 
   def update(start, size, carry, masked):
     """Online-softmax step over keys [start, start + size); masked: bool or traced bool."""
@@ -134,7 +115,7 @@ def _prefill_kernel(
     pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=precision)
     return acc * correction[:, None] + pv, m_new, l
 
-  carry = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), MASKED, jnp.float32),
+  carry = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), MASKED_LOGIT, jnp.float32),
            jnp.zeros((rows,), jnp.float32))
   if single_loop:  # one pipelined loop: the sink blocks, then the window's blocks
     sink_lo, sink_hi, lo, f0, f1, hi = key_block_ranges(
@@ -169,7 +150,7 @@ def _prefill_kernel(
 
     carry = lax.fori_loop(0, n_sink + n_lead + hi - tail, masked_step, carry)
     acc, m, l = lax.fori_loop(0, n_interior, interior_step, carry)
-  attended = m > MASKED / 2  # [R]
+  attended = m > MASKED_LOGIT / 2  # [R]
   out = jnp.where(attended[:, None], acc / jnp.where(attended, l, 1.0)[:, None], 0.0)  # [R, H]
   o_ref[...] = out.reshape(tile_tokens, group, head_dim).astype(o_ref.dtype)
 
@@ -210,13 +191,14 @@ def sparse_prefill_gpu(
   """MoA self-attention of a prompt: query t attends key j iff `attend_mask` allows it.
 
   Args:
-    q: [B, T, N, H]; k, v: [B, T, K, H] (keys after RoPE); bf16, fp16 or fp32. N = K * G with G
-      a power of two; H a power of two >= 16.
+    q: [B, T, N, H]; k, v: [B, T, K, H] (keys after RoPE); bf16, fp16 or fp32. N = K * G (any
+      G); H a power of two >= 16.
     q_pos: [B, T] int32 positions, left padded: row b's token i has position i - pad_b
       (negative on the pad_b padding tokens).
     windows: int [N] (per query head) or [K] (per KV group) windows in tokens, may be traced.
     sink: sink tokens of every head.
-    block_rows: query rows per program (tokens x G stacked heads), a power of two >= 16 * G.
+    block_rows: query rows per program (tokens x G' stacked heads, G' = G rounded up to a
+      power of two), a power of two >= 16 * G'.
     block_k: keys per block, a power of two >= 16.
     edge_block_k: keys per block of the masked loop (two loops only), a power of two >= 16
       that divides block_k.
@@ -229,7 +211,8 @@ def sparse_prefill_gpu(
   """
   b, t, n, h, kv_heads = prefill_shapes(q, k, v)
   group = n // kv_heads
-  defaults = launch_defaults(group=group, head_dim=h, seq_len=t, itemsize=q.dtype.itemsize,
+  stacked = 1 << (group - 1).bit_length()  # G': the group padded to a power of two
+  defaults = launch_defaults(group=stacked, head_dim=h, seq_len=t, itemsize=q.dtype.itemsize,
                              single_loop=single_loop, block_rows=block_rows)
   block_rows = defaults["block_rows"]
   block_k = defaults["block_k"] if block_k is None else block_k
@@ -237,8 +220,6 @@ def sparse_prefill_gpu(
     edge_block_k = block_k if single_loop else min(defaults["edge_block_k"], block_k)
   num_warps = defaults["num_warps"] if num_warps is None else num_warps
   num_stages = defaults["num_stages"] if num_stages is None else num_stages
-  if not _is_power_of_two(group):
-    raise ValueError(f"the Triton kernel needs a power-of-two GQA group size, got {group}")
   if not _is_power_of_two(h) or h < 16:
     raise ValueError(f"the Triton kernel needs a power-of-two head_dim >= 16, got {h}")
   if not _is_power_of_two(block_k) or block_k < 16:
@@ -248,29 +229,35 @@ def sparse_prefill_gpu(
                      f"got {edge_block_k}")
   if single_loop and edge_block_k != block_k:
     raise ValueError("single_loop walks one block size: leave edge_block_k at block_k")
-  if not _is_power_of_two(block_rows) or block_rows < 16 * group:
-    raise ValueError(
-        f"block_rows must be a power of two >= 16 * G = {16 * group}, got {block_rows}")
-  tile_tokens = block_rows // group
+  if not _is_power_of_two(block_rows) or block_rows < 16 * stacked:
+    raise ValueError(f"block_rows must be a power of two >= 16 * G' = {16 * stacked} (G' = "
+                     f"{stacked}: {group} query heads per KV head rounded up), got {block_rows}")
+  tile_tokens = block_rows // stacked
   scale = h ** -0.5 if scale is None else scale
   precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
+  win = expand_to_query_heads(jnp.asarray(windows, jnp.int32), n)
+  win = jnp.clip(win, 0, t).reshape(kv_heads, group)  # [K, G]
+  if stacked != group:  # G -> G': copies of each group's last head (same key blocks)
+    widths = ((0, 0), (0, 0), (0, 0), (0, stacked - group), (0, 0))
+    q = jnp.pad(q.reshape(b, t, kv_heads, group, h), widths, mode="edge")
+    q = q.reshape(b, t, kv_heads * stacked, h)
+    win = jnp.pad(win, ((0, 0), (0, stacked - group)), mode="edge")  # [K, G']
   pad_to = max(tile_tokens, block_k)
-  t_pad = -(-t // pad_to) * pad_to
+  t_pad = num_blocks(t, pad_to) * pad_to
   if t_pad != t:  # pad the tail; tail keys are masked in the kernel, tail rows sliced off
     widths = ((0, 0), (0, t_pad - t), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
   # Left padding of each row, read off its last real token: pad_b = (T - 1) - q_pos[b, T - 1].
   offsets = ((t - 1) - q_pos[:, t - 1]).astype(jnp.int32)  # [B]
-  win = jnp.clip(per_query_head(windows, n), 0, t).reshape(kv_heads, group)  # [K, G]
-  row_windows = jnp.tile(win, (1, tile_tokens))  # [K, R]: row r holds head r % G
+  row_windows = jnp.tile(win, (1, tile_tokens))  # [K, R]: row r holds head r % G'
 
   num_q_blocks = t_pad // tile_tokens
   kernel = functools.partial(
-      _prefill_kernel, group=group, block_k=block_k, edge_block_k=edge_block_k,
+      _prefill_kernel, group=stacked, block_k=block_k, edge_block_k=edge_block_k,
       num_q_blocks=num_q_blocks, seq_len=t, sink=sink, logit_scale=scale * math.log2(math.e),
       precision=precision, single_loop=single_loop)
-  tile = pl.BlockSpec((None, tile_tokens, group, h),
+  tile = pl.BlockSpec((None, tile_tokens, stacked, h),
                       lambda i, bi, ki: (bi, num_q_blocks - 1 - i, ki, 0))
   full_kv = pl.BlockSpec((None, t_pad, None, h), lambda i, bi, ki: (bi, 0, ki, 0))
   out = pl.pallas_call(
@@ -288,4 +275,5 @@ def sparse_prefill_gpu(
       interpret=interpret,
       name="moa_sparse_prefill",
   )(offsets, row_windows, q, k, v)
-  return out[:, :t]
+  out = out[:, :t].reshape(b, t, kv_heads, stacked, h)[:, :, :, :group]
+  return out.reshape(b, t, n, h)

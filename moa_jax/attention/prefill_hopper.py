@@ -10,8 +10,9 @@ blocks that are not fully attended for its rows.
 
 The windows are static (one Python int per query head or per KV group, as a plan gives them)
 and the rows are unpadded (positions 0..T-1): `dispatch` uses this kernel for such inputs on
-sm_90 and the Triton kernel otherwise. Softmax in float32, base 2; masked logits are MASKED, so
-a row with nothing attended yet never produces NaN.
+sm_90 and the Triton kernel otherwise. Softmax in float32, base 2; masked logits are
+MASKED_LOGIT, so a row with nothing attended yet never produces NaN. Programs are per query head
+(reading the keys of KV head n // G), so every GQA ratio G = N / K runs as it is.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from moa_jax.attention.prefill_gpu import MASKED, prefill_shapes
-from moa_jax.plans.rules import attend_mask
+from moa_jax.attention.prefill_gpu import prefill_shapes
+from moa_jax.plans.rules import (MASKED_LOGIT, attend_mask, expand_to_query_heads,
+                                 key_block_ranges, num_blocks)
 
 COMPUTE_WARPGROUPS = 2
 
@@ -51,10 +54,9 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, scratch, *, windows: tuple[int, ...], gr
   win = _lookup(head, windows)
   tile0 = lax.axis_index("q_seq") * (COMPUTE_WARPGROUPS * block_q)
   tile1 = tile0 + COMPUTE_WARPGROUPS * block_q - 1
-  # Key blocks of the program: sink blocks [0, n_sink), then window blocks [lo, hi).
-  lo = lax.div(jnp.maximum(tile0 - win + 1, 0), jnp.int32(block_kv))
-  hi = lax.div(tile1, jnp.int32(block_kv)) + 1
-  n_sink = jnp.minimum(jnp.int32(-(-sink // block_kv)), lo)
+  # Key blocks of the program (rows unpadded): sink blocks [0, n_sink), window blocks [lo, hi).
+  _, n_sink, lo, _, _, hi = key_block_ranges(jnp.int32(0), tile0, tile1, win, win, sink=sink,
+                                             block_k=block_kv)
   n_steps = n_sink + hi - lo
 
   def key_block(step):
@@ -72,15 +74,14 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, scratch, *, windows: tuple[int, ...], gr
     plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row0, block_q), head], q_smem,
                             q_ready.at[wg])
     plgpu.barrier_wait(q_ready.at[wg])
-    row1 = row0 + block_q - 1
-    # Window blocks fully attended by every row of this warpgroup: [full0, full1).
-    full0 = jnp.clip(lax.div(jnp.maximum(row1 - win + 1, 0) + block_kv - 1,
-                             jnp.int32(block_kv)), lo, hi)
-    full1 = jnp.clip(lax.div(row0 + 1, jnp.int32(block_kv)), full0, hi)
+    # Window blocks fully attended by every row of this warpgroup: [full0, full1) (the
+    # warpgroup's block range lies within the program's [lo, hi)).
+    *_, full0, full1, _ = key_block_ranges(jnp.int32(0), row0, row0 + block_q - 1, win, win,
+                                           sink=sink, block_k=block_kv)
     first_full, end_full = n_sink + full0 - lo, n_sink + full1 - lo
 
     reduced = plgpu.Layout.WGMMA.reduce(1)
-    m = plgpu.layout_cast(jnp.full((block_q,), MASKED, jnp.float32), reduced)
+    m = plgpu.layout_cast(jnp.full((block_q,), MASKED_LOGIT, jnp.float32), reduced)
     l = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), reduced)
     acc = plgpu.layout_cast(jnp.zeros((block_q, q_ref.shape[-1]), jnp.float32),
                             plgpu.Layout.WGMMA)
@@ -106,7 +107,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, scratch, *, windows: tuple[int, ...], gr
         rows = row0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
         keys = key_block(step) * block_kv + plgpu.broadcasted_iota(
             jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
-        s = jnp.where(attend_mask(rows, keys, sink, win), s * logit_scale, MASKED)
+        s = jnp.where(attend_mask(rows, keys, sink, win), s * logit_scale, MASKED_LOGIT)
         m_new = jnp.maximum(m, s.max(axis=1))
         p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
       else:  # scale inside exp2's argument: one fused multiply-add per logit
@@ -137,7 +138,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, scratch, *, windows: tuple[int, ...], gr
     carry = lax.fori_loop(first_full, end_full, functools.partial(step_fn, masked=False), carry)
     acc, m, l = lax.fori_loop(end_full, n_steps, functools.partial(step_fn, masked=True), carry)
     pl.when(wg == 0)(take_turn)
-    inverse = jnp.where(m > MASKED / 2, 1.0 / l, 0.0)  # rows with no attended key write 0
+    inverse = jnp.where(m > MASKED_LOGIT / 2, 1.0 / l, 0.0)  # rows with no attended key write 0
     q_smem[...] = (acc * lax.broadcast_in_dim(inverse, acc.shape, [0])).astype(q_ref.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(row0, block_q), head])
@@ -196,10 +197,9 @@ def sparse_prefill_hopper(q: jax.Array, k: jax.Array, v: jax.Array, windows: tup
   if len(windows) not in (n, kv_heads):
     raise ValueError(f"windows must give {n} query heads or {kv_heads} KV groups, got "
                      f"{len(windows)}")
-  repeat = n // len(windows)  # per KV group -> per query head
-  per_head = tuple(min(max(int(w), 0), t) for w in windows for _ in range(repeat))
+  per_head = tuple(int(w) for w in np.clip(expand_to_query_heads(windows, n), 0, t))
   pad_to = math.lcm(COMPUTE_WARPGROUPS * block_q, block_kv)
-  t_pad = -(-t // pad_to) * pad_to
+  t_pad = num_blocks(t, pad_to) * pad_to
   if t_pad != t:  # tail rows are sliced off; tail keys are later than every real row
     widths = ((0, 0), (0, t_pad - t), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, widths) for x in (q, k, v))

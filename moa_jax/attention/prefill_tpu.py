@@ -20,11 +20,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from moa_jax.attention.prefill_gpu import key_block_ranges, prefill_shapes
-from moa_jax.attention.reference import per_query_head
-from moa_jax.plans.rules import attend_mask
+from moa_jax.attention.prefill_gpu import prefill_shapes
+from moa_jax.plans.rules import (MASKED_LOGIT, attend_mask, expand_to_query_heads,
+                                 key_block_ranges, num_blocks)
 
-MASKED = -1e30
 LANES = 128  # running max / sum kept lane-replicated, as Mosaic likes
 
 
@@ -67,7 +66,7 @@ def _prefill_kernel(
 
   @pl.when(step == 0)
   def _init():
-    m_ref[...] = jnp.full(m_ref.shape, MASKED, jnp.float32)
+    m_ref[...] = jnp.full(m_ref.shape, MASKED_LOGIT, jnp.float32)
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
@@ -88,7 +87,7 @@ def _prefill_kernel(
       key_idx = kb * block_k + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
       key_pos = jnp.where(key_idx < seq_len, key_idx - off, -1)
       mask = attend_mask(row_pos, key_pos, sink, row_win)
-      s = jnp.where(mask, s, MASKED)
+      s = jnp.where(mask, s, MASKED_LOGIT)
     m_prev = m_ref[:, :1]  # [R, 1]
     m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
     p = jnp.exp2(s - m_new)
@@ -149,7 +148,7 @@ def sparse_prefill_tpu(
   precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
   pad_to = math.lcm(block_q, block_k)
-  t_pad = -(-t // pad_to) * pad_to
+  t_pad = num_blocks(t, pad_to) * pad_to
   num_q_blocks, num_k_blocks = t_pad // block_q, t_pad // block_k
   if max_window is None:
     max_steps = num_k_blocks
@@ -158,7 +157,7 @@ def sparse_prefill_tpu(
     max_steps = min(num_k_blocks, -(-sink // block_k) + 1 + -(-reach // block_k) + 1)
 
   offsets = ((t - 1) - q_pos[:, t - 1]).astype(jnp.int32)  # [B]
-  win = jnp.clip(per_query_head(windows, n), 0, t)  # [N]
+  win = jnp.clip(expand_to_query_heads(jnp.asarray(windows, jnp.int32), n), 0, t)  # [N]
   index, full, count = block_tables(
       offsets, win.reshape(kv_heads, group), sink=sink, seq_len=t, tile_tokens=block_q,
       block_k=block_k, num_q_blocks=num_q_blocks, max_steps=max_steps)

@@ -4,22 +4,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from moa_jax.plans.rules import DEFAULT_SINK, attend_mask
-
-NEG_INF = -1e30  # finite, so fully masked rows never produce NaN
-DENSE_WINDOW = np.iinfo(np.int32).max
-
-
-def per_query_head(windows, num_heads: int) -> jax.Array:
-  """Windows given per query head [N] or per KV head [K] -> int32 [N] (GQA order)."""
-  windows = jnp.asarray(windows, jnp.int32)
-  if windows.shape[-1] == num_heads:
-    return windows
-  if num_heads % windows.shape[-1]:
-    raise ValueError(f"{windows.shape[-1]} windows do not divide {num_heads} query heads")
-  return jnp.repeat(windows, num_heads // windows.shape[-1], axis=-1)
+from moa_jax.plans.rules import (DEFAULT_SINK, DENSE_WINDOW, MASKED_LOGIT, attend_mask,
+                                 expand_to_query_heads)
 
 
 def reference_attention(
@@ -44,7 +31,7 @@ def reference_attention(
   if windows is None:
     win, sink = jnp.full((n,), DENSE_WINDOW, jnp.int32), 0
   else:
-    win = per_query_head(windows, n)
+    win = expand_to_query_heads(jnp.asarray(windows, jnp.int32), n)
   win = win.reshape(kv_heads, g)[None, :, :, None, None]  # [1, K, G, 1, 1]
   if k_pos.ndim == 2:
     k_pos = jnp.broadcast_to(k_pos[:, None, :], (b, kv_heads, k_pos.shape[-1]))
@@ -52,7 +39,7 @@ def reference_attention(
   qg = q.reshape(b, t, kv_heads, g, h)  # [B, T, K, G, H]
   logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32,
                       precision=jax.lax.Precision.HIGHEST) * scale  # [B, K, G, T, S]
-  logits = jnp.where(mask, logits, NEG_INF)
+  logits = jnp.where(mask, logits, MASKED_LOGIT)
   weights = jnp.where(mask, jnp.exp(logits - logits.max(-1, keepdims=True)), 0.0)
   weights = weights / jnp.maximum(weights.sum(-1, keepdims=True), 1e-30)
   out = jnp.einsum("bkgts,bskh->btkgh", weights, v.astype(jnp.float32),

@@ -16,10 +16,16 @@ import dataclasses
 import itertools
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 DEFAULT_SINK = 64
 DEFAULT_BLOCK = 64
+DENSE_WINDOW = np.iinfo(np.int32).max  # a window that covers every causal key
+# The logit of a masked (query, key) entry: finite, so that a row with nothing attended (yet)
+# never turns into NaN in a softmax or an online-softmax rescale.
+MASKED_LOGIT = -1e30
 
 # Block layout codes (see `block_layout`).
 SKIP, PARTIAL, FULL = 0, 1, 2
@@ -58,6 +64,7 @@ def attend_mask(q_pos, k_pos, sink, window):
 
 
 def num_blocks(n: int, block: int = DEFAULT_BLOCK) -> int:
+  """Blocks of `block` tokens that cover n tokens: ceil(n / block)."""
   return -(-n // block)
 
 
@@ -85,6 +92,30 @@ def block_layout(windows, sink: int, n: int, block: int = DEFAULT_BLOCK) -> np.n
   full = computed & (k1 < q0) & all_attended
   layout = np.where(full, FULL, np.where(computed, PARTIAL, SKIP))
   return layout.astype(np.int8)
+
+
+def key_block_ranges(off, t0, t1, win_min, win_max, *, sink: int, block_k: int):
+  """Key blocks of `block_k` keys that query tokens t0..t1 reach (the kernels' loop bounds).
+
+  Token indices count within a row with `off` left-padding tokens (token i has position
+  i - off), so this is `attend_mask` at block granularity for a tile of rows whose windows lie
+  in [win_min, win_max]. Works on scalars inside kernels and on broadcasting int32 arrays.
+  Returns (sink_lo, sink_hi, lo, f0, f1, hi): the sink blocks [sink_lo, sink_hi) that lie
+  before the window's blocks [lo, hi), of which [f0, f1) are interior: key block
+  [k0, k0 + block_k) with k0 >= off (no padding), k0 + block_k - 1 <= t0 (causal for every
+  row) and t1 - k0 < win_min (inside every row's window), so every pair is attended. The other
+  blocks need the element-wise mask. Without padding and with tiles of one block the visited
+  blocks are the non-SKIP blocks of `block_layout` for win_max (tests check this).
+  """
+  lo = lax.div(jnp.maximum(off, t0 - win_max + 1), block_k)
+  hi = jnp.maximum(lax.div(t1, block_k) + 1, lo)  # empty when the tile is all padding
+  first_full = lax.div(jnp.maximum(off, t1 - win_min + 1) + block_k - 1, block_k)
+  f0 = jnp.clip(first_full, lo, hi)
+  f1 = jnp.clip(lax.div(t0 + 1, block_k), f0, hi)
+  sink_lo = lax.div(off, block_k)
+  sink_end = lax.div(off + sink + block_k - 1, block_k) if sink > 0 else sink_lo
+  sink_hi = jnp.clip(sink_end, sink_lo, jnp.maximum(lo, sink_lo))
+  return sink_lo, sink_hi, lo, f0, f1, hi
 
 
 def attended_pairs(windows, sink: int, n: int) -> np.ndarray:
@@ -143,10 +174,15 @@ def candidate_rules(
   return rules
 
 
-def expand_to_query_heads(per_group, num_heads: int) -> np.ndarray:
-  """Repeat per-KV-group values [..., K] to per-query-head values [..., num_heads] (GQA order)."""
-  per_group = np.asarray(per_group)
-  k = per_group.shape[-1]
-  if num_heads % k:
+def expand_to_query_heads(values, num_heads: int):
+  """Per-KV-group values [..., K] -> per-query-head values [..., num_heads] (GQA order).
+
+  Query head n belongs to group n // G (G = num_heads / K); values already given per query
+  head (K = num_heads) come back unchanged. Works on numpy arrays, jax arrays (also traced) and
+  sequences (returned as numpy arrays).
+  """
+  values = values if hasattr(values, "shape") else np.asarray(values)
+  k = values.shape[-1]
+  if k == 0 or num_heads % k:
     raise ValueError(f"{num_heads} query heads cannot be split into {k} groups")
-  return np.repeat(per_group, num_heads // k, axis=-1)
+  return values if k == num_heads else values[..., np.arange(num_heads) // (num_heads // k)]

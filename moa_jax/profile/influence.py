@@ -38,12 +38,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-NEG_INF = -1e30  # finite: a fully masked row gives no NaN
+from moa_jax.plans.rules import DENSE_WINDOW, MASKED_LOGIT, attend_mask, num_blocks
+
 HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def num_blocks(length: int, block: int) -> int:
-  return -(-length // block)
 
 
 def pool_blocks(x: jax.Array, block: int) -> jax.Array:
@@ -130,13 +127,15 @@ def causal_weights(q: jax.Array, k: jax.Array, lengths: jax.Array, *, scale: flo
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
   logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32,
                       precision=HIGHEST) * scale  # [B, K, G, T, S]
-  rows = q_offset + jnp.arange(t)[:, None]
-  cols = jnp.arange(s)[None, :]
-  valid = (cols <= rows) & (rows < lengths[:, None, None]) & (cols < lengths[:, None, None])
-  valid = valid[:, None, None]  # [B, 1, 1, T, S]
+  rows = q_offset + jnp.arange(t)
+  cols = jnp.arange(s)
+  q_pos = jnp.where(rows < lengths[:, None], rows, -1)  # [B, T]; -1: right padding
+  k_pos = jnp.where(cols < lengths[:, None], cols, -1)  # [B, S]
+  valid = attend_mask(q_pos[:, None, None, :, None], k_pos[:, None, None, None, :], 0,
+                      DENSE_WINDOW)  # [B, 1, 1, T, S]: dense causal
   if keep is not None:
     valid = valid & keep
-  logits = jnp.where(valid, logits, NEG_INF)
+  logits = jnp.where(valid, logits, MASKED_LOGIT)
   lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # [B, K, G, T, 1]
   return jnp.where(valid, jnp.exp(logits - lse), 0.0)
 

@@ -6,10 +6,10 @@ All of them assume right padding: a sequence's valid tokens come first and have 
   * `MapProbeAttention`: A = softmax(causal logits) in float32, explicitly; a probe [B, K, G, T, T]
     is added to A before A @ V, so `jax.grad` against the probes is dL/dA for every layer. The maps
     are recorded for the influence formula (direct path).
-  * `OutputProbeAttention`: memory-efficient attention (`EfficientAttention`:
-    `jax.nn.dot_product_attention`, cuDNN on GPU) with a probe added to the output, so `jax.grad`
-    against the probes is dO for every layer; q, k and v are recorded for the tiled pass (lean
-    path).
+  * `OutputProbeAttention`: memory-efficient attention
+    (`moa_jax.attention.fused.FusedCausalAttention`: cuDNN on GPU) with a probe added to the
+    output, so `jax.grad` against the probes is dO for every layer; q, k and v are recorded for
+    the tiled pass (lean path).
   * `BlockMaskedAttention`: explicit softmax with a block mask, entries removed and rows
     renormalized; it measures the actual loss change the influence predicts.
 """
@@ -21,12 +21,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from moa_jax.attention.fused import FusedCausalAttention, valid_lengths
 from moa_jax.profile.influence import HIGHEST, causal_weights
-
-
-def valid_lengths(q_pos: jax.Array) -> jax.Array:
-  """[B, T] positions (negative: padding after the valid tokens) -> [B] int32 lengths."""
-  return jnp.sum(q_pos >= 0, axis=-1).astype(jnp.int32)
 
 
 def _apply_weights(weights: jax.Array, v: jax.Array, dtype) -> jax.Array:
@@ -57,36 +53,19 @@ class MapProbeAttention:
     return _apply_weights(weights + self.probes[layer], v, q.dtype), None
 
 
-class EfficientAttention:
-  """Dense causal attention by `jax.nn.dot_product_attention` (cuDNN flash attention or XLA)."""
-
-  def __init__(self, implementation: str | None = None, padded: bool = True):
-    """implementation: 'cudnn' (GPU, bf16/f16), 'xla' or None (XLA); padded: False promises
-    that no row has padding (plain causal attention, no sequence lengths)."""
-    self.implementation = implementation
-    self.padded = padded
-
-  def __call__(self, layer, q, k, v, q_pos, cache):
-    _no_cache(cache)
-    lengths = valid_lengths(q_pos) if self.padded else None
-    out = jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-        implementation=self.implementation)  # [B, T, N, H]
-    return out, None
-
-
-class OutputProbeAttention(EfficientAttention):
-  """EfficientAttention + probe[layer] on the output; records q, k, v per layer in `records`."""
+class OutputProbeAttention:
+  """FusedCausalAttention + probe[layer] on the output; records q, k, v per layer in `records`."""
 
   def __init__(self, probes: Sequence[jax.Array], implementation: str | None = None,
                padded: bool = True):
-    """probes: one [B, T, N, H] array per layer; implementation and padded: EfficientAttention's."""
-    super().__init__(implementation, padded)
+    """probes: one [B, T, N, H] array per layer; implementation and padded: those of
+    `FusedCausalAttention`."""
+    self.attention = FusedCausalAttention(implementation, padded)
     self.probes = probes
     self.records: dict[int, tuple[jax.Array, ...]] = {}
 
   def __call__(self, layer, q, k, v, q_pos, cache):
-    out, _ = super().__call__(layer, q, k, v, q_pos, cache)
+    out, _ = self.attention(layer, q, k, v, q_pos, cache)
     self.records[layer] = (q, k, v)
     return out + self.probes[layer].astype(out.dtype), None
 

@@ -26,8 +26,9 @@ from tqdm.auto import tqdm
 
 from moa_jax.models.config import LlamaConfig
 from moa_jax.calibration.build import CalibrationBucket, CalibrationSet
-from moa_jax.profile.influence import (MAGNITUDES, block_influence_from_grads,
-                                       block_influence_tiled, num_blocks)
+from moa_jax.attention.fused import default_implementation
+from moa_jax.plans.rules import num_blocks
+from moa_jax.profile.influence import MAGNITUDES, block_influence_from_grads, block_influence_tiled
 from moa_jax.profile.probes import MapProbeAttention, OutputProbeAttention, valid_lengths
 
 PATHS = ("lean", "direct")
@@ -140,12 +141,6 @@ def output_grads(graphdef, state, tokens, positions, hidden_index, weight, *,
 def _layer_influence(q, k, v, d_out, lengths, *, block, tile, magnitude):
   return block_influence_tiled(q, k, v, d_out, lengths, block=block, tile=tile,
                                magnitude=magnitude).sum(0)
-
-
-def default_implementation(dtype) -> str:
-  """'cudnn' on GPU for bf16/f16 compute (cuDNN's flash attention), else 'xla'."""
-  gpu = jax.default_backend() == "gpu"
-  return "cudnn" if gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
 
 
 def batch_influence(model, tokens, positions, hidden_index, weight, *, block: int = 64,

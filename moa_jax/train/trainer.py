@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from moa_jax.models.config import LlamaConfig
 from moa_jax.models.llama import Llama
-from moa_jax.train.attention import FusedCausalAttention, default_implementation
+from moa_jax.attention.fused import FusedCausalAttention, default_implementation
 from moa_jax.train.checkpoint import Checkpointer
 from moa_jax.train.data import Batch, Mixture, line_retrieval_probe, prefetch
 
@@ -149,7 +149,7 @@ def train(cfg: Any, model_cfg: LlamaConfig, tokenizer: Any, natural_tokens: np.n
   if restored is not None:
     state = restored[1]
     print(f"resumed from step {restored[0]} ({float(state['seconds']):.0f} s trained)")
-  attention = FusedCausalAttention(default_implementation())
+  attention = FusedCausalAttention(default_implementation(model_cfg.dtype))
   step_fn = make_train_step(graphdef, tx, attention)
   probe_fn = make_probe(graphdef, attention)
   mixture = Mixture(tokenizer, natural_tokens, dict(cfg.mix), answer_weight=cfg.answer_weight,
