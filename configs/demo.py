@@ -3,6 +3,7 @@
   python -m moa_jax demo --config=configs/demo.py --workdir=runs/demo        # ~7 min, 2 CPU cores
   python -m moa_jax demo --config=configs/demo.py:agnostic --workdir=runs/demo_agnostic
   python -m moa_jax demo --config=configs/demo.py:tiny --workdir=/tmp/demo   # random tiny model (CI)
+  python -m moa_jax demo --config=configs/demo.py:smollm2 --workdir=runs/demo_smollm2  # real model
 
 Runs configs/compress.py's pipeline (calibration -> profile -> optimize at KV density 0.5 ->
 choose), then evaluates LongEval line retrieval at `eval.lengths` with every method decoding on
@@ -29,5 +30,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   if variant == "tiny":
     c.eval.lengths = (256, 512)
     c.eval.samples_per_depth = 1
+  elif variant == "smollm2":  # passkey: the task this small model retrieves at 1k-2k
+    c.eval.tasks = ("passkey",)
+    c.eval.lengths = (1024, 2048)
   c.lock()
   return c
