@@ -2,13 +2,13 @@
 
 Run on the GPU machine from the repository root:
 
-    PYTHONUNBUFFERED=1 python3 experiments/bench_attention.py --out $OUT/attention.json
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 experiments/bench_attention.py --out $OUT/attention.json
 
 Prefill: B = 1, T in {8k, 16k, 32k}, 32 query heads with 32 and with 8 KV heads, D = 128, bf16;
 plans of attention density ~0.125 / 0.25 / 0.5 (sink 64), uniform windows and mixed per-KV-group
 windows; ours (the Mosaic GPU kernel for Hopper and the Triton kernel) vs cuDNN dense causal vs
 cuDNN with one sliding window covering the same number
-of attended pairs (`--mosaic-dense`: also JAX's Mosaic GPU FlashAttention-3-style dense causal
+of attended pairs (`--mosaic_dense`: also JAX's Mosaic GPU FlashAttention-3-style dense causal
 kernel, a warp-specialised wgmma/TMA reference rate, in fp16 next to cuDNN dense in fp16).
 Effective TFLOP/s = 4 * D * attended pairs * B * heads / time.
 Decode: one token per row, 32 query heads / 8 KV heads, D = 128, bf16, batch {1, 16, 64} x
@@ -24,72 +24,21 @@ Results: one JSON record per measurement, and a markdown table printed last.
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 from moa_jax.attention import cache as cache_lib
 from moa_jax.attention import decode as decode_lib
+from moa_jax.attention.benchmark import (DTYPE, HEAD_DIM, HEADS, SINK, bisect, decode_windows,
+                                         full_cache, normal, plan_windows, runner, time_calls)
 from moa_jax.attention.prefill_gpu import sparse_prefill_gpu
 from moa_jax.attention.prefill_hopper import sparse_prefill_hopper
 from moa_jax.plans.rules import attended_pairs, kv_density
-
-SINK = 64
-HEADS, HEAD_DIM = 32, 128
-DTYPE = jnp.bfloat16
-MIX = np.array([0.25, 1.75])  # relative windows of the mixed plans (2 rules per layer), cycled
-
-
-def runner(fn, chain: bool = False):
-  """jit of (shared, queries, eps) -> [fn(*shared, q) for q in queries]: all arrays arguments.
-
-  chain: each query adds eps (a runtime zero) times the previous output, so the calls depend on
-  each other and XLA cannot merge them into one batched matmul over the shared K/V (its dot
-  merger does that to independent einsums, which would time one read of K/V for all calls).
-  """
-  def calls(shared, queries, eps):
-    outs = []
-    for q in queries:
-      if chain and outs:
-        q = q + eps * outs[-1].astype(q.dtype)
-      outs.append(fn(*shared, q))
-    return outs
-
-  return jax.jit(calls)
-
-
-def time_calls(fn, shared, queries, *, samples: int = 7, warmup: int = 2,
-               chain: bool = False, min_sample_s: float = 5e-3) -> float:
-  """Median seconds of one call fn(*shared, q), timed over the calls on all `queries` per sample.
-
-  `fn` is a function or a `runner` (reused across calls with same-shaped arguments). One sample
-  dispatches the jitted runner back to back (asynchronously) until it holds about
-  `min_sample_s` of work, then waits once: the host's dispatch and wait (~0.25 ms per jitted
-  call on the H100 machine) overlap the device work instead of adding to each sample.
-  """
-  run = fn if hasattr(fn, "lower") else runner(fn, chain)
-  eps = jnp.zeros((), queries[0].dtype)
-  for _ in range(warmup):
-    jax.block_until_ready(run(shared, queries, eps))
-  start = time.perf_counter()
-  jax.block_until_ready(run(shared, queries, eps))
-  launches = max(1, min(64, math.ceil(min_sample_s / (time.perf_counter() - start))))
-  times = []
-  for _ in range(samples):
-    start = time.perf_counter()
-    for _ in range(launches):
-      out = run(shared, queries, eps)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - start) / (launches * len(queries)))
-  return statistics.median(times)
-
 
 def try_time(label: str, fn, shared, queries, *, samples: int, chain: bool = False
              ) -> float | None:
@@ -101,34 +50,9 @@ def try_time(label: str, fn, shared, queries, *, samples: int, chain: bool = Fal
     return None
 
 
-def normal(key, shape, i: int) -> jax.Array:
-  """Fresh standard-normal bf16 data on the device."""
-  return jax.random.normal(jax.random.fold_in(key, i), shape, DTYPE)
-
-
-def _bisect(predicate, lo: float, hi: float, iters: int = 60) -> float:
-  """Smallest x in [lo, hi] with predicate(x) true (predicate monotone)."""
-  for _ in range(iters):
-    mid = (lo + hi) / 2
-    lo, hi = (lo, mid) if predicate(mid) else (mid, hi)
-  return hi
-
-
-def plan_windows(kind: str, density: float, n: int, groups: int) -> np.ndarray:
-  """int [groups] windows whose mean attention density at length n is ~density."""
-  full = n * (n + 1) / 2
-
-  def windows(c):
-    rel = np.ones(groups) if kind == "uniform" else np.resize(MIX, groups)
-    return np.clip(np.round(c * rel), 64, n).astype(np.int64)
-
-  c = _bisect(lambda c: attended_pairs(windows(c), SINK, n).mean() / full >= density, 1, 4 * n)
-  return windows(c)
-
-
 def cudnn_window(pairs: float, n: int) -> int:
   """Window (sink 0) whose attended pairs match `pairs`."""
-  return int(round(_bisect(lambda w: attended_pairs(int(round(w)), 0, n) >= pairs, 1, n)))
+  return int(round(bisect(lambda w: attended_pairs(int(round(w)), 0, n) >= pairs, 1, n)))
 
 
 LOG = []  # open files that receive every record as one JSON line when it is measured
@@ -213,33 +137,6 @@ def bench_prefill(lengths, kv_heads_list, densities, *, reps: int, samples: int,
                 window=w, kv_density=min(w, t) / t)
       del qs, k, v
   return records
-
-
-def full_cache(layout, batch: int, context: int, key) -> cache_lib.MoACache:
-  """A cache as it stands after `context` tokens: random K/V, the positions the ring holds."""
-  last = context - 1
-  k, v, pos = [], [], []
-  for i, group in enumerate(layout.groups):
-    slot = np.arange(group.capacity)
-    ring = np.maximum(slot - group.sink_slots, 0)
-    newest = last - (last - group.sink_slots - ring) % max(group.ring, 1)
-    src = np.where(slot < group.sink_slots, slot, newest)
-    held = (src <= last) & ((slot < group.sink_slots) | (src >= group.sink_slots))
-    shape = (batch, len(group.heads), group.capacity, HEAD_DIM)
-    k.append(normal(key, shape, 2 * i))
-    v.append(normal(key, shape, 2 * i + 1))
-    pos.append(jnp.asarray(np.broadcast_to(np.where(held, src, -1), (batch, group.capacity)),
-                           jnp.int32))
-  return cache_lib.MoACache(tuple(k), tuple(v), tuple(pos), layout)
-
-
-def decode_windows(kind: str, density: float, context: int, kv_heads: int) -> np.ndarray:
-  """int [K] per-group windows whose KV density at `context` is ~density."""
-  if density >= 1:
-    return np.full(kv_heads, context)
-  rel = np.ones(kv_heads) if kind == "uniform" else np.resize(MIX, kv_heads)
-  windows = lambda c: np.clip(np.round(c * rel), 64, context).astype(np.int64)
-  return windows(_bisect(lambda c: kv_density(windows(c), SINK, context) >= density, 1, context))
 
 
 def bench_decode(batches, contexts, densities, *, kv_heads: int, reps: int, samples: int,
@@ -342,46 +239,47 @@ def markdown(records) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default="benchmarks/attention.json")
-  parser.add_argument("--lengths", default="8192,16384,32768")
-  parser.add_argument("--densities", default="0.125,0.25,0.5")
-  parser.add_argument("--batches", default="1,16,64")
-  parser.add_argument("--contexts", default="8192,32768")
-  parser.add_argument("--skip", choices=("prefill", "decode"), default=None)
-  parser.add_argument("--reps", type=int, default=4)
-  parser.add_argument("--samples", type=int, default=7)
-  parser.add_argument("--mosaic-dense", action="store_true",
-                      help="also time JAX's Mosaic GPU dense causal kernel (Hopper)")
-  parser.add_argument("--config", default=None,
-                      help="JSON from gpu_check_kernels.py: its 'best' launch configurations")
-  args = parser.parse_args(argv)
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", "benchmarks/attention.json", "results file (JSON)")
+flags.DEFINE_list("lengths", ["8192", "16384", "32768"], "prefill lengths")
+flags.DEFINE_list("densities", ["0.125", "0.25", "0.5"], "attention / KV densities")
+flags.DEFINE_list("batches", ["1", "16", "64"], "decode batch sizes")
+flags.DEFINE_list("contexts", ["8192", "32768"], "decode context lengths")
+flags.DEFINE_enum("skip", None, ["prefill", "decode"], "leave one part out")
+flags.DEFINE_integer("reps", 4, "calls per timed sample")
+flags.DEFINE_integer("samples", 7, "timed samples (median)")
+flags.DEFINE_bool("mosaic_dense", False, "also time JAX's Mosaic GPU dense causal kernel")
+flags.DEFINE_string("config", None,
+                    "JSON from gpu_check_kernels.py: its 'best' launch configurations")
+
+
+def main(argv):
+  del argv
   best = dict(prefill={}, decode={})
-  if args.config:
-    with open(args.config) as f:
+  if FLAGS.config:
+    with open(FLAGS.config) as f:
       best = json.load(f)["best"]
-  ints = lambda s: [int(x) for x in s.split(",")]
-  densities = [float(x) for x in args.densities.split(",")]
+  ints = lambda values: [int(x) for x in values]
+  densities = [float(x) for x in FLAGS.densities]
   records = []
-  LOG.append(open(args.out.rsplit(".", 1)[0] + "_records.jsonl", "w"))
-  if args.skip != "prefill":
-    records += bench_prefill(ints(args.lengths), [32, 8], densities, reps=args.reps,
-                             samples=args.samples,
+  LOG.append(open(FLAGS.out.rsplit(".", 1)[0] + "_records.jsonl", "w"))
+  if FLAGS.skip != "prefill":
+    records += bench_prefill(ints(FLAGS.lengths), [32, 8], densities, reps=FLAGS.reps,
+                             samples=FLAGS.samples,
                              configs={int(k): v for k, v in best["prefill"].items()},
-                             mosaic_dense=args.mosaic_dense)
-  if args.skip != "decode":
-    records += bench_decode(ints(args.batches), ints(args.contexts), densities, kv_heads=8,
-                            reps=2 * args.reps, samples=args.samples, **best["decode"])
+                             mosaic_dense=FLAGS.mosaic_dense)
+  if FLAGS.skip != "decode":
+    records += bench_decode(ints(FLAGS.batches), ints(FLAGS.contexts), densities, kv_heads=8,
+                            reps=2 * FLAGS.reps, samples=FLAGS.samples, **best["decode"])
   result = dict(command="python3 experiments/bench_attention.py " + " ".join(sys.argv[1:]),
                 records=records)
-  with open(args.out, "w") as f:
+  with open(FLAGS.out, "w") as f:
     json.dump(result, f, indent=1)
   table = markdown(records)
-  with open(args.out.rsplit(".", 1)[0] + "_table.md", "w") as f:
+  with open(FLAGS.out.rsplit(".", 1)[0] + "_table.md", "w") as f:
     f.write(table + "\n")
   print(table)
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

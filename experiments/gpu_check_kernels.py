@@ -1,43 +1,43 @@
-"""Check the MoA Pallas Triton kernels on the GPU against a float32 reference, then tune them.
+"""Launch-setting sweeps of the MoA Pallas Triton kernels on the GPU (for `bench_attention.py`).
 
 Run on the GPU machine from the repository root:
 
-    PYTHONUNBUFFERED=1 python3 experiments/gpu_check_kernels.py --out $OUT/gpu_check.json
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 experiments/gpu_check_kernels.py \\
+        --out $OUT/gpu_check.json --sweep prefill,decode
 
-1. Prefill: fresh random inputs (left padding; unpadded cases also through the Mosaic GPU
-   kernel, T not a multiple of the blocks, GQA 1/4/8,
-   D 64/128, per-head windows including 1 and >= T), every launch configuration that is timed
-   later, bf16/fp16/fp32, against `reference_attention` on float32 copies of the inputs with
-   HIGHEST precision: relative Frobenius error and NaN count.
-2. Decode: a prompt written into the MoA cache (longer than some heads' caches), then decode
-   steps, each against the reference over the whole history.
-3. Launch-configuration sweeps (`--sweep`): prefill at T=16k (or `--sweep-t`; dense and
-   attention density 0.125 / 0.25 / 0.5 with uniform windows, 0.125 / 0.25 with mixed windows, or
-   `--sweep-densities` / `--sweep-no-dense`), decode on the cells of
-   the issue-4 grid with the smallest caches, both timed like the benchmark next to the dense
-   cuDNN baseline of the same run; the best
-   configurations are written out for `bench_attention.py --config`. `--budget-s` stops a
-   sweep (not the checks) once the run has taken that long.
+The kernels' correctness, compiled, is checked by the test suite, not here:
+`python3 -m pytest -m gpu tests/test_prefill_kernels.py tests/test_decode_gqa.py` on the GPU
+(the default and other launch configurations on GPU-sized inputs, bf16/fp16/fp32, GQA ratios
+1, 3, 4, 7 and 8, the Hopper kernel). A sweep reports a configuration that fails to launch.
+
+Sweeps (`--sweep`, any of prefill, decode, overheads):
+1. prefill at T=16k (or `--sweep_t`; dense and attention density 0.125 / 0.25 / 0.5 with uniform
+   windows, 0.125 / 0.25 with mixed windows, or `--sweep_densities` / `--nosweep_dense`), 8 and
+   32 KV heads, every configuration of PREFILL_CONFIGS, timed like the benchmark next to the
+   dense cuDNN baseline of the same run;
+2. decode on the cells of the benchmark grid with the smallest caches (DECODE_CELLS);
+3. overheads: where the fixed time of a small decode call goes.
+The best configurations are written out for `bench_attention.py --config`. `--budget_s` stops a
+sweep once the run has taken that long.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
-import bench_attention as bench
+from moa_jax.attention import benchmark as bench
 from moa_jax.attention import cache as cache_lib
 from moa_jax.attention import decode as decode_lib
 from moa_jax.attention.prefill_gpu import sparse_prefill_gpu
-from moa_jax.attention.prefill_hopper import sparse_prefill_hopper
-from moa_jax.attention.reference import reference_attention
+from moa_jax.plans.rules import attended_pairs
 
-TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}  # relative Frobenius
 PREFILL_CONFIGS = [  # block_rows, block_k, num_warps, num_stages, single_loop, edge_block_k
     (128, 128, 8, 3, False, 128), (128, 128, 8, 3, False, 64), (128, 128, 8, 3, False, 32)]
 DECODE_CONFIGS = [  # block_k, num_warps, num_stages, target_programs, min_split_blocks
@@ -47,89 +47,6 @@ DECODE_CELLS = [  # context, batch, KV density, windows
     (8192, 16, 0.125, "uniform"), (8192, 16, 0.125, "mixed"), (8192, 16, 0.25, "uniform"),
     (8192, 64, 0.125, "mixed"), (32768, 16, 0.125, "uniform"), (32768, 16, 0.25, "uniform"),
     (32768, 64, 0.125, "mixed"), (32768, 16, 0.5, "uniform")]
-
-
-def rel_error(out, ref) -> float:
-  out, ref = out.astype(jnp.float32), ref.astype(jnp.float32)
-  return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
-
-
-def check_prefill(rng, results):
-  cases = [  # B, T, N, K, H, dtype, left padding per row
-      (2, 1000, 32, 8, 128, jnp.bfloat16, [0, 301]),
-      (2, 1500, 16, 16, 64, jnp.float16, [0, 777]),
-      (1, 1000, 8, 1, 128, jnp.float32, [100]),
-      (1, 2047, 32, 4, 128, jnp.bfloat16, [0]),
-      (1, 1777, 16, 16, 128, jnp.bfloat16, [45]),
-      (2, 1000, 32, 8, 128, jnp.bfloat16, [0, 0]),  # unpadded: also the Mosaic GPU kernel
-      (1, 1500, 16, 16, 64, jnp.float16, [0]),
-  ]
-  configs = [prefill_config(c) for c in PREFILL_CONFIGS]
-  for b, t, n, kv, h, dtype, pads in cases:
-    q, k, v = (jnp.asarray(rng.standard_normal((b, t, heads, h)), dtype)
-               for heads in (n, kv, kv))
-    pos = jnp.asarray(np.arange(t)[None] - np.asarray(pads)[:, None], jnp.int32)
-    win = rng.integers(1, t, n)
-    win[0], win[-1] = 1, t + 5
-    ref = reference_attention(*(x.astype(jnp.float32) for x in (q, k, v)), pos, pos,
-                              windows=win, sink=64)
-    for cfg in configs if dtype != jnp.float32 else [{}]:
-      if cfg and cfg["block_rows"] < 16 * (n // kv):
-        continue
-      try:
-        out = sparse_prefill_gpu(q, k, v, pos, jnp.asarray(win, jnp.int32), sink=64, **cfg)
-      except Exception as error:
-        print(f"prefill {cfg} FAILED: {str(error)[:300]}", flush=True)
-        results.append(dict(check="prefill", config=cfg, error=str(error)[:1000], ok=False))
-        continue
-      err, nans = rel_error(out, ref), int(jnp.isnan(out).sum())
-      ok = err < TOLERANCE[dtype] and nans == 0
-      results.append(dict(check="prefill", B=b, T=t, N=n, K=kv, H=h, dtype=dtype.__name__,
-                          config=cfg, rel_error=err, nans=nans, ok=ok))
-      print(f"prefill B={b} T={t} N={n} K={kv} H={h} {dtype.__name__:<8} {cfg} "
-            f"rel_err={err:.2e} nans={nans} {'OK' if ok else 'FAIL'}", flush=True)
-    if dtype != jnp.float32 and not any(pads) and h % 64 == 0:
-      out = sparse_prefill_hopper(q, k, v, tuple(int(w) for w in win), sink=64)
-      err, nans = rel_error(out, ref), int(jnp.isnan(out).sum())
-      ok = err < TOLERANCE[dtype] and nans == 0
-      results.append(dict(check="prefill_mosaic_gpu", B=b, T=t, N=n, K=kv, H=h,
-                          dtype=dtype.__name__, rel_error=err, nans=nans, ok=ok))
-      print(f"prefill B={b} T={t} N={n} K={kv} H={h} {dtype.__name__:<8} Mosaic GPU "
-            f"rel_err={err:.2e} nans={nans} {'OK' if ok else 'FAIL'}", flush=True)
-
-
-def check_decode(rng, results):
-  configs = [dict(block_k=k, num_warps=w, num_stages=s, target_programs=t, min_split_blocks=m)
-             for k, w, s, t, m in DECODE_CONFIGS]
-  for dtype, cfg in [(jnp.float32, {}), *((jnp.bfloat16, cfg) for cfg in configs)]:
-    b, t, n, kv, h, steps, sink = 3, 700, 32, 8, 128, 12, 64
-    win = rng.integers(1, 500, n)
-    win[0] = 1
-    layout = cache_lib.make_layout(win, kv, t + steps, sink=sink)
-    pads = np.array([0, 150, 333])
-    total = t + steps
-    q, k, v = (jnp.asarray(rng.standard_normal((b, total, heads, h)), dtype)
-               for heads in (n, kv, kv))
-    pos = jnp.asarray(np.arange(total)[None] - pads[:, None], jnp.int32)
-    cache = cache_lib.write(cache_lib.init_cache(layout, b, h, dtype), k[:, :t], v[:, :t],
-                            pos[:, :t])
-    reference = jax.jit(lambda q, k, v, q_pos, k_pos: reference_attention(
-        q, k, v, q_pos, k_pos, windows=win, sink=sink))
-    kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
-    worst, nans = 0.0, 0
-    for i in range(t, total):
-      cache = cache_lib.write(cache, k[:, i:i + 1], v[:, i:i + 1], pos[:, i:i + 1])
-      out = decode_lib.decode_gpu(q[:, i], pos[:, i], cache, **cfg)
-      seen = jnp.where(jnp.arange(total) <= i, pos, -1)  # keys so far; later slots empty
-      ref = reference(q[:, i:i + 1].astype(jnp.float32), kf, vf, pos[:, i:i + 1], seen)[:, 0]
-      worst, nans = max(worst, rel_error(out, ref)), nans + int(jnp.isnan(out).sum())
-    ok = worst < TOLERANCE[dtype] and nans == 0
-    results.append(dict(check="decode", dtype=dtype.__name__, groups=len(layout.groups),
-                        config=cfg, rel_error=worst, nans=nans, ok=ok))
-    print(f"decode {dtype.__name__:<8} groups={len(layout.groups)} {cfg} worst "
-          f"rel_err={worst:.2e} nans={nans} {'OK' if ok else 'FAIL'}", flush=True)
-
-
 SWEEP_T = (16384,)
 SWEEP_DENSITIES = (0.125, 0.25, 0.5)  # uniform windows at each, mixed below 0.5
 SWEEP_DENSE = True  # also time the dense plan
@@ -142,7 +59,7 @@ def prefill_config(c: tuple) -> dict:
               single_loop=bool(single), edge_block_k=c[5] if len(c) > 5 else block_k)
 
 
-def sweep_prefill(results, skip, deadline: float) -> dict:
+def sweep_prefill(results, deadline: float) -> dict:
   best = {}
   key = jax.random.key(2)
   for t, kv in ((t, kv) for t in SWEEP_T for kv in (8, 32)):
@@ -162,7 +79,7 @@ def sweep_prefill(results, skip, deadline: float) -> dict:
       if time.time() > deadline:
         print("sweep prefill: out of time budget", flush=True)
         break
-      if cfg in skip or cfg["block_rows"] < 16 * (bench.HEADS // kv):
+      if cfg["block_rows"] < 16 * (bench.HEADS // kv):
         continue
       run = bench.runner(lambda k, v, pos, win, q, cfg=cfg: sparse_prefill_gpu(
           q, k, v, pos, win, sink=64, **cfg))
@@ -170,7 +87,7 @@ def sweep_prefill(results, skip, deadline: float) -> dict:
       try:
         for name, win in plans.items():
           seconds = bench.time_calls(run, (k, v, pos, jnp.asarray(win, jnp.int32)), qs)
-          pairs = float(bench.attended_pairs(win, bench.SINK, t).mean())
+          pairs = float(attended_pairs(win, bench.SINK, t).mean())
           ratios[name] = (seconds * 1e3, pairs / (t * (t + 1) / 2) * cudnn / seconds)
       except Exception as error:  # e.g. a launch configuration out of shared memory
         print(f"sweep prefill T={t} kv={kv} {cfg} FAILED: {str(error)[:300]}", flush=True)
@@ -281,47 +198,41 @@ def decode_overheads(results):
              chain=chain)
 
 
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", "gpu_check.json", "results file (JSON)")
+flags.DEFINE_list("sweep", ["prefill", "decode"], "timings to run: prefill, decode, overheads")
+flags.DEFINE_string("prefill_configs", None,
+                    "'block_rows,block_k,warps,stages,single_loop[,edge_block_k];...' "
+                    "(default: PREFILL_CONFIGS)")
+flags.DEFINE_string("decode_configs", None,
+                    "'block_k,warps,stages,target_programs,min_split_blocks;...' "
+                    "(default: DECODE_CONFIGS)")
+flags.DEFINE_float("budget_s", 1e9, "stop a sweep once the run has taken this long (seconds)")
+flags.DEFINE_list("sweep_t", ["16384"], "prefill sweep lengths")
+flags.DEFINE_list("sweep_densities", ["0.125", "0.25", "0.5"],
+                  "attention densities of the prefill sweep")
+flags.DEFINE_bool("sweep_dense", True, "also time the dense plan in the prefill sweep")
+
+
 def configs_arg(text: str) -> list[tuple]:
   """'a,b,c;d,e,f' -> [(a, b, c), (d, e, f)] of ints."""
   return [tuple(int(x) for x in item.split(",")) for item in text.split(";")]
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default="gpu_check.json")
-  parser.add_argument("--sweep", default="",
-                      help="comma-separated timings to run: prefill, decode, overheads")
-  parser.add_argument("--prefill-configs", type=configs_arg, default=None,
-                      help="'block_rows,block_k,warps,stages,single_loop[,edge_block_k];...' "
-                           "(default: all)")
-  parser.add_argument("--checks", default="prefill,decode",
-                      help="comma-separated correctness checks to run: prefill, decode")
-  parser.add_argument("--decode-configs", type=configs_arg, default=None,
-                      help="'block_k,warps,stages,target_programs,min_split_blocks;...'")
-  parser.add_argument("--budget-s", type=float, default=1e9)
-  parser.add_argument("--sweep-t", default="16384", help="comma-separated prefill sweep lengths")
-  parser.add_argument("--sweep-densities", default="0.125,0.25,0.5",
-                      help="comma-separated attention densities of the prefill sweep")
-  parser.add_argument("--sweep-no-dense", action="store_true",
-                      help="leave the dense plan out of the prefill sweep")
-  args = parser.parse_args()
+def main(argv):
+  del argv
   global PREFILL_CONFIGS, DECODE_CONFIGS, SWEEP_T, SWEEP_DENSITIES, SWEEP_DENSE
-  SWEEP_T = tuple(int(x) for x in args.sweep_t.split(","))
-  SWEEP_DENSITIES = tuple(float(x) for x in args.sweep_densities.split(","))
-  SWEEP_DENSE = not args.sweep_no_dense
-  PREFILL_CONFIGS = args.prefill_configs or PREFILL_CONFIGS
-  DECODE_CONFIGS = args.decode_configs or DECODE_CONFIGS
-  sweeps = set(filter(None, args.sweep.split(",")))
-  deadline = time.time() + args.budget_s
+  SWEEP_T = tuple(int(x) for x in FLAGS.sweep_t)
+  SWEEP_DENSITIES = tuple(float(x) for x in FLAGS.sweep_densities)
+  SWEEP_DENSE = FLAGS.sweep_dense
+  if FLAGS.prefill_configs:
+    PREFILL_CONFIGS = configs_arg(FLAGS.prefill_configs)
+  if FLAGS.decode_configs:
+    DECODE_CONFIGS = configs_arg(FLAGS.decode_configs)
+  sweeps = set(FLAGS.sweep)
+  deadline = time.time() + FLAGS.budget_s
   print(jax.devices(), jax.__version__, flush=True)
-  rng = np.random.default_rng(0)
   results = []
-  checks = set(filter(None, args.checks.split(",")))
-  if "prefill" in checks:
-    check_prefill(rng, results)
-  if "decode" in checks:
-    check_decode(rng, results)
-  failed_configs = [r["config"] for r in results if r["check"] == "prefill" and not r["ok"]]
   best = dict(prefill={}, decode={})
   if "overheads" in sweeps:
     decode_overheads(results)
@@ -329,13 +240,12 @@ def main():
     print("decode configs:", DECODE_CONFIGS, flush=True)
     best["decode"] = sweep_decode(results, deadline)
   if "prefill" in sweeps:
-    best["prefill"] = sweep_prefill(results, failed_configs, deadline)
-  with open(args.out, "w") as f:
-    json.dump(dict(results=results, best=best), f, indent=1)
-  failed = [r for r in results if r.get("ok") is False]
+    best["prefill"] = sweep_prefill(results, deadline)
+  with open(FLAGS.out, "w") as f:
+    json.dump(dict(command="python3 experiments/gpu_check_kernels.py " + " ".join(sys.argv[1:]),
+                   results=results, best=best), f, indent=1)
   print("best configurations:", best)
-  print(f"{len(failed)} correctness checks failed" if failed else "all correctness checks OK")
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

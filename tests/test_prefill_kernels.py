@@ -62,7 +62,8 @@ GPU_CASES = [  # GPU-sized (compiled only): the same fields
     (2, 1000, 24, 8, 128, jnp.bfloat16, [0, 0], False, 64),  # ratio 3 (Llama-3.2-3B, SmolLM2)
     (1, 1777, 28, 4, 128, jnp.float16, [45], True, 64),  # ratio 7
 ]
-GPU_CONFIGS = [  # launch settings beside the defaults: 32-key edge blocks; one loop
+GPU_CONFIGS = [  # launch settings beside the defaults: 128- and 32-key edge blocks; one loop
+    dict(block_rows=128, block_k=128, edge_block_k=128, num_warps=8, num_stages=3),
     dict(block_rows=128, block_k=128, edge_block_k=32, num_warps=8, num_stages=3),
     dict(block_rows=128, block_k=128, num_warps=8, num_stages=3, single_loop=True),
 ]
