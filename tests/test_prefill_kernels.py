@@ -21,7 +21,7 @@ from moa_jax.attention import dispatch
 from moa_jax.attention.prefill_gpu import launch_defaults, sparse_prefill_gpu
 from moa_jax.attention.prefill_hopper import sparse_prefill_hopper
 from moa_jax.attention.prefill_tpu import sparse_prefill_tpu
-from moa_jax.attention.reference import reference_attention
+from moa_jax.attention.reference import blocked_attention, reference_attention
 
 # Max abs error against the float32 reference on the same (rounded) inputs.
 TOLERANCE = {jnp.float32: 2e-5, jnp.float16: 4e-3, jnp.bfloat16: 3e-2}
@@ -208,3 +208,18 @@ def test_mosaic_gpu_dispatch_runs_both_kernels(hopper):
     out = jax.jit(lambda q, k, v, pos: dispatch.prefill_attention(
         q, k, v, pos, windows, sink=64, impl="mosaic_gpu"))(q, k, v, pos)
     check(out, q, k, v, pos, windows, 64)
+
+
+@pytest.mark.parametrize("t,block_q,windows,per_head_pos", [
+    (700, 256, np.array([1, 40, 300, 900]), False),  # self-attention, causal key prefix
+    (300, 512, None, False),  # one block: the reference itself
+    (333, 100, np.array([7, 700]), True),  # given key positions [B, K, S]
+])
+def test_blocked_attention_matches_reference(t, block_q, windows, per_head_pos):
+  """Query blocks give the reference's numbers (left padding, dense and windowed heads)."""
+  q, k, v, pos, _ = random_case(t, 2, t, 4, 2, 16, jnp.float32, [0, 45])
+  ref = reference_attention(q, k, v, pos, pos, windows=windows, sink=8)
+  k_pos = jnp.broadcast_to(pos[:, None], (2, 2, t)) if per_head_pos else None
+  out = blocked_attention(q, k, v, pos, k_pos, windows=windows, sink=8, block_q=block_q)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+  assert jnp.all(out[pos < 0] == 0)

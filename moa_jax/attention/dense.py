@@ -8,7 +8,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moa_jax.attention.reference import reference_attention
+from moa_jax.attention.reference import blocked_attention
 
 
 class DenseCache(NamedTuple):
@@ -29,9 +29,9 @@ class DenseAttention:
     """q [B, T, N, H], k/v [B, T, K, H], q_pos [B, T] -> ([B, T, N, H], updated cache)."""
     del layer  # every layer attends densely
     if cache is None:
-      return reference_attention(q, k, v, q_pos, q_pos), None
+      return blocked_attention(q, k, v, q_pos), None
     cache = write_cache(cache, k, v, q_pos)
-    return reference_attention(q, cache.k, cache.v, q_pos, cache.pos), cache
+    return blocked_attention(q, cache.k, cache.v, q_pos, cache.pos), cache
 
   def init_cache(self, config, batch_size: int, max_length: int, dtype=None) -> list[DenseCache]:
     """Empty caches (one per layer) of `max_length` slots; dtype defaults to config.dtype."""

@@ -1,5 +1,5 @@
 """Pick the MoA kernels for the backend: Hopper GPU -> Pallas Mosaic GPU prefill, other GPUs ->
-Pallas Triton, TPU -> Pallas Mosaic, CPU -> jnp.
+Pallas Triton, TPU -> Pallas Mosaic, CPU -> jnp (prefill in query blocks, `blocked_attention`).
 
 `impl` names an implementation explicitly ("mosaic_gpu", "triton", "mosaic", "reference"); with
 `interpret=True` the Triton and Mosaic (TPU) kernels run on the CPU (tests). "mosaic_gpu" runs
@@ -19,7 +19,7 @@ from moa_jax.attention.cache import MoACache
 from moa_jax.attention.prefill_gpu import sparse_prefill_gpu
 from moa_jax.attention.prefill_hopper import sparse_prefill_hopper
 from moa_jax.attention.prefill_tpu import sparse_prefill_tpu
-from moa_jax.attention.reference import reference_attention
+from moa_jax.attention.reference import blocked_attention
 
 IMPLS = ("mosaic_gpu", "triton", "mosaic", "reference")
 _BY_BACKEND = {"gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "mosaic"}
@@ -81,7 +81,7 @@ def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array
   if impl == "mosaic":
     return sparse_prefill_tpu(q, k, v, q_pos, windows, sink=sink, scale=scale,
                               max_window=max_window, interpret=interpret)
-  return reference_attention(q, k, v, q_pos, q_pos, windows=windows, sink=sink, scale=scale)
+  return blocked_attention(q, k, v, q_pos, windows=windows, sink=sink, scale=scale)
 
 
 def decode_attention(q: jax.Array, q_pos: jax.Array, cache: MoACache, *,

@@ -1,4 +1,6 @@
-"""Pure-jnp attention with the MoA rule mask: the reference every kernel is tested against."""
+"""Pure-jnp attention with the MoA rule mask: `reference_attention`, the reference every kernel
+is tested against, and `blocked_attention`, the same computation in query blocks (the CPU path
+of `dispatch`: no T x S float32 map)."""
 
 from __future__ import annotations
 
@@ -45,3 +47,37 @@ def reference_attention(
   out = jnp.einsum("bkgts,bskh->btkgh", weights, v.astype(jnp.float32),
                    precision=jax.lax.Precision.HIGHEST)  # [B, T, K, G, H]
   return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def blocked_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array | None = None,
+    *, windows=None, sink: int = DEFAULT_SINK, scale: float | None = None, block_q: int = 512,
+) -> jax.Array:
+  """`reference_attention` one block of `block_q` query rows at a time (the CPU path).
+
+  The same numbers (each row's softmax sees the same attended keys; only float32 summation
+  order may differ), but no [T, S] float32 map exists beyond one block's [block_q, S].
+
+  Args:
+    q, k, v, windows, sink, scale: as `reference_attention`.
+    q_pos: [B, T] int32 query positions.
+    k_pos: [B, S] or [B, K, S] key positions; None for self-attention over this call's tokens
+      (k_pos = q_pos, positions increasing along each row where >= 0): block i then reads only
+      the keys up to its last row, the later ones being causally masked.
+  Returns:
+    [B, T, N, H] in q's dtype.
+  """
+  if block_q < 1:
+    raise ValueError(f"block_q must be positive, got {block_q}")
+  kwargs = dict(windows=windows, sink=sink, scale=scale)
+  t = q.shape[1]
+  outs = []
+  for start in range(0, t, block_q):
+    stop = min(start + block_q, t)
+    if k_pos is None:  # keys after `stop` are later than every query of the block
+      key, value, key_pos = k[:, :stop], v[:, :stop], q_pos[:, :stop]
+    else:
+      key, value, key_pos = k, v, k_pos
+    outs.append(reference_attention(q[:, start:stop], key, value, q_pos[:, start:stop],
+                                    key_pos, **kwargs))
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
