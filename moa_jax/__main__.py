@@ -15,6 +15,7 @@ COMMANDS = {
     "generate": "moa_jax.generate:generate_command",
     "compress": "moa_jax.pipeline:compress_command",
     "demo": "moa_jax.demo:demo_command",
+    "convert": "moa_jax.models.convert:convert_command",
 }
 
 

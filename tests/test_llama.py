@@ -21,6 +21,7 @@ PUBLISHED_PARAMS = {
     "llama-3.1-8b": 8_030_261_248,
     "llama-3.2-1b": 1_235_814_400,
     "llama-3.2-3b": 3_212_749_824,
+    "smollm2-135m": 134_515_008,  # elements in the SmolLM2-135M-Instruct GGUF (tied embeddings)
 }
 
 

