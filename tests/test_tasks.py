@@ -1,4 +1,5 @@
-"""The synthetic task generators: size, answer in the prompt, determinism, depth, templating."""
+"""The synthetic task generators (size, answer in the prompt, determinism, depth, templating)
+and the long-text documents of the perplexity task."""
 
 import json
 import re
@@ -7,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from moa_jax.data import tasks, words
+from moa_jax.data import longtext, tasks, words
 from moa_jax.eval.metrics import METRICS
 
 
@@ -127,3 +128,30 @@ def test_training_text(bpe):
   assert tasks.training_text(s) == s.prompt + s.answer
   texts = tasks.make_training_texts("lines", bpe, 500, 3, seed=2)
   assert len(texts) == 3 and all(t.startswith("Below is a record") for t in texts)
+
+
+def test_longtext_documents_and_scored_windows(bpe, tmp_path):
+  docs = longtext.stdlib_documents(3)
+  sizes = [len(d.text.encode()) for d in docs]
+  assert sizes == sorted(sizes, reverse=True) and len({d.name for d in docs}) == 3
+  assert not any(part in ("test", "tests") for d in docs for part in d.name.split("/"))
+  meta = longtext.provenance(docs)
+  assert [f["name"] for f in meta["files"]] == [d.name for d in docs] and meta["python"]
+  for length in (300, 600):
+    context, target = longtext.scored_window(bpe, docs[1], length, 40)
+    assert len(context) + len(target) == length and context[0] == bpe.bos_token_id
+    assert len(target) == 40
+    tail = bpe.encode(docs[1].text[-20 * length:], add_special_tokens=False)
+    assert context[1:] + target == tail[-(length - 1):]  # the document's very last tokens
+  short = longtext.Document("short.py", "x = 1\n", "0" * 64)
+  with pytest.raises(ValueError, match="fewer than the length"):
+    longtext.scored_window(bpe, short, 300, 40)
+  with pytest.raises(ValueError, match="target_tokens"):
+    longtext.scored_window(bpe, docs[0], 300, 299)
+  (tmp_path / "pkg").mkdir()
+  (tmp_path / "pkg" / "a.py").write_text("a = 1\n" * 50)
+  (tmp_path / "test").mkdir()
+  (tmp_path / "test" / "big.py").write_text("b = 2\n" * 500)
+  assert [d.name for d in longtext.stdlib_documents(1, root=tmp_path)] == ["pkg/a.py"]
+  with pytest.raises(FileNotFoundError, match="fewer than the 2 documents"):
+    longtext.stdlib_documents(2, root=tmp_path)
