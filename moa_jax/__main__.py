@@ -10,6 +10,9 @@ import sys
 
 from moa_jax.cli import USAGE, UsageError, parse_command_line
 
+# transformers' notice that PyTorch is missing would be a second stderr line; moa_jax needs none.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 # command -> "module:function"; each function takes (config: ConfigDict, workdir: Path | None).
 COMMANDS = {
     "generate": "moa_jax.generate:generate_command",
@@ -31,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
   module, function = COMMANDS[command].split(":")
   try:
     getattr(importlib.import_module(module), function)(config, workdir)
-  except (ValueError, FileNotFoundError) as error:  # bad input: one line (MOA_DEBUG=1: traceback)
+  except (ValueError, OSError) as error:  # bad input, full disk: one line (MOA_DEBUG=1: traceback)
     if os.environ.get("MOA_DEBUG"):
       raise
     sys.exit(f"error: {error}")

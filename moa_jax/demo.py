@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from moa_jax import pipeline
+from moa_jax import pipeline, validate
 from moa_jax.eval import harness, plots
 from moa_jax.plans.plan import uniform_plan
 from moa_jax.workdir import atomic_write_text
@@ -74,4 +74,5 @@ def run(config, workdir: str | Path, command: str = "") -> dict:
 def demo_command(config, workdir: Path | None) -> dict:
   """`python -m moa_jax demo --config=configs/demo.py [--workdir=DIR]` (default runs/demo)."""
   command = shlex.join(["python", "-m", "moa_jax", *sys.argv[1:]])
+  validate.demo(config, workdir or Path("runs/demo"))
   return run(config, workdir or Path("runs/demo"), command)

@@ -19,6 +19,7 @@ from flax import nnx
 from moa_jax.attention.base import Attention
 from moa_jax.attention.dense import DenseAttention
 from moa_jax.models.llama import Llama
+from moa_jax.workdir import atomic_write_text
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1
@@ -136,11 +137,13 @@ def generate_command(config, workdir: Path | None) -> list[dict]:
   config fields: see configs/generate.py. Returns one dict per prompt (prompt, its ids, the new
   ids and their text), also written to workdir/generated.json if given.
   """
+  from moa_jax import validate
   from moa_jax.attention.moa import MoAAttention
   from moa_jax.calibration.prompts import chat_prompt_ids
   from moa_jax.models.loading import load_model
   from moa_jax.plans.plan import Plan
 
+  validate.generate(config, workdir)
   model, tokenizer, model_id = load_model(config.model)
   attention = None
   if config.plan:
@@ -159,5 +162,5 @@ def generate_command(config, workdir: Path | None) -> list[dict]:
     results.append(result)
   if workdir is not None:
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "generated.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(workdir / "generated.json", json.dumps(results, indent=2) + "\n")
   return results

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moa_jax import validate
 from moa_jax.attention.reference import reference_attention
 from moa_jax.models.loading import load_model
 from moa_jax.optimize import pareto
@@ -37,7 +38,7 @@ from moa_jax.plans.plan import Plan, dense_plan, uniform_plan
 from moa_jax.calibration.build import (CalibrationConfig, CalibrationSet, build_calibration,
                                          cache_key, cache_key_inputs)
 from moa_jax.profile.profiler import profile_model, response_loss, response_targets
-from moa_jax.workdir import Workdir, atomic_write_text, fingerprint
+from moa_jax.workdir import Workdir, atomic_write, atomic_write_text, fingerprint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +132,8 @@ def _profile_build(run: _Run, out: Path) -> None:
   influence = profile_model(run.model, run.model.config, run.outputs["calibration"],
                             list(prof.lengths), block=prof.block, path=prof.path,
                             batch_size=prof.batch_size, magnitude=prof.magnitude, loss=prof.loss)
-  np.savez(out / "influence.npz", **{str(n): e for n, e in influence.items()})
+  arrays = {str(n): e for n, e in influence.items()}
+  atomic_write(out / "influence.npz", lambda f: np.savez(f, **arrays))
 
 
 def _profile_load(run: _Run, path: Path) -> dict[int, np.ndarray]:
@@ -254,8 +256,7 @@ def compress(config, workdir: str | Path, loaded: tuple[Any, Any, str] | None = 
 
 def compress_command(config, workdir: Path | None) -> Plan:
   """`python -m moa_jax compress --config=... --workdir=DIR`."""
-  if workdir is None:
-    raise SystemExit("error: compress needs --workdir=DIR (its stages resume from there)")
+  validate.compress(config, workdir)
   return compress(config, workdir).plan
 
 

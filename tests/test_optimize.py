@@ -149,8 +149,8 @@ def test_infeasible_budget_names_smallest_feasible_budget():
   case = dict(layers=1, heads=4, kv_heads=4, grouping="kv_group", max_rules=2)
   problem = _small_problem(rng, budget=0.05, lo=0.9, **case)
   index, objectives, densities = _enumerate(problem)
-  # An assignment admits budgets B with max(density) <= B <= min(density) / lo.
-  low, high = densities.max(-1), densities.min(-1) / problem.lo
+  # An assignment admits budgets B with max(density) <= B <= min(density) / lo and B <= 1.
+  low, high = densities.max(-1), np.minimum(densities.min(-1) / problem.lo, 1.0)
   smallest, largest = low[low <= high].min(), high[low <= high].max()
   exact = direct.SolverOptions(method="direct", mip_rel_gap=0.0, time_limit=None)
   exact_solver = direct.DirectSolver(problem)

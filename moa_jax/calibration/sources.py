@@ -88,22 +88,38 @@ def multinews_examples(ds, instruction: str = INSTRUCTION) -> list[ContextQuesti
   return examples
 
 
-def load_context_questions(path: str | os.PathLike) -> list[ContextQuestion]:
-  """Records {"context": str, "question": str} from a JSONL file (other fields are ignored)."""
+def jsonl_records(path: str | os.PathLike, fields: tuple[str, ...]) -> list[dict]:
+  """The records of a JSONL file, read line by line: each non-blank line one JSON object with
+  string values for `fields` (others kept as they are). A bad line is a one-line ValueError
+  naming the file and the line number."""
   path = Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"{path} not found: expected a JSONL file of {{context, question}}")
-  examples = []
-  with path.open(encoding="utf-8") as lines:
-    for number, line in enumerate(lines, 1):
+    raise FileNotFoundError(f"{path} not found: expected a JSONL file of records with string "
+                            f"fields {', '.join(fields)}")
+  records = []
+  with path.open("rb") as lines:
+    for number, raw in enumerate(lines, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as error:
+        raise ValueError(f"{path}:{number}: not UTF-8 text ({error.reason} at byte "
+                         f"{error.start})") from None
       if not line.strip():
         continue
       try:
         record = json.loads(line)
       except json.JSONDecodeError as error:
-        raise ValueError(f"{path}:{number}: not valid JSON ({error})") from error
+        raise ValueError(f"{path}:{number}: not valid JSON ({error.msg} at column "
+                         f"{error.colno}); expected one JSON object per line") from None
       if not isinstance(record, dict) or not all(
-          isinstance(record.get(field), str) for field in ("context", "question")):
-        raise ValueError(f"{path}:{number}: a record needs string fields 'context' and 'question'")
-      examples.append(ContextQuestion(record["context"], record["question"]))
-  return examples
+          isinstance(record.get(field), str) for field in fields):
+        raise ValueError(f"{path}:{number}: a record needs string fields "
+                         f"{', '.join(repr(f) for f in fields)}")
+      records.append(record)
+  return records
+
+
+def load_context_questions(path: str | os.PathLike) -> list[ContextQuestion]:
+  """Records {"context": str, "question": str} from a JSONL file (other fields are ignored)."""
+  return [ContextQuestion(r["context"], r["question"])
+          for r in jsonl_records(path, ContextQuestion._fields)]

@@ -14,12 +14,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from moa_jax.eval.harness import accuracy_table
+from moa_jax.workdir import atomic_write
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> str:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   FigureCanvasAgg(fig)
-  fig.savefig(path, dpi=110)
+  atomic_write(path, lambda f: fig.savefig(f, format=os.path.splitext(path)[1][1:], dpi=110))
   return os.fspath(path)
 
 

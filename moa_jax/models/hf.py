@@ -16,12 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from moa_jax.models.config import LlamaConfig
 from moa_jax.models.llama import Llama
+from moa_jax.workdir import atomic_path, atomic_write_text
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -94,13 +95,28 @@ def read_tensor_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, .
   """Tensor name -> (file, shape, safetensors dtype) from the file headers (no tensor is read)."""
   headers = {}
   for file in files:
-    with safe_open(file, framework="numpy") as f:
-      for name in f.keys():
-        if name in headers:
-          raise ValueError(f"tensor {name!r} appears in both {headers[name][0].name} and {file.name}")
-        tensor = f.get_slice(name)
-        headers[name] = (file, tuple(tensor.get_shape()), tensor.get_dtype())
+    try:
+      with safe_open(file, framework="numpy") as f:
+        for name in f.keys():
+          if name in headers:
+            raise ValueError(f"tensor {name!r} appears in both {headers[name][0].name} and "
+                             f"{file.name}")
+          tensor = f.get_slice(name)
+          headers[name] = (file, tuple(tensor.get_shape()), tensor.get_dtype())
+    except SafetensorError as error:
+      raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): "
+                       f"{str(error).strip().splitlines()[0]}") from None
   return headers
+
+
+def check_finite(arrays: dict[str, jax.Array], source: str) -> None:
+  """A one-line ValueError if any tensor (name -> array) holds NaN or Inf, with the count."""
+  counts = jax.device_get({name: jnp.sum(~jnp.isfinite(a)) for name, a in arrays.items()})
+  bad = {name: int(count) for name, count in counts.items() if count}
+  if bad:
+    first = min(bad)
+    raise ValueError(f"{source}: {sum(bad.values())} NaN/Inf values in {len(bad)} tensor(s), "
+                     f"first {first!r} ({bad[first]}); the weights are corrupt")
 
 
 def _abstract_model(config: LlamaConfig):
@@ -161,6 +177,7 @@ def load_pretrained(path_or_hub_id: str | Path, *, dtype=None, param_dtype=None
           if name in expected:
             arrays[name] = jax.device_put(f.get_tensor(name)).astype(config.param_dtype)
             progress.update()
+  check_finite(arrays, f"checkpoint {directory}")
   return assemble_model(graphdef, expected, arrays), config
 
 
@@ -186,7 +203,7 @@ def save_pretrained(model: Llama, config: LlamaConfig, directory: str | Path, *,
     stale.unlink(missing_ok=True)
   hf_config = config.to_hf_dict()
   hf_config["torch_dtype"] = jnp.dtype(next(iter(params.values())).dtype).name
-  (directory / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+  atomic_write_text(directory / CONFIG_FILE, json.dumps(hf_config, indent=2) + "\n")
 
   shards, size = [[]], 0
   for name, param in params.items():
@@ -198,12 +215,13 @@ def save_pretrained(model: Llama, config: LlamaConfig, directory: str | Path, *,
   files = ([WEIGHTS_FILE] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
   for file, shard in tqdm(list(zip(files, shards)), desc="saving", leave=False, disable=None):
-    save_file({name: np.asarray(jax.device_get(params[name])) for name in shard},
-              directory / file, metadata={"format": "pt"})
+    with atomic_path(directory / file) as tmp:
+      save_file({name: np.asarray(jax.device_get(params[name])) for name in shard}, tmp,
+                metadata={"format": "pt"})
   if len(shards) > 1:
     index = {"metadata": {"total_size": sum(p.nbytes for p in params.values())},
              "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}
-    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    atomic_write_text(directory / INDEX_FILE, json.dumps(index, indent=2) + "\n")
   return directory
 
 

@@ -315,7 +315,7 @@ class Decomposition(direct.Solver):
     a_ub = np.hstack([a_ub, extra])
     a_eq = sp.csr_array((np.ones(n_cols), (layers, np.arange(n_cols))),
                         shape=(problem.num_layers, a_ub.shape[1]))
-    upper = np.r_[np.ones(n_cols), [1.0 / max(problem.lo, 1e-9)] * (target.budget is None),
+    upper = np.r_[np.ones(n_cols), [1.0] * (target.budget is None),  # a KV density is <= 1
                   [np.inf] * (a_ub.shape[1] - n_cols - (target.budget is None))]
     return _MasterArrays(cost, sp.csr_array(a_ub), b_ub, a_eq, upper, n_cols, layers)
 

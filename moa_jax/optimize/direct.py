@@ -170,7 +170,7 @@ class DirectSolver(Solver):
       constraints = [(widen(a), lb, ub) for a, lb, ub in constraints]
       constraints += [(sp.hstack([density, -problem.lo * budget_col]), 0.0, np.inf),
                       (sp.hstack([density, -budget_col]), -np.inf, 0.0)]
-      integrality, upper = np.r_[integrality, 0], np.r_[upper, 1.0 / max(problem.lo, 1e-9)]
+      integrality, upper = np.r_[integrality, 0], np.r_[upper, 1.0]  # a KV density is <= 1
       objective = np.r_[np.zeros(n_vars), target.budget_sign]
     result = scipy.optimize.milp(
         objective, integrality=integrality, bounds=scipy.optimize.Bounds(0, upper),

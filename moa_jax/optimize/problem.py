@@ -205,8 +205,9 @@ def build_problem(
     raise ValueError("build_problem needs dL at one or more profile lengths")
   if grouping not in GROUPINGS:
     raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
-  if not 0 < budget:
-    raise ValueError(f"the KV-density budget must be positive, got {budget}")
+  if not 0 < budget <= 1:
+    raise ValueError(f"the KV-density budget must be in (0, 1] (a window is clipped to the "
+                     f"length, so 1 is dense), got {budget}")
   if not 0 <= lo <= 1:
     raise ValueError(f"lo must lie in [0, 1], got {lo}")
   if max_rules_per_layer < 1:

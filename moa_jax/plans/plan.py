@@ -29,6 +29,50 @@ FORMAT_VERSION = 1
 GROUPINGS = ("kv_group", "query_head")
 DEFAULT_ARCHITECTURE = "LlamaForCausalLM"
 OFFICIAL_SINK = 64
+# Plan file fields: name -> (JSON types, what is valid). Optional fields are marked '?'.
+_INT = ("int",)
+SCHEMA = {
+    "model": (("dict",), "an object {architecture, num_layers, num_heads, num_kv_heads}"),
+    "sink": (_INT, "an integer >= 0"),
+    "block": (_INT, "an integer > 0"),
+    "grouping": (("str",), f"one of {GROUPINGS}"),
+    "alphas": (("list",), "a [layers][groups] list of numbers"),
+    "betas": (("list",), "a [layers][groups] list of numbers"),
+    "kv_densities?": (("dict",), "an object {length: density}"),
+    "attention_densities?": (("dict",), "an object {length: density}"),
+    "objectives?": (("dict",), "an object {length: value}"),
+    "provenance?": (("dict",), "an object"),
+}
+MODEL_SCHEMA = {
+    "architecture": (("str",), "a string such as 'LlamaForCausalLM'"),
+    "num_layers": (_INT, "an integer > 0"),
+    "num_heads": (_INT, "an integer > 0"),
+    "num_kv_heads": (_INT, "an integer > 0"),
+}
+_JSON_TYPES = {"int": int, "float": float, "str": str, "list": list, "dict": dict}
+
+
+def _check_schema(data: dict, schema: dict, prefix: str) -> None:
+  """A one-line ValueError for the first field of `schema` missing from `data` or of a wrong
+  JSON type (booleans are not numbers)."""
+  for key, (types, valid) in schema.items():
+    name = key.rstrip("?")
+    if name not in data:
+      if key.endswith("?"):
+        continue
+      raise ValueError(f"plan field {prefix}{name!r} is missing (expected {valid})")
+    value = data[name]
+    if isinstance(value, bool) or not isinstance(value, tuple(_JSON_TYPES[t] for t in types)):
+      raise ValueError(f"plan field {prefix}{name!r} must be {valid}, got {value!r:.60}")
+
+
+def _check_tables(data: dict) -> None:
+  """A one-line ValueError unless the optional tables map lengths (digit strings) to numbers."""
+  for name in ("kv_densities", "attention_densities", "objectives"):
+    for length, value in data.get(name, {}).items():
+      if not length.isdigit() or isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"plan field {name!r} must map lengths to numbers, got "
+                         f"{length!r}: {value!r:.60}")
 
 
 def model_shape(config: Any) -> tuple[int, int, int]:
@@ -190,29 +234,38 @@ class Plan:
     return json.dumps(self.to_dict(), indent=1)
 
   @classmethod
-  def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+  def from_dict(cls, data: Any) -> Plan:
+    """The Plan of a parsed plan file; a one-line ValueError names the first field that does not
+    fit the schema (`SCHEMA`, `MODEL_SCHEMA`) or an unsupported format version."""
+    if not isinstance(data, dict):
+      raise ValueError(f"a plan file holds a JSON object, got {type(data).__name__}")
     if data.get("format") != FORMAT_NAME:
       raise ValueError(f"not a {FORMAT_NAME} file (format={data.get('format')!r}); for the "
-                       "official {{alphas, betas}} format use Plan.from_official_json")
+                       "official {alphas, betas} format use Plan.from_official_json")
     if data.get("version") != FORMAT_VERSION:
       raise ValueError(f"unsupported plan version {data.get('version')!r}; this moa_jax reads "
                        f"version {FORMAT_VERSION}")
-    try:
-      model = data["model"]
-      return cls(
-          num_layers=int(model["num_layers"]), num_heads=int(model["num_heads"]),
-          num_kv_heads=int(model["num_kv_heads"]), architecture=str(model["architecture"]),
-          alphas=data["alphas"], betas=data["betas"], sink=int(data["sink"]),
-          block=int(data["block"]), grouping=data["grouping"],
-          kv_densities=data.get("kv_densities", {}),
-          attention_densities=data.get("attention_densities", {}),
-          objectives=data.get("objectives", {}), provenance=data.get("provenance", {}))
-    except KeyError as error:
-      raise ValueError(f"plan JSON lacks the field {error}") from error
+    _check_schema(data, SCHEMA, "")
+    _check_schema(data["model"], MODEL_SCHEMA, "model.")
+    _check_tables(data)
+    model = data["model"]
+    return cls(
+        num_layers=model["num_layers"], num_heads=model["num_heads"],
+        num_kv_heads=model["num_kv_heads"], architecture=model["architecture"],
+        alphas=data["alphas"], betas=data["betas"], sink=data["sink"], block=data["block"],
+        grouping=data["grouping"], kv_densities=data.get("kv_densities", {}),
+        attention_densities=data.get("attention_densities", {}),
+        objectives=data.get("objectives", {}), provenance=data.get("provenance", {}))
 
   @classmethod
   def from_json(cls, text: str) -> Plan:
-    return cls.from_dict(json.loads(text))
+    try:
+      data = json.loads(text)
+    except json.JSONDecodeError as error:
+      raise ValueError(f"not valid JSON ({error.msg} at line {error.lineno} column "
+                       f"{error.colno}); expected a {FORMAT_NAME} file (version "
+                       f"{FORMAT_VERSION}) as written by compress") from None
+    return cls.from_dict(data)
 
   def save(self, path: str | os.PathLike) -> None:
     """Write our JSON atomically (temporary file + rename)."""
@@ -220,9 +273,15 @@ class Plan:
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> Plan:
-    """Read a plan file written by `save`."""
-    with open(path) as f:
-      return cls.from_json(f.read())
+    """Read a plan file written by `save`; every problem is one line naming the file."""
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"plan file {path} not found (expected a plan.json written by "
+                              "compress)")
+    try:
+      with open(path, encoding="utf-8") as f:
+        return cls.from_json(f.read())
+    except (OSError, ValueError) as error:  # UnicodeDecodeError is a ValueError
+      raise ValueError(f"plan file {path}: {error}") from None
 
   # -------------------------------------------------------------------------- official format
 

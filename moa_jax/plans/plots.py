@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from moa_jax.plans.plan import Plan
+from moa_jax.workdir import atomic_write
 
 
 def plot_spans(plan: Plan, n: int, path: str | os.PathLike) -> None:
@@ -28,7 +29,7 @@ def plot_spans(plan: Plan, n: int, path: str | os.PathLike) -> None:
   ax.yaxis.set_major_locator(MaxNLocator(integer=True))
   ax.set_title(f"spans at N={n}\nKV density {plan.kv_density(n):.3f}, "
                f"attention density {plan.attention_density(n):.3f}", fontsize=9)
-  fig.savefig(path, dpi=120, bbox_inches="tight")
+  atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
 
 
 def plot_pareto_front(plans: Sequence[Plan], path: str | os.PathLike,
@@ -55,4 +56,4 @@ def plot_pareto_front(plans: Sequence[Plan], path: str | os.PathLike,
     ax.legend(fontsize=7)
   fig.suptitle(f"Pareto front: {len(objectives)} plans", fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
