@@ -92,6 +92,8 @@ def test_xla_decode_matches_reference(windows, kv, dtype):
     ([3, 3, 3, 3, 25, 25, 25, 25], 8, 8, jnp.float16, 1),  # split slots, merged by XLA
     ([5, 40, 5, 40], 4, 16, jnp.float32, 1),  # groups of non-adjacent KV heads, N = 16 rows
     ([40, 5, 5, 40], 4, 16, jnp.float16, 16),
+    ([3, 40, 7, 1, 30, 20], 2, 6, jnp.float32, 1),  # G = 3
+    ([3, 40, 7, 1, 30, 20, 5], 1, 7, jnp.float32, 16),  # G = 7
 ])
 def test_triton_decode_matches_reference(windows, kv, n, dtype, min_split_blocks):
   decode = lambda q, q_pos, cache: decode_lib.decode_gpu(

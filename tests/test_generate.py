@@ -92,7 +92,7 @@ def test_sampling_top_k_and_temperature(tiny_model, tiny_config, prompts):
 
 
 def test_bad_arguments(tiny_model, prompts):
-  with pytest.raises(ValueError, match=r"prompt token ids must be in \[0, 256\)"):
+  with pytest.raises(ValueError, match=r"token ids must be in \[0, 256\)"):
     generate(tiny_model, [[1, 256]], 2)
   with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
     generate(tiny_model, prompts, 0)

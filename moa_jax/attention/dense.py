@@ -10,6 +10,8 @@ import jax.numpy as jnp
 
 from moa_jax.attention.reference import blocked_attention
 
+IMPLS = ("reference", "xla", "cudnn")
+
 
 class DenseCache(NamedTuple):
   """One layer's dense KV cache (a pytree). Slots fill left to right, the same for every row."""
@@ -22,16 +24,54 @@ class DenseCache(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class DenseAttention:
-  """Reference (pure jnp) dense causal attention; with a cache, writes this call's keys first."""
+  """Dense causal attention; with a cache, a call of T tokens attends the cache and itself.
+
+  impl:
+    "reference": pure jnp with the causal mask on positions (any left padding, any chunk or
+      turn on top of the cache: slots of padding hold position -1).
+    "xla" / "cudnn": `jax.nn.dot_product_attention` (cuDNN flash attention on GPU), for batches
+      without left padding (every row's tokens fill the same slots; `generate` checks this).
+      A call of T > 1 tokens on a non-empty cache merges two calls (the cache, causal within
+      the chunk) by their log-sum-exp, which jax returns rounded to the input dtype (bf16:
+      weights off by up to ~3%); a fresh prompt and decoding are one call each.
+  """
+
+  impl: str = "reference"
+
+  def __post_init__(self):
+    if self.impl not in IMPLS:
+      raise ValueError(f"unknown dense attention impl {self.impl!r}; choose one of {IMPLS}")
 
   def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
                cache: DenseCache | None) -> tuple[jax.Array, DenseCache | None]:
     """q [B, T, N, H], k/v [B, T, K, H], q_pos [B, T] -> ([B, T, N, H], updated cache)."""
     del layer  # every layer attends densely
+    if self.impl == "reference":
+      if cache is None:
+        return blocked_attention(q, k, v, q_pos), None
+      cache = write_cache(cache, k, v, q_pos)
+      return blocked_attention(q, cache.k, cache.v, q_pos, cache.pos), cache
     if cache is None:
-      return blocked_attention(q, k, v, q_pos), None
-    cache = write_cache(cache, k, v, q_pos)
-    return blocked_attention(q, cache.k, cache.v, q_pos, cache.pos), cache
+      return self._fused(q, k, v, is_causal=True), None
+    b, t = q_pos.shape
+    if t == 1:
+      cache = write_cache(cache, k, v, q_pos)
+      return self._fused(q, cache.k, cache.v, kv_lengths=jnp.full((b,), cache.index)), cache
+    new, new_lse = self._fused(q, k, v, is_causal=True, residual=True)  # [B, T, N, H], [B, T, N]
+    old, old_lse = self._fused(q, cache.k, cache.v, kv_lengths=jnp.full((b,), cache.index),
+                               residual=True)
+    any_old = cache.index > 0
+    top = jnp.maximum(new_lse, old_lse).astype(jnp.float32)
+    w_new = jnp.exp(new_lse - top)[..., None]  # [B, T, N, 1]
+    w_old = jnp.where(any_old, jnp.exp(old_lse - top), 0.0)[..., None]
+    merged = (w_new * new.astype(jnp.float32)
+              + w_old * jnp.where(any_old, old, 0).astype(jnp.float32)) / (w_new + w_old)
+    return merged.astype(q.dtype), write_cache(cache, k, v, q_pos)
+
+  def _fused(self, q, k, v, *, is_causal=False, kv_lengths=None, residual=False):
+    return jax.nn.dot_product_attention(
+        q, k, v, is_causal=is_causal, implementation=self.impl, return_residual=residual,
+        key_value_seq_lengths=None if kv_lengths is None else kv_lengths.astype(jnp.int32))
 
   def init_cache(self, config, batch_size: int, max_length: int, dtype=None) -> list[DenseCache]:
     """Empty caches (one per layer) of `max_length` slots; dtype defaults to config.dtype."""

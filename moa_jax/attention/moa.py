@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from moa_jax.attention import cache as cache_lib
+from moa_jax.attention import chunk as chunk_lib
 from moa_jax.attention import dispatch
 from moa_jax.attention.cache import MoACache
 from moa_jax.plans.rules import DEFAULT_SINK, expand_to_query_heads
@@ -28,8 +30,10 @@ class MoAAttention:
 
   Without a cache, a call of T tokens uses the windows at n = T. `init_cache` fixes the windows
   at the planned total length `max_length` and stores them in each layer's cache layout; calls
-  with a cache use those. A call of T > 1 tokens with a cache is the prompt of a fresh request
-  (the cache must be empty: prefill on top of earlier turns is not supported); T = 1 decodes.
+  with a cache use those. With a cache, T = 1 decodes (write, then `decode_attention`) and
+  T > 1 prefills on top of whatever the cache holds (a fresh prompt, the next chunk of one, a
+  new turn): the chunk attends the cache and itself (`attention/chunk.py`), then is
+  written. Positions must continue each row's cached positions.
   """
 
   def __init__(self, windows: Windows, *, sink: int = DEFAULT_SINK, impl: str | None = None,
@@ -61,12 +65,23 @@ class MoAAttention:
     if cache is None:
       windows = self.layer_windows(t, n)[layer]
       return self._prefill(q, k, v, q_pos, windows), None
-    cache = cache_lib.write(cache, k, v, q_pos)
     if t > 1:
-      return self._prefill(q, k, v, q_pos, np.asarray(cache.layout.windows)), cache
+      return self._chunk(q, k, v, q_pos, cache), cache_lib.write(cache, k, v, q_pos)
+    cache = cache_lib.write(cache, k, v, q_pos)
     out = dispatch.decode_attention(q[:, 0], q_pos[:, 0], cache, impl=self.impl,
                                     interpret=self.interpret)
     return out[:, None], cache
+
+  def _chunk(self, q, k, v, q_pos, cache: MoACache) -> jax.Array:
+    """T > 1 tokens over the cache before they are written. On GPU a cache empty in every row
+    (a fresh prompt, positions from 0) takes the sparse prefill kernel, else the chunk kernel;
+    elsewhere the reference (TPU: no chunk kernel yet)."""
+    impl = dispatch.default_impl() if self.impl is None else self.impl
+    if impl not in ("mosaic_gpu", "triton"):
+      return chunk_lib.chunk_reference(q, k, v, q_pos, cache)
+    fresh = lambda: self._prefill(q, k, v, q_pos, np.asarray(cache.layout.windows))
+    on_cache = lambda: chunk_lib.chunk_gpu(q, k, v, q_pos, cache, interpret=self.interpret)
+    return jax.lax.cond(jnp.all(cache.pos[0] < 0), fresh, on_cache)
 
   def _prefill(self, q, k, v, q_pos, windows):
     return dispatch.prefill_attention(q, k, v, q_pos, windows, sink=self.sink, impl=self.impl,
