@@ -66,7 +66,7 @@ def read_gguf(path: str | Path):
   """A gguf.GGUFReader of the file (memory-mapped; no tensor is dequantized).
 
   Raises FileNotFoundError for a missing file and a one-line ValueError for anything `gguf`
-  cannot parse (not GGUF, truncated, corrupt) or tensor data that runs past the end of the file.
+  cannot parse (not GGUF, truncated, corrupt).
   Parsing the metadata takes seconds for a large vocabulary, so the last few readers are kept
   (keyed by path, size and modification time).
   """
@@ -78,20 +78,15 @@ def read_gguf(path: str | Path):
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_reader(file: Path, size: int, mtime_ns: int):
+def _cached_reader(file: Path, size: int, mtime_ns: int):  # size, mtime: keys of the cache
   import gguf  # numpy only, but only GGUF users need it
 
-  try:
-    reader = gguf.GGUFReader(file)
+  try:  # a tensor cut short by the end of the file fails the reader's reshape
+    return gguf.GGUFReader(file)
   except Exception as error:  # the reader raises ValueError, KeyError, IndexError, ... alike
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     raise ValueError(f"{file} is not a readable GGUF file (truncated or corrupt?): "
                      f"{reason}") from None
-  for tensor in reader.tensors:
-    if tensor.data_offset + int(tensor.n_bytes) > size:
-      raise ValueError(f"{file} is truncated: tensor {tensor.name!r} ends at byte "
-                       f"{tensor.data_offset + int(tensor.n_bytes)}, the file has {size}")
-  return reader
 
 
 def _metadata(reader, key: str, file: Path, default: Any = ...) -> Any:
@@ -177,10 +172,10 @@ def gguf_hf_config(reader, path: str | Path) -> dict[str, Any]:
                        f"{head_dim}; moa_jax supports only full rotary, equal K/V head dims")
   tensors = {t.name: t for t in reader.tensors}
   vocab = get("vocab_size", None)
-  if vocab is None:
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = (len(tokens.data) if tokens is not None else
-             int(tensors["token_embd.weight"].shape[-1]) if "token_embd.weight" in tensors else None)
+  if vocab is None and (tokens := reader.fields.get("tokenizer.ggml.tokens")) is not None:
+    vocab = len(tokens.data)
+  if vocab is None and "token_embd.weight" in tensors:
+    vocab = int(tensors["token_embd.weight"].shape[-1])
   if vocab is None:
     raise ValueError(f"{file}: cannot tell the vocabulary size (no {ARCHITECTURE}.vocab_size, "
                      f"no tokenizer.ggml.tokens, no token_embd.weight)")
@@ -228,7 +223,7 @@ def _shape(tensor) -> tuple[int, ...]:
 def inspect_gguf(path: str | Path, *, dtype=None, param_dtype=None
                  ) -> tuple[LlamaConfig, dict]:
   """(config, GGUF tensor name -> reader tensor) of a llama GGUF file, checked as `load_gguf`
-  checks it (metadata, names, shapes, types, file size) without dequantizing a tensor.
+  checks it (metadata, names, shapes, types; a truncated file) without dequantizing a tensor.
 
   param_dtype defaults to the file's dtype for F16/BF16 files, else float32; dtype (compute) to
   param_dtype.
