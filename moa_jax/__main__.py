@@ -18,6 +18,7 @@ COMMANDS = {
     "generate": "moa_jax.generate:generate_command",
     "compress": "moa_jax.pipeline:compress_command",
     "demo": "moa_jax.demo:demo_command",
+    "sweep": "moa_jax.sweep.command:sweep_command",
     "convert": "moa_jax.models.convert:convert_command",
 }
 

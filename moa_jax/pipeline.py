@@ -226,12 +226,14 @@ STAGES = (
 )
 
 
-def compress(config, workdir: str | Path, loaded: tuple[Any, Any, str] | None = None
-             ) -> Compressed:
-  """Run the STAGES (calibration -> profile -> optimize -> choose) in `workdir`, skipping every
-  stage already complete for the same inputs; `loaded` is an already loaded (model, tokenizer,
-  model id) of `config.model`. Writes DIR/plan.json and DIR/report.md."""
-  start = time.perf_counter()
+def run_stages(config, workdir: str | Path, loaded: tuple[Any, Any, str] | None = None, *,
+               until: str | None = None) -> _Run:
+  """Run the STAGES in order, up to and including `until` (default: all), in `workdir`,
+  skipping every stage already complete for the same inputs; `loaded` is an already loaded
+  (model, tokenizer, model id) of `config.model`. Returns the run (model and stage outputs)."""
+  names = [stage.name for stage in STAGES]
+  if until is not None and until not in names:
+    raise ValueError(f"unknown stage {until!r}; choose one of {', '.join(names)}")
   work = Workdir(workdir)
   model, tokenizer, model_id = loaded or load_model(config.model)
   run = _Run(config, model, tokenizer, model_id, outputs={"keys": {}})
@@ -247,11 +249,24 @@ def compress(config, workdir: str | Path, loaded: tuple[Any, Any, str] | None = 
         stage.build(run, out)
       _log(f"{stage.name}: done in {time.perf_counter() - stage_start:.1f} s")
     run.outputs[stage.name] = stage.load(run, work.path(stage.name))
+    if stage.name == until:
+      break
+  return run
+
+
+def compress(config, workdir: str | Path, loaded: tuple[Any, Any, str] | None = None
+             ) -> Compressed:
+  """Run the STAGES (calibration -> profile -> optimize -> choose) in `workdir`, skipping every
+  stage already complete for the same inputs; `loaded` is an already loaded (model, tokenizer,
+  model id) of `config.model`. Writes DIR/plan.json and DIR/report.md."""
+  start = time.perf_counter()
+  run = run_stages(config, workdir, loaded)
+  root = Path(workdir)
   for name in ("plan.json", "report.md"):
-    atomic_write_text(work.root / name, (work.path("choose") / name).read_text())
-  _log(f"compress finished in {time.perf_counter() - start:.1f} s: {work.root / 'plan.json'}")
-  plan = Plan.load(work.root / "plan.json").validate(model.config)
-  return Compressed(plan, model, tokenizer, model_id, work.root)
+    atomic_write_text(root / name, (root / "choose" / name).read_text())
+  _log(f"compress finished in {time.perf_counter() - start:.1f} s: {root / 'plan.json'}")
+  plan = Plan.load(root / "plan.json").validate(run.model.config)
+  return Compressed(plan, run.model, run.tokenizer, run.model_id, root)
 
 
 def compress_command(config, workdir: Path | None) -> Plan:

@@ -1,0 +1,284 @@
+"""Sweeps: expansion, gathering and launcher parameters on their own; the tiny sweep (three
+KV budgets) end to end with the local launcher and, marked `slurm`, through a real single-node
+SLURM cluster (tools/slurm/local_cluster.sh) via submitit: the profile computed once, a killed
+point reported and redone alone, the same plans as the local launcher."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from moa_jax.cli import load_config
+from moa_jax.sweep import command, gather, hyper, jobs, launchers
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "tools" / "slurm" / "local_cluster.sh"
+TINY = "configs/sweep.py:tiny"
+DENSITIES = (0.5, 0.625, 0.75)
+NAMES = [f"density={d}" for d in DENSITIES]
+
+
+# --- sweep expansion ---------------------------------------------------------------------------
+
+def test_sweep_product_zip_chain():
+  a = hyper.sweep("config.optimize.density", (0.25, 0.5))
+  b = hyper.sweep("seed", (0, 1, 2))
+  assert a == (((("config.optimize.density", 0.25),), (("config.optimize.density", 0.5),)))
+  product = hyper.product([a, b])
+  assert len(product) == 6 and product[1] == (("config.optimize.density", 0.25), ("seed", 1))
+  zipped = hyper.zipit([b, hyper.sweep("calibration.seed_unused", ("x", "y", "z"))])
+  assert zipped[2] == (("seed", 2), ("calibration.seed_unused", "z"))
+  assert hyper.chain([a, b])[2:] == b
+  with pytest.raises(ValueError, match="one length"):
+    hyper.zipit([a, b])
+
+
+def _sweep_config(sweep, variant="tiny"):
+  config = load_config(f"configs/sweep.py:{variant}")
+  with config.unlocked():
+    config.sweep = sweep
+  return config
+
+
+def test_expand_names_configs_and_errors():
+  config = _sweep_config(hyper.product([
+      hyper.sweep("config.optimize.density", (0.5, 0.75)),
+      hyper.sweep("eval.lengths", ((256,), (256, 512)))]))
+  points = hyper.expand(config)
+  assert [p.name for p in points] == ["density=0.5-lengths=256", "density=0.5-lengths=256,512",
+                                      "density=0.75-lengths=256", "density=0.75-lengths=256,512"]
+  assert points[3].config.optimize.density == 0.75 and points[3].config.eval.lengths == (256, 512)
+  assert config.optimize.density == 0.5 and points[0].config.is_locked
+  for run_field in hyper.RUN_FIELDS:
+    assert run_field not in points[0].config
+  # the same last component in two sections: full names
+  both = hyper.expand(_sweep_config(hyper.zipit([hyper.sweep("seed", (0, 1)),
+                                                 hyper.sweep("eval.seed", (0, 1))])))
+  assert [p.name for p in both] == ["seed=0-eval.seed=0", "seed=1-eval.seed=1"]
+  assert [p.name for p in hyper.expand(_sweep_config(()))] == ["base"]
+  with pytest.raises(ValueError, match="'optimize.densty' is not a config field"):
+    hyper.expand(_sweep_config(hyper.sweep("optimize.densty", (0.5,))))
+  with pytest.raises(ValueError, match="'launcher' is not a config field"):
+    hyper.expand(_sweep_config(hyper.sweep("launcher", ("slurm",))))
+  with pytest.raises(ValueError, match="repeated points: density=0.5"):
+    hyper.expand(_sweep_config(hyper.sweep("optimize.density", (0.5, 0.5))))
+  with pytest.raises(ValueError, match="sweep value 'x' for optimize.density"):
+    hyper.expand(_sweep_config(hyper.sweep("optimize.density", ("x",))))
+  with pytest.raises(ValueError, match="not a \\(field, value\\) pair"):
+    hyper.expand(_sweep_config(((("optimize.density",),),)))
+
+
+def test_groups_share_stages_only_when_their_sections_agree(tmp_path):
+  config = _sweep_config(hyper.product([hyper.sweep("optimize.density", (0.5, 0.75)),
+                                        hyper.sweep("profile.loss", ("nll", "log_odds"))]))
+  points, tasks = command.plan_tasks(config, tmp_path)
+  shared = [t for t in tasks if t.kind == "shared"]
+  assert len(points) == 4 and len(shared) == 2  # one per profile loss
+  for task in tasks:
+    if task.kind == "point":
+      cfg = task.args[0]
+      assert task.after == f"shared/{jobs.group_key(cfg)}"
+      assert Path(task.args[2]).name == jobs.group_key(cfg)
+  assert json.loads((tmp_path / "sweep.json").read_text())["points"][0]["name"] == (
+      "density=0.5-loss=nll")
+
+
+def test_link_stage_is_hard_links_and_replaces_a_different_stage(tmp_path):
+  src, dst = tmp_path / "shared" / "profile", tmp_path / "point" / "profile"
+  src.mkdir(parents=True)
+  (src / "influence.npz").write_bytes(b"abc")
+  (src / "COMPLETE.json").write_text('{"fingerprint": "k1"}')
+  dst.mkdir(parents=True)
+  (dst / "COMPLETE.json").write_text('{"fingerprint": "old"}')
+  jobs.link_stage(src, dst)
+  assert (dst / "influence.npz").stat().st_ino == (src / "influence.npz").stat().st_ino
+  assert (dst / "COMPLETE.json").read_text() == '{"fingerprint": "k1"}'
+  jobs.link_stage(src, dst)  # already the same stage: untouched
+  assert not list(dst.parent.glob(".*partial*"))
+
+
+def test_slurm_parameters():
+  section = launchers.slurm_section()
+  section.partition, section.extra, section.setup = "gpu", "account=abc, qos=high", ("a",)
+  params = launchers.slurm_parameters(section)
+  assert params["slurm_partition"] == "gpu" and params["gpus_per_node"] == 1
+  assert params["slurm_additional_parameters"] == {"account": "abc", "qos": "high"}
+  assert params["slurm_setup"] == ["a"] and params["timeout_min"] == 120
+  section.gpus_per_job, section.partition = 0, ""
+  assert "gpus_per_node" not in launchers.slurm_parameters(section)
+  section.extra = "account"
+  with pytest.raises(ValueError, match="slurm.extra entry 'account' is not key=value"):
+    launchers.slurm_parameters(section)
+  section.extra, section.timeout_min = "", 1
+  with pytest.raises(ValueError, match="timeout_min must be >= 2"):
+    launchers.slurm_parameters(section)
+
+
+# --- gathering ---------------------------------------------------------------------------------
+
+def _fake_results(density: float, moa: float, uniform: float) -> dict:
+  acc = {"dense": {"passkey": {"256": 1.0}}, "uniform": {"passkey": {"256": uniform}},
+         "moa": {"passkey": {"256": moa}}}
+  ppl = {m: {"longtext": {"256": 10 / (v + 0.1)}} for m, v in
+         (("dense", 1.0), ("uniform", uniform), ("moa", moa))}
+  kv = {"dense": {"256": 1.0}, "uniform": {"256": density}, "moa": {"256": density - 0.01}}
+  return {"summary": {"accuracy": acc, "perplexity": ppl},
+          "meta": {"kv_density": kv, "config": {"eval": {"density": density}}}}
+
+
+def test_gather_table_and_plot(tmp_path):
+  results = {f"density={d}": ({"optimize.density": d}, _fake_results(d, m, u))
+             for d, m, u in ((0.25, 0.5, 0.1), (0.5, 0.9, 0.4))}
+  out = gather.write(tmp_path, results, {"density=0.75": "exit status 1; log: x.log"})
+  rows = out["rows"]
+  assert len([r for r in rows if r["method"] == "dense"]) == 2  # passkey + longtext, once
+  moa = sorted((r["kv_density"], r["accuracy"]) for r in rows
+               if r["method"] == "moa" and r["task"] == "passkey")
+  assert moa == [(0.24, 0.5), (0.49, 0.9)]
+  table = (tmp_path / "sweep.md").read_text()
+  assert "| passkey | 256 | moa | density=0.5 | 0.5 | 0.4900 | 0.900 |" in table
+  assert "density=0.75: exit status 1; log: x.log" in table
+  assert (tmp_path / "sweep.png").stat().st_size > 10_000
+  assert json.loads((tmp_path / "sweep_results.json").read_text())["failed"]
+
+
+# --- the tiny sweep end to end ----------------------------------------------------------------
+
+def _plans(workdir: Path) -> dict[str, dict]:
+  plans = {}
+  for name in NAMES:
+    plan = json.loads((workdir / "points" / name / "plan.json").read_text())
+    plan.pop("provenance", None)
+    plans[name] = plan
+  return plans
+
+
+def _logs_with(workdir: Path, pattern: str, text: str) -> list[Path]:
+  return [p for p in workdir.glob(pattern) if text in p.read_text(errors="replace")]
+
+
+def _check_finished(workdir: Path, job_logs: str) -> None:
+  """Three plans and an eval per point, the profile computed once, table and plot."""
+  for name, density in zip(NAMES, DENSITIES):
+    folder = workdir / "points" / name
+    assert json.loads((folder / "plan.json").read_text())["kv_densities"]["256"] <= density
+    result = json.loads((folder / "eval" / "results.json").read_text())
+    assert set(result["meta"]["methods"]) == {"dense", "uniform", "moa"}
+    assert result["meta"]["config"]["eval"]["density"] == density
+    shared = next((workdir / "shared").iterdir())
+    assert ((folder / "profile" / "influence.npz").stat().st_ino
+            == (shared / "profile" / "influence.npz").stat().st_ino)
+  assert len(_logs_with(workdir, job_logs, "profile: done in")) == 1
+  assert len(_logs_with(workdir, job_logs, "profile: complete, skipped")) >= len(NAMES)
+  gathered = json.loads((workdir / "sweep_results.json").read_text())
+  assert gathered["points"] == sorted(NAMES) and not gathered["failed"]
+  assert {(r["method"], r["task"]) for r in gathered["rows"]} == {
+      (m, t) for m in ("dense", "uniform", "moa") for t in ("passkey", "longtext")}
+  assert (workdir / "sweep.png").stat().st_size > 10_000
+  assert "| longtext | 256 | dense |" in (workdir / "sweep.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def local_sweep(tmp_path_factory):
+  """The tiny sweep with the local launcher (two processes at a time)."""
+  workdir = tmp_path_factory.mktemp("sweep_local")
+  status = command.run_sweep(load_config(TINY), workdir)
+  return workdir, status
+
+
+@pytest.mark.slow
+def test_tiny_sweep_local(local_sweep):
+  workdir, status = local_sweep
+  assert status["submitted"] == ["shared/" + next((workdir / "shared").iterdir()).name] + [
+      f"points/{n}" for n in NAMES]
+  assert status["finished"] == sorted(NAMES) and not status["failed"]
+  _check_finished(workdir, "logs/local/*.log")
+  again = command.run_sweep(load_config(TINY), workdir)
+  assert again["submitted"] == [] and again["finished"] == sorted(NAMES)
+
+
+# --- through a real SLURM ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+  """A single-node SLURM (started here unless one already runs; stopped after, also when tests
+  fail). Skipped with the script's reason on a machine without root or apt."""
+  was_running = subprocess.run([str(CLUSTER), "status"], capture_output=True, text=True
+                               ).stdout.count("running") == 5
+  started = subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True)
+  if started.returncode == 2:
+    pytest.skip(started.stderr.strip())
+  assert started.returncode == 0, started.stdout + started.stderr
+  state = os.environ.get("MOA_SLURM_STATE", "/tmp/moa_slurm")
+  previous = os.environ.get("SLURM_CONF")
+  os.environ["SLURM_CONF"] = f"{state}/slurm.conf"
+  try:
+    yield
+  finally:
+    if previous is None:
+      os.environ.pop("SLURM_CONF")
+    else:
+      os.environ["SLURM_CONF"] = previous
+    if not was_running:
+      subprocess.run([str(CLUSTER), "stop"], check=True, capture_output=True)
+
+
+def _slurm_state(job_id: str) -> str:
+  out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
+                       text=True)
+  return out.stdout.strip()
+
+
+def _wait_for(predicate, seconds: float, what: str):
+  deadline = time.monotonic() + seconds
+  while time.monotonic() < deadline:
+    value = predicate()
+    if value:
+      return value
+    time.sleep(0.5)
+  raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_tiny_sweep_slurm_kill_rerun_and_same_plans(slurm_cluster, local_sweep, tmp_path):
+  workdir = tmp_path / "sweep"
+  argv = [sys.executable, "-m", "moa_jax", "sweep", f"--config={TINY}", f"--workdir={workdir}",
+          "--config.launcher=slurm"]
+  output = tmp_path / "sweep.out"
+  with open(output, "w") as out:
+    sweep = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+  try:
+    record = workdir / "logs" / "slurm" / "jobs.json"
+    ids = _wait_for(lambda: record.is_file() and json.loads(record.read_text()), 120,
+                    "the sweep's jobs to be submitted")
+    assert len(ids) == 4 and all(f"points/{n}" in ids for n in NAMES)
+    victim = f"points/{NAMES[1]}"
+    _wait_for(lambda: _slurm_state(ids[victim]) == "RUNNING", 240, f"{victim} to run")
+    subprocess.run(["scancel", ids[victim]], check=True)
+    killed = time.monotonic()
+    _wait_for(lambda: f"{victim} FAILED" in output.read_text(), 60,
+              "the killed point to be reported")
+    assert time.monotonic() - killed < 60
+    assert sweep.wait(timeout=300) == 1
+  finally:
+    if sweep.poll() is None:
+      sweep.kill()
+  text = output.read_text()
+  assert "1 sweep points failed (density=0.625:" in text and "log: " in text
+  status = json.loads((workdir / "status.json").read_text())
+  assert status["finished"] == [NAMES[0], NAMES[2]] and list(status["failed"]) == [NAMES[1]]
+  assert ".out" in status["failed"][NAMES[1]]  # the job's log path
+  # A re-run submits only the killed point; then nothing is left to submit.
+  config = load_config(TINY)
+  with config.unlocked():
+    config.launcher = "slurm"
+  again = command.run_sweep(config, workdir)
+  assert again["submitted"] == [f"points/{NAMES[1]}"] and not again["failed"]
+  _check_finished(workdir, "logs/slurm/*/*.out")
+  assert command.run_sweep(config, workdir)["submitted"] == []
+  assert _plans(workdir) == _plans(local_sweep[0])
