@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
+from moa_jax.models import sharding
 from moa_jax.models.config import LlamaConfig
 from moa_jax.models.llama import Llama
 from moa_jax.workdir import atomic_path, atomic_write_text
@@ -150,12 +151,13 @@ def check_tensors(shapes: dict[str, tuple[int, ...]], expected: dict, source: st
                        f"implies {want}")
 
 
-def load_pretrained(path_or_hub_id: str | Path, *, dtype=None, param_dtype=None
+def load_pretrained(path_or_hub_id: str | Path, *, dtype=None, param_dtype=None, mesh=None
                     ) -> tuple[Llama, LlamaConfig]:
   """Load a HF Llama checkpoint (local directory or hub id) as a `Llama` and its config.
 
   param_dtype defaults to the checkpoint's dtype (bf16 stays bf16, never via float32), dtype
-  (compute) to param_dtype. Everything is validated before the first tensor is read.
+  (compute) to param_dtype. Everything is validated before the first tensor is read. With a
+  `mesh`, every tensor is read shard by shard straight onto its devices (models/sharding.py).
   """
   directory = resolve_checkpoint_dir(path_or_hub_id)
   config = LlamaConfig.from_hf_dict(read_hf_config(directory), dtype=dtype,
@@ -168,6 +170,7 @@ def load_pretrained(path_or_hub_id: str | Path, *, dtype=None, param_dtype=None
     if stored not in FLOAT_DTYPES:
       raise ValueError(f"tensor {name!r} in {file} has dtype {stored}; expected one of "
                        f"{', '.join(FLOAT_DTYPES)}")
+  shardings = None if mesh is None else sharding.param_shardings(config, mesh)
   arrays = {}
   with tqdm(total=len(expected), desc=f"loading {directory.name}", leave=False,
             disable=None) as progress:
@@ -175,7 +178,9 @@ def load_pretrained(path_or_hub_id: str | Path, *, dtype=None, param_dtype=None
       with safe_open(file, framework="numpy") as f:
         for name in f.keys():
           if name in expected:
-            arrays[name] = jax.device_put(f.get_tensor(name)).astype(config.param_dtype)
+            arrays[name] = (
+                sharding.read_sharded(f, name, shardings[name], config.param_dtype) if shardings
+                else jax.device_put(f.get_tensor(name)).astype(config.param_dtype))
             progress.update()
   check_finite(arrays, f"checkpoint {directory}")
   return assemble_model(graphdef, expected, arrays), config

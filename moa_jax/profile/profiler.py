@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from moa_jax.models import sharding
 from moa_jax.models.config import LlamaConfig
 from moa_jax.calibration.build import CalibrationBucket, CalibrationSet
 from moa_jax.attention.fused import default_implementation
@@ -162,11 +163,13 @@ def batch_influence(model, tokens, positions, hidden_index, weight, *, block: in
   if loss not in LOSSES:
     raise ValueError(f"unknown profile loss {loss!r}; choose one of {LOSSES}")
   graphdef, state = nnx.split(model)
+  padded = bool(np.any(np.asarray(positions) < 0))
+  tokens, positions, hidden_index, weight = sharding.shard_batch(  # on the model's mesh, if any
+      model, tokens, positions, hidden_index, weight)
   if path == "direct":
     return _direct_batch(graphdef, state, tokens, positions, hidden_index, weight, block=block,
                          magnitude=magnitude, loss=loss)
   implementation = implementation or default_implementation(model.config.dtype)
-  padded = bool(np.any(np.asarray(positions) < 0))
   d_outs, records = output_grads(graphdef, state, tokens, positions, hidden_index, weight,
                                  implementation=implementation, padded=padded, loss=loss)
   lengths = valid_lengths(jnp.asarray(positions))
@@ -226,6 +229,6 @@ def profile_model(
           jnp.asarray(hidden_index), jnp.asarray(weight), block=block, path=path, tile=tile,
           implementation=implementation, magnitude=magnitude, loss=loss)
       bar.update()
-    result[n] = np.asarray(total_influence / bucket.num_samples, np.float32)
+    result[n] = sharding.to_host(total_influence / bucket.num_samples).astype(np.float32)
   bar.close()
   return result
