@@ -111,7 +111,7 @@ def tiny_vocab(size):
 
 
 def write_gguf(path, config, params, qtype=Q.F32, *, architecture="llama", rope_freqs=None,
-               drop=(), replace=None, tokenizer=True, seed=0):
+               drop=(), replace=None, tokenizer=True, vocab_key=True, seed=0):
   """Write params (HF names) as a llama.cpp-style GGUF file of `config`; returns the raw
   tensors written (GGUF name -> (array, raw_dtype)). replace: GGUF name -> (array, raw_dtype)."""
   rng = np.random.default_rng(seed)
@@ -128,7 +128,8 @@ def write_gguf(path, config, params, qtype=Q.F32, *, architecture="llama", rope_
     writer.add_value_length(config.head_dim)
   writer.add_rope_freq_base(config.rope_theta)
   writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-  writer.add_vocab_size(config.vocab_size)
+  if vocab_key:
+    writer.add_vocab_size(config.vocab_size)
   if tokenizer:
     tokens, types, merges = tiny_vocab(config.vocab_size)
     writer.add_tokenizer_model("gpt2")
@@ -222,6 +223,16 @@ def test_quantized_tensors_equal_ggufs_reference_dequantization(tmp_path, qtype)
     if qtype in QUANT_ERROR:  # and close to the weights that were quantized
       error = np.linalg.norm(reference - original) / np.linalg.norm(original)
       assert error < QUANT_ERROR[qtype], (name, error)
+
+
+@pytest.mark.parametrize("tokenizer", [True, False])
+def test_vocab_size_without_its_key_comes_from_tokens_or_embedding(tmp_path, tiny_config,
+                                                                   tokenizer):
+  config = tiny_config.replace(rope_scaling=None)
+  path = tmp_path / "no_vocab_key.gguf"
+  write_gguf(path, config, random_params(config), tokenizer=tokenizer, vocab_key=False)
+  no_special_ids = {} if tokenizer else dict(bos_token_id=None, eos_token_ids=())
+  assert gguf_config(path) == config.replace(**no_special_ids)
 
 
 def test_tokenizer_is_rebuilt_from_the_metadata(tiny_gguf):
