@@ -63,6 +63,7 @@ GPU_DECODE_CONFIGS = [  # block_k, num_warps, num_stages, target_programs, min_s
     (64, 4, 2, 528, 16), (128, 4, 3, 528, 16), (64, 4, 2, 528, 4), (128, 8, 2, 264, 16)]
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,kv,dtype,configs", [
     (32, 8, jnp.float32, [None]),

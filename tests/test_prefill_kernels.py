@@ -78,6 +78,7 @@ def test_triton_prefill_matches_reference(b, t, n, kv, h, dtype, pads, per_group
   check(out, q, k, v, pos, windows, sink)
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 @pytest.mark.parametrize("b,t,n,kv,h,dtype,pads,per_group,sink", GPU_CASES)
 def test_triton_prefill_gpu_sizes(b, t, n, kv, h, dtype, pads, per_group, sink):
