@@ -1,7 +1,7 @@
 """Every input of a command checked before any model is loaded or any stage runs.
 
-`compress(config, workdir)`, `generate(config, workdir)` and `demo(config, workdir)` are what
-their commands call first. Each checks, stopping at the first problem:
+`compress`, `demo`, `generate`, `eval`, `sweep` and `convert` (each `(config, workdir)`) are
+what their commands call first. Each checks, stopping at the first problem:
   1. every config field's type and range (`FIELDS`: one `Rule` per dotted field name);
   2. relations between fields (profile lengths among the calibration lengths, lengths beyond
      the answer and the sink, ...);
@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,6 +35,7 @@ from moa_jax.calibration import prompts
 from moa_jax.cli import field_names
 from moa_jax.models import hf
 from moa_jax.models.config import PRESETS, LlamaConfig
+from moa_jax.models import gguf, loading
 from moa_jax.models.loading import reference_model_dir
 from moa_jax.optimize import decomposition
 from moa_jax.optimize.direct import SolverOptions
@@ -159,19 +162,48 @@ OPTIMIZE = {
     "workers": integer(1),
 }
 SELECT = {"length": LENGTH, "num_samples": COUNT, "split": text()}
-EVAL = {"tasks": NAMES, "lengths": LENGTHS, "samples_per_depth": COUNT, "seed": SEED,
-        "batch_size": BATCH}
+DEMO_EVAL = {"tasks": NAMES, "lengths": LENGTHS, "samples_per_depth": COUNT, "seed": SEED,
+             "batch_size": BATCH}
+STRINGS = Rule(lambda v: isinstance(v, (tuple, list)) and all(isinstance(x, str) for x in v),
+               "a tuple of strings")
+EVAL = {  # moa_jax.eval.command.eval_section
+    "methods": STRINGS, "plans": text(empty=True),
+    "density": OPTIMIZE["density"], "sink": OPTIMIZE["sink"], "tasks": NAMES,
+    "lengths": LENGTHS,
+    "depths": Rule(lambda v: isinstance(v, (tuple, list)) and len(v) > 0
+                   and all(_is_number(d) and 0 <= d <= 1 for d in v),
+                   "a non-empty tuple of depths in [0, 1]"),
+    "samples_per_depth": COUNT, "seed": SEED, "max_new_tokens": integer(0, MAX_LENGTH),
+    "first_line": FLAG, "with_ce": FLAG, "template": one_of(*prompts.TEMPLATE_NAMES),
+    "batch_size": BATCH, "prefill_chunk": integer(0, MAX_LENGTH),
+    "longbench.data_dir": text(empty=True), "longbench.num_samples": integer(0, MAX_COUNT),
+    "longtext.num_documents": integer(1, MAX_COUNT), "longtext.target_tokens": LENGTH,
+}
+SLURM = {  # moa_jax.sweep.launchers.slurm_section
+    "partition": text(empty=True), "timeout_min": integer(2), "mem_gb": number(0, open_lo=True),
+    "cpus_per_job": integer(1), "gpus_per_job": integer(0), "max_parallel": integer(0),
+    "extra": text(empty=True), "setup": STRINGS,
+}
 
 COMPRESS_FIELDS = {"seed": SEED, **_prefixed("model", MODEL),
                    **_prefixed("calibration", CALIBRATION), **_prefixed("profile", PROFILE),
                    **_prefixed("optimize", OPTIMIZE), **_prefixed("select", SELECT)}
 FIELDS = {
     "compress": COMPRESS_FIELDS,
-    "demo": {**COMPRESS_FIELDS, **_prefixed("eval", EVAL)},
+    "demo": {**COMPRESS_FIELDS, **_prefixed("eval", DEMO_EVAL)},
     "generate": {**_prefixed("model", MODEL), "plan": text(empty=True), "prompts": PROMPTS,
                  "chat": FLAG, "max_new_tokens": integer(1, MAX_LENGTH),
                  "temperature": number(0, why=" (0 = greedy)"), "top_k": integer(0),
                  "seed": SEED},
+    "eval": {**_prefixed("model", MODEL), **_prefixed("eval", EVAL)},
+    "sweep": {**COMPRESS_FIELDS, **_prefixed("eval", EVAL),
+              "sweep": Rule(lambda v: isinstance(v, (tuple, list)),
+                            "a tuple of points (moa_jax.sweep.hyper.sweep / product / zipit)"),
+              "launcher": one_of("local", "slurm"), "local.workers": integer(1, 1024),
+              **_prefixed("slurm", SLURM), "compilation_cache": text(empty=True)},
+    "convert": {"gguf": Rule(lambda v: isinstance(v, str) and bool(v),
+                             "a .gguf file or a packaged model name"),
+                "dtype": one_of(*DTYPES)},
 }
 
 
@@ -223,7 +255,7 @@ def context_length(config: LlamaConfig) -> int:
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(source: str):
-  return hf.load_tokenizer(source)
+  return loading.load_checkpoint_tokenizer(source)
 
 
 def model_inputs(section) -> ModelInputs:
@@ -235,15 +267,12 @@ def model_inputs(section) -> ModelInputs:
     return ModelInputs(LlamaConfig.preset(section.preset, vocab_size=len(tokenizer)), None,
                        tokenizer)
   dtype = section.dtype or None
-  if section.path.endswith(".gguf"):
-    from moa_jax.models import gguf  # only GGUF users need the gguf package
-
-    checkpoint = Path(section.path).expanduser()
+  path = loading.resolve_model_path(section.path or reference_model_dir())
+  if gguf.is_gguf(path):
+    checkpoint = Path(path).expanduser()
     config = gguf.gguf_config(checkpoint, dtype=dtype)
-    tokenizer = (_tokenizer(section.tokenizer) if section.tokenizer
-                 else gguf.load_gguf_tokenizer(checkpoint))
   else:
-    checkpoint = hf.resolve_checkpoint_dir(section.path or reference_model_dir())
+    checkpoint = hf.resolve_checkpoint_dir(path)
     config = LlamaConfig.from_hf_dict(hf.read_hf_config(checkpoint), dtype=dtype)
     headers = hf.read_tensor_headers(hf.weight_files(checkpoint))
     _, expected = hf._abstract_model(config)
@@ -253,7 +282,7 @@ def model_inputs(section) -> ModelInputs:
       if stored not in hf.FLOAT_DTYPES:
         raise ValueError(f"tensor {name!r} in {file} has dtype {stored}; expected one of "
                          f"{', '.join(hf.FLOAT_DTYPES)}")
-    tokenizer = _tokenizer(str(section.tokenizer or checkpoint))
+  tokenizer = _tokenizer(str(section.tokenizer or checkpoint))
   if len(tokenizer) > config.vocab_size:
     raise ValueError(
         f"the tokenizer of {section.tokenizer or checkpoint} has {len(tokenizer)} tokens but "
@@ -428,6 +457,16 @@ def check_workdir(workdir: str | Path) -> None:
     raise ValueError(f"--workdir={path} is not writable ({error.strerror or error})") from None
 
 
+def _compress_checks(config, model: ModelInputs) -> None:
+  """What compress needs of a config whose fields and relations passed, for this model."""
+  cal, opt = config.calibration, config.optimize
+  check_context(model, {"calibration.lengths": cal.lengths,
+                        "optimize.constraint_lengths": opt.constraint_lengths,
+                        "select.length": config.select.length})
+  check_density(config, model.config)
+  check_calibration_data(config, model.tokenizer)
+
+
 def compress(config, workdir: str | Path | None) -> ModelInputs:
   """Check a compress config and workdir (module docstring); returns what the model section
   names."""
@@ -436,23 +475,30 @@ def compress(config, workdir: str | Path | None) -> ModelInputs:
   check_fields(config, FIELDS["compress"])
   check_relations(config)
   model = model_inputs(config.model)
-  cal, opt = config.calibration, config.optimize
-  check_context(model, {"calibration.lengths": cal.lengths,
-                        "optimize.constraint_lengths": opt.constraint_lengths,
-                        "select.length": config.select.length})
-  check_density(config, model.config)
-  check_calibration_data(config, model.tokenizer)
+  _compress_checks(config, model)
   check_workdir(workdir)
   return model
 
 
+def _sizable(model: ModelInputs, tasks, lengths, seed: int, field: str) -> None:
+  """Every synthetic task can be sized to every length with this tokenizer."""
+  from moa_jax.data import tasks as tasks_lib
+
+  for n in lengths:
+    for task in tasks:
+      if task in tasks_lib.TASKS:
+        try:
+          tasks_lib.make_samples(task, model.tokenizer, n, 1, seed=seed)
+        except ValueError as error:
+          raise ValueError(f"--config.{field}={_show(tuple(lengths))}: {error}") from None
+
+
 def demo(config, workdir: str | Path) -> ModelInputs:
   """Check a demo config (compress's checks, then the eval section) and workdir."""
-  check_fields(config, FIELDS["demo"])
-  model = compress(config, Path(workdir) / "compress")
-  from moa_jax.data import tasks as tasks_lib
   from moa_jax.eval import harness
 
+  check_fields(config, FIELDS["demo"])
+  model = compress(config, Path(workdir) / "compress")
   ev, opt = config.eval, config.optimize
   for task in ev.tasks:
     try:
@@ -462,13 +508,90 @@ def demo(config, workdir: str | Path) -> ModelInputs:
   check_context(model, {"eval.lengths": ev.lengths})
   for n in ev.lengths:
     check_uniform(model.config, opt.density, n, opt.sink, "eval.lengths")
-    for task in ev.tasks:
-      if task in tasks_lib.TASKS:
-        try:
-          tasks_lib.make_samples(task, model.tokenizer, n, 1, seed=ev.seed)
-        except ValueError as error:
-          raise ValueError(f"--config.eval.lengths={_show(ev.lengths)}: {error}") from None
+  _sizable(model, ev.tasks, ev.lengths, ev.seed, "eval.lengths")
   return model
+
+
+def _eval_checks(config, model: ModelInputs, *, plans: bool = True) -> None:
+  """The `eval` section of an eval (or sweep point) config for this model: the eval command's
+  own section checks, plan files fitting the model, lengths within the context, the uniform
+  baseline at every length, synthetic tasks that size to every length and LongBench data that
+  loads. plans=False: the plans are yet to be made (a sweep's)."""
+  from moa_jax.eval import command as eval_command
+
+  section = config.eval
+  spec = eval_command.EvalSpec.from_config(section)
+  if plans:
+    for path in spec.plan_paths.values():
+      eval_command.load_plan(path, model.config)
+  check_context(model, {"eval.lengths": section.lengths})
+  if "uniform" in spec.methods:
+    for n in spec.lengths:
+      try:
+        uniform_plan(model.config, section.density, n, sink=section.sink)
+      except ValueError as error:
+        raise ValueError(f"--config.eval.lengths={n} with eval.density={section.density} and "
+                         f"eval.sink={section.sink}: {error}") from None
+  _sizable(model, spec.tasks, spec.lengths, section.seed, "eval.lengths")
+  for task in spec.tasks:
+    if task.startswith("longbench/"):
+      eval_command.load_longbench_records(task, section)
+
+
+def eval(config, workdir: str | Path) -> ModelInputs:
+  """Check an eval config (model and eval sections) and workdir."""
+  check_fields(config, FIELDS["eval"])
+  model = model_inputs(config.model)
+  _eval_checks(config, model)
+  check_workdir(workdir)
+  return model
+
+
+def sweep(config, workdir: str | Path | None) -> list:
+  """Check a sweep config: its run fields, then every point as compress and eval would (the
+  model read once per distinct model section); returns the points."""
+  from moa_jax.sweep import hyper, jobs, launchers
+
+  if workdir is None:
+    raise ValueError("sweep needs --workdir=DIR (its jobs resume from there)")
+  check_fields(config, FIELDS["sweep"])
+  launchers.slurm_parameters(config.slurm)
+  if config.launcher == "slurm" and shutil.which("sbatch") is None:
+    raise ValueError("--config.launcher=slurm needs sbatch on PATH (run on a SLURM login "
+                     "node), or use --config.launcher=local")
+  points = hyper.expand(config)
+  models = {}
+  for point in points:
+    try:
+      check_fields(point.config, FIELDS["sweep"])
+      check_relations(point.config)
+      key = json.dumps(point.config.model.to_dict(), sort_keys=True)
+      model = models[key] = models.get(key) or model_inputs(point.config.model)
+      _compress_checks(point.config, model)
+      _eval_checks(jobs._eval_config(point.config, ("dense", "uniform"), ""), model,
+                   plans=False)
+    except (ValueError, FileNotFoundError) as error:
+      raise type(error)(f"sweep point {point.name}: {error}") from None
+  check_workdir(workdir)
+  return points
+
+
+def convert(config, workdir: str | Path | None) -> Path:
+  """Check a convert config (a readable GGUF header) and its target; returns the GGUF file."""
+  if workdir is None:
+    raise ValueError("convert needs --workdir=DIR (the HF checkpoint directory to write)")
+  check_fields(config, FIELDS["convert"])
+  source = Path(loading.resolve_model_path(config.gguf)).expanduser()
+  if not gguf.is_gguf(source):
+    raise ValueError(f"--config.gguf={config.gguf!r} is invalid: expected a .gguf file or one "
+                     f"of {', '.join(loading.PACKAGED_MODELS)}")
+  gguf.gguf_config(source, dtype=config.dtype)
+  target = Path(workdir)
+  if target.exists() and (not target.is_dir() or any(target.iterdir())):
+    raise ValueError(f"--workdir={target} already exists and is not an empty directory; remove "
+                     "it or choose another")
+  check_workdir(target.parent)
+  return source
 
 
 def generate(config, workdir: str | Path | None) -> ModelInputs:

@@ -1,6 +1,7 @@
 """Validation up front (moa_jax/validate.py): every bad input is one line naming the field or
 file and what is valid, found before a model is loaded or a stage runs."""
 
+import importlib
 import json
 import shutil
 import subprocess
@@ -45,13 +46,24 @@ def _cli(*args):
 
 # -------------------------------------------------------------------- the shipped configs
 
-@pytest.mark.parametrize("check, spec", [
-    (validate.compress, "configs/compress.py:tiny"), (validate.compress, "configs/compress.py"),
-    (validate.demo, "configs/demo.py:tiny"), (validate.generate, "configs/generate.py:tiny"),
-    (validate.generate, "configs/generate.py")])
-def test_shipped_configs_pass(check, spec, tmp_path):
-  model = check(load_config(spec), tmp_path / "work")
-  assert model.config.num_layers > 0 and len(model.tokenizer) <= model.config.vocab_size
+def _config(spec, overrides=()):
+  """The locked config of `spec`; skipped while the command's config file is not there yet."""
+  if not (REPO / spec.split(":")[0]).is_file():
+    pytest.skip(f"{spec} does not exist in this checkout")
+  return load_config(spec, overrides)
+
+
+@pytest.mark.parametrize("command, spec", [
+    ("compress", "configs/compress.py:tiny"), ("compress", "configs/compress.py"),
+    ("demo", "configs/demo.py:tiny"), ("generate", "configs/generate.py:tiny"),
+    ("generate", "configs/generate.py"), ("eval", "configs/eval.py:tiny"),
+    ("eval", "configs/eval.py"), ("sweep", "configs/sweep.py:tiny"),
+    ("sweep", "configs/sweep.py")])
+def test_shipped_configs_pass(command, spec, tmp_path):
+  config = _config(spec)
+  result = getattr(validate, command)(config, tmp_path / "work")
+  if command != "sweep":
+    assert result.config.num_layers > 0 and len(result.tokenizer) <= result.config.vocab_size
 
 
 # -------------------------------------------------------------------------- field rules
@@ -83,15 +95,30 @@ def test_field_rules(override, match, tmp_path):
   _fails(validate.compress, COMPRESS, [override], tmp_path, match)
 
 
-def test_every_field_has_a_rule():
-  """A field added to a config needs a rule in validate.FIELDS (else it goes unchecked)."""
-  specs = {"compress": ["configs/compress.py", "configs/compress.py:tiny"],
-           "demo": ["configs/demo.py:tiny"], "generate": ["configs/generate.py:tiny"]}
+CONFIGS = {"compress": "configs/compress.py", "demo": "configs/demo.py",
+           "generate": "configs/generate.py", "eval": "configs/eval.py",
+           "sweep": "configs/sweep.py", "convert": "configs/convert.py"}
+
+
+def test_every_command_and_field_has_a_check():
+  """Every command of the CLI has a validator, and every field of its config (all variants) a
+  rule in validate.FIELDS (else it would go unchecked)."""
+  from moa_jax.__main__ import COMMANDS
   from moa_jax.cli import field_names
-  missing = {command: sorted({name for spec in spec_list
-                              for name in field_names(load_config(spec))} - set(
-                                  validate.FIELDS[command]))
-             for command, spec_list in specs.items()}
+
+  assert set(COMMANDS) <= set(CONFIGS) and all(hasattr(validate, c) for c in COMMANDS)
+  if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+  missing = {}
+  for command in COMMANDS:
+    module = importlib.import_module(f"configs.{Path(CONFIGS[command]).stem}")
+    variants = (getattr(module, "VARIANTS", None)
+                or getattr(getattr(module, "common", None), "VARIANTS", None) or [None])
+    names = {name for variant in variants
+             for name in field_names(load_config(
+                 CONFIGS[command] + (f":{variant}" if variant else ""),
+                 ["gguf=x.gguf"] if command == "convert" else []))}
+    missing[command] = sorted(names - set(validate.FIELDS[command]))
   assert not any(missing.values()), f"add rules to moa_jax/validate.py FIELDS: {missing}"
 
 
@@ -341,3 +368,56 @@ def test_density_above_one_is_rejected_before_any_stage(tmp_path):
       "density: cached tokens / length; a window is clipped to the length, so 1 is dense)")
   assert "[moa_jax]" not in result.stdout and list(tmp_path.iterdir()) == []
   assert time.perf_counter() - start < 120
+
+
+# ----------------------------------------------------------------- eval, sweep and convert
+
+def test_eval_checks(tmp_path):
+  config = _config("configs/eval.py:tiny")
+  reference = LlamaConfig.from_hf_dict(json.loads((reference_model_dir() / "config.json")
+                                                  .read_text()))
+  dense_plan(reference).save(tmp_path / "other.json")
+  _fails(validate.eval, "configs/eval.py:tiny", [f"eval.plans=moa={tmp_path / 'other.json'}"],
+         tmp_path / "work", r"other.json: plan is for a model with \(layers, heads, kv_heads\)")
+  _fails(validate.eval, "configs/eval.py:tiny", ["eval.lengths=(64, 256)"], tmp_path / "work",
+         r"eval.lengths=64 with eval.density=0.5 and eval.sink=16: a uniform plan")
+  _fails(validate.eval, "configs/eval.py:tiny",
+         ["eval.tasks=('longbench/qasper',)", f"eval.longbench.data_dir={tmp_path / 'none'}"],
+         tmp_path / "work", r"longbench/qasper: cannot load LongBench qasper from .*none",
+         FileNotFoundError)
+  assert validate.eval(config, tmp_path / "work").checkpoint is None
+
+
+def test_sweep_checks_every_point(tmp_path):
+  from moa_jax.sweep import hyper
+
+  config = _config("configs/sweep.py:tiny")
+  config.sweep = hyper.sweep("config.optimize.density", (0.5, 0.3))
+  with pytest.raises(ValueError, match=r"sweep point density=0.3: --config.optimize.density=0.3 "
+                                       r"is infeasible .* budgets in \[0.5000, 1.0000\]") as error:
+    validate.sweep(config, tmp_path)
+  _one_line(error)
+  _fails(validate.sweep, "configs/sweep.py:tiny", ["launcher=slurm", "slurm.extra=oops"],
+         tmp_path, r"slurm.extra entry 'oops' is not key=value")
+  assert len(validate.sweep(_config("configs/sweep.py:tiny"), tmp_path)) == 3
+
+
+def test_convert_checks(tmp_path):
+  _config("configs/convert.py", ["gguf=x.gguf"])
+  garbled = tmp_path / "model.gguf"
+  garbled.write_bytes(b"GGUF\x03\x00\x00\x00\xff")
+  _fails(validate.convert, "configs/convert.py", [f"gguf={garbled}"], tmp_path / "out",
+         r"model.gguf is not a readable GGUF file")
+  _fails(validate.convert, "configs/convert.py", ["gguf=model.safetensors"], tmp_path / "out",
+         r"--config.gguf='model.safetensors' is invalid: expected a .gguf file or one of")
+  _fails(validate.convert, "configs/convert.py", [f"gguf={garbled}", "dtype=float8"],
+         tmp_path / "out", r"--config.dtype='float8' is invalid")
+  from moa_jax.models.loading import packaged_model_file
+  try:
+    packaged_model_file("smollm2-135m-instruct")
+  except FileNotFoundError as error:
+    pytest.skip(str(error))
+  (tmp_path / "full").mkdir()
+  (tmp_path / "full" / "x").write_text("x")
+  _fails(validate.convert, "configs/convert.py", ["gguf=smollm2-135m-instruct"],
+         tmp_path / "full", r"--workdir=.*full already exists and is not an empty directory")

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from moa_jax import validate
 from moa_jax.models.gguf import is_gguf, load_gguf, load_gguf_tokenizer
 from moa_jax.models.hf import save_pretrained
 from moa_jax.models.loading import PACKAGED_MODELS, resolve_model_path
@@ -51,11 +52,10 @@ def convert_gguf(gguf: str | Path, directory: str | Path, dtype: str = "float32"
 
 def convert_command(config, workdir: Path | None) -> Path:
   """The `convert` command: config.gguf (file or packaged model name), config.dtype -> workdir."""
-  if workdir is None:
-    raise ValueError("convert needs --workdir=DIR (the HF checkpoint directory to write)")
   if config.gguf is None:
     raise ValueError("convert needs --config.gguf=<.gguf file or one of: "
                      f"{', '.join(PACKAGED_MODELS)}>")
+  validate.convert(config, workdir)
   target = convert_gguf(config.gguf, workdir, config.dtype)
   print(f"wrote {target} ({config.dtype}) from {resolve_model_path(config.gguf)}")
   return target
