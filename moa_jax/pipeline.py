@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from moa_jax import validate
-from moa_jax.attention.reference import reference_attention
+from moa_jax.attention.reference import blocked_attention
 from moa_jax.models.loading import load_model
 from moa_jax.optimize import pareto
 from moa_jax.optimize.direct import SolverOptions
@@ -51,8 +51,8 @@ class MaskedAttention:
 
   def __call__(self, layer, q, k, v, q_pos, cache):
     del cache
-    return reference_attention(q, k, v, q_pos, q_pos, windows=self.windows[layer],
-                               sink=self.sink), None
+    return blocked_attention(q, k, v, q_pos, windows=self.windows[layer],
+                             sink=self.sink), None
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sink"))
