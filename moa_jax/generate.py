@@ -162,23 +162,22 @@ def _eos_array(model: Llama, eos_id) -> np.ndarray:
 def decode(model: Llama, logits, lengths, caches: list, max_new_tokens: int, *,
            attention: Attention, temperature: float = 0.0, top_k: int | None = None,
            rng: jax.Array | None = None, eos_id: int | Sequence[int] | None = None,
-           pad_id: int = 0) -> tuple[np.ndarray, list, np.ndarray]:
+           pad_id: int = 0) -> tuple[jax.Array, list, jax.Array]:
   """Sample from logits [B, V], feed each new token at position lengths [B], repeat.
 
   Runs until every row emitted eos or `max_new_tokens` tokens exist; a finished row feeds
-  nothing more. The caches passed in are donated. Returns new tokens [B, max_new_tokens]
+  nothing more. The caches passed in are donated. Returns new tokens [B, max_new_tokens] int32
   (pad_id after a row's eos), the caches (every new token fed except each row's last) and the
-  new lengths [B] (tokens held per row).
+  new lengths [B] int32 (tokens held per row).
   """
   _check_sampling(model, max_new_tokens, temperature, top_k)
   rng = jax.random.key(0) if rng is None else rng
   graphdef, state = nnx.split(model)
-  out, caches, lengths = _decode_jit(
+  return _decode_jit(
       graphdef, state, logits, jnp.asarray(lengths, jnp.int32), caches, rng,
       jnp.float32(max(temperature, 1e-6)), _eos_array(model, eos_id), jnp.int32(pad_id),
       attention=attention, max_new_tokens=max_new_tokens, greedy=temperature == 0,
       top_k=top_k)
-  return np.asarray(out), caches, np.asarray(lengths)
 
 
 def _cut_at_eos(rows: np.ndarray, eos_ids: np.ndarray) -> list[list[int]]:
@@ -274,8 +273,8 @@ class Conversation:
         self.model, self.logits, self.lengths, self.caches, max_new_tokens,
         attention=self.attention, temperature=temperature, top_k=top_k, rng=rng, eos_id=eos_id,
         pad_id=self.pad_id)
-    self.logits = None
-    replies = _cut_at_eos(out, _eos_array(self.model, eos_id))
+    self.logits, self.lengths = None, np.asarray(self.lengths)
+    replies = _cut_at_eos(np.asarray(out), _eos_array(self.model, eos_id))
     self.pending = [[reply[-1]] for reply in replies]
     return replies
 

@@ -202,7 +202,7 @@ def chunk_gpu(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, cache:
     block_rows: query rows (tokens x G heads, flattened) per program, a power of two >= 16
       (default 128; 64 for float32). block_k: chunk keys per block, a power of two >= 16
       (default 64); cache slots go in blocks of the largest power of two <= block_k that
-      divides the group's capacity.
+      divides the group's capacity. num_warps: 8 for 128-row tiles with H >= 128, else 4.
   Returns:
     [B, T, N, H] in q's dtype; padding rows are zero.
   """
@@ -214,7 +214,8 @@ def chunk_gpu(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, cache:
   wide = jnp.dtype(dtype).itemsize > 2
   block_rows = (64 if wide else 128) if block_rows is None else block_rows
   block_k = 64 if block_k is None else block_k
-  num_warps = 4 if num_warps is None else num_warps
+  if num_warps is None:  # as the prefill kernel's measured defaults
+    num_warps = 4 if h <= 64 or block_rows <= 64 else 8
   num_stages = (2 if wide else 3) if num_stages is None else num_stages
   if not _is_power_of_two(h) or h < 16:
     raise ValueError(f"the Triton chunk kernel needs a power-of-two head_dim >= 16, got {h}")

@@ -58,15 +58,17 @@ class DenseAttention:
       cache = write_cache(cache, k, v, q_pos)
       return self._fused(q, cache.k, cache.v, kv_lengths=jnp.full((b,), cache.index)), cache
     new, new_lse = self._fused(q, k, v, is_causal=True, residual=True)  # [B, T, N, H], [B, T, N]
-    old, old_lse = self._fused(q, cache.k, cache.v, kv_lengths=jnp.full((b,), cache.index),
-                               residual=True)
-    any_old = cache.index > 0
-    top = jnp.maximum(new_lse, old_lse).astype(jnp.float32)
-    w_new = jnp.exp(new_lse - top)[..., None]  # [B, T, N, 1]
-    w_old = jnp.where(any_old, jnp.exp(old_lse - top), 0.0)[..., None]
-    merged = (w_new * new.astype(jnp.float32)
-              + w_old * jnp.where(any_old, old, 0).astype(jnp.float32)) / (w_new + w_old)
-    return merged.astype(q.dtype), write_cache(cache, k, v, q_pos)
+
+    def with_cache():
+      old, old_lse = self._fused(q, cache.k, cache.v, kv_lengths=jnp.full((b,), cache.index),
+                                 residual=True)
+      top = jnp.maximum(new_lse, old_lse).astype(jnp.float32)
+      w_new, w_old = jnp.exp(new_lse - top)[..., None], jnp.exp(old_lse - top)[..., None]
+      merged = w_new * new.astype(jnp.float32) + w_old * old.astype(jnp.float32)
+      return (merged / (w_new + w_old)).astype(q.dtype)  # [B, T, N, H]
+
+    out = jax.lax.cond(cache.index > 0, with_cache, lambda: new)
+    return out, write_cache(cache, k, v, q_pos)
 
   def _fused(self, q, k, v, *, is_causal=False, kv_lengths=None, residual=False):
     return jax.nn.dot_product_attention(
