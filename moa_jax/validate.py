@@ -1,7 +1,7 @@
 """Every input of a command checked before any model is loaded or any stage runs.
 
-`compress`, `demo`, `generate`, `eval`, `sweep` and `convert` (each `(config, workdir)`) are
-what their commands call first. Each checks, stopping at the first problem:
+`compress`, `demo`, `generate`, `eval`, `sweep`, `convert` and `plan_memory` (each
+`(config, workdir)`; the command's name with '_' for '-') are what their commands call first. Each checks, stopping at the first problem:
   1. every config field's type and range (`FIELDS`: one `Rule` per dotted field name);
   2. relations between fields (profile lengths among the calibration lengths, lengths beyond
      the answer and the sink, ...);
@@ -185,6 +185,15 @@ SLURM = {  # moa_jax.sweep.launchers.slurm_section
     "extra": text(empty=True), "setup": STRINGS,
 }
 
+MESH = {  # moa_jax.models.sharding.mesh_section
+    "shape": Rule(lambda v: isinstance(v, (tuple, list)) and len(v) == 3
+                  and all(_is_int(n) and (n >= 1 or n == -1) for n in v)
+                  and list(v).count(-1) <= 1,
+                  "3 device counts (data, fsdp, tensor), each >= 1, one may be -1 (the rest)"),
+    "distributed": FLAG, "coordinator": text(empty=True), "num_processes": integer(0),
+    "process_id": integer(-1),
+}
+
 COMPRESS_FIELDS = {"seed": SEED, **_prefixed("model", MODEL),
                    **_prefixed("calibration", CALIBRATION), **_prefixed("profile", PROFILE),
                    **_prefixed("optimize", OPTIMIZE), **_prefixed("select", SELECT)}
@@ -204,6 +213,14 @@ FIELDS = {
     "convert": {"gguf": Rule(lambda v: isinstance(v, str) and bool(v),
                              "a .gguf file or a packaged model name"),
                 "dtype": one_of(*DTYPES)},
+    "plan-memory": {
+        **_prefixed("model", MODEL), **_prefixed("mesh", MESH),
+        "task": one_of("generate", "profile"), "length": LENGTH, "batch_size": BATCH,
+        "new_tokens": LENGTH, "prefill_chunk": integer(0, MAX_LENGTH),
+        "density": OPTIMIZE["density"], "plan": text(empty=True), "sink": OPTIMIZE["sink"],
+        "response_tokens": LENGTH, "loss": one_of(*LOSSES), "block": PROFILE["block"],
+        "tile": LENGTH, "device_memory_gb": number(0, open_lo=True),
+        "usable_fraction": number(0, 1, open_lo=True)},
 }
 
 
@@ -391,7 +408,8 @@ def feasible_density_range(config, model_config: LlamaConfig) -> tuple[float, fl
 def check_density(config, model_config: LlamaConfig) -> None:
   """The uniform baseline at select.length exists, and optimize.density is feasible."""
   opt = config.optimize
-  check_uniform(model_config, opt.density, config.select.length, opt.sink, "select.length")
+  check_uniform(model_config, opt.density, config.select.length, opt.sink,
+                ("select.length", "optimize.density", "optimize.sink"))
   found = feasible_density_range(config, model_config)
   if found is not None:
     smallest, largest = found
@@ -404,13 +422,14 @@ def check_density(config, model_config: LlamaConfig) -> None:
           f"{largest:.4f}]")
 
 
-def check_uniform(model_config: LlamaConfig, density: float, n: int, sink: int, field: str
-                  ) -> None:
-  """The uniform (StreamingLLM) baseline at length n exists for this density and sink."""
+def check_uniform(model_config: LlamaConfig, density: float, n: int, sink: int,
+                  fields: tuple[str, str, str]) -> None:
+  """The uniform (StreamingLLM) baseline exists at length n for this density and sink; fields:
+  the config names of (length, density, sink) for the message."""
   try:
     uniform_plan(model_config, density, n, sink=sink)
   except ValueError as error:
-    raise ValueError(f"--config.{field}={n} with optimize.density={density} and optimize.sink="
+    raise ValueError(f"--config.{fields[0]}={n} with {fields[1]}={density} and {fields[2]}="
                      f"{sink}: {error}") from None
 
 
@@ -507,7 +526,8 @@ def demo(config, workdir: str | Path) -> ModelInputs:
       raise ValueError(f"--config.eval.tasks={_show(ev.tasks)}: {error}") from None
   check_context(model, {"eval.lengths": ev.lengths})
   for n in ev.lengths:
-    check_uniform(model.config, opt.density, n, opt.sink, "eval.lengths")
+    check_uniform(model.config, opt.density, n, opt.sink,
+                  ("eval.lengths", "optimize.density", "optimize.sink"))
   _sizable(model, ev.tasks, ev.lengths, ev.seed, "eval.lengths")
   return model
 
@@ -527,11 +547,8 @@ def _eval_checks(config, model: ModelInputs, *, plans: bool = True) -> None:
   check_context(model, {"eval.lengths": section.lengths})
   if "uniform" in spec.methods:
     for n in spec.lengths:
-      try:
-        uniform_plan(model.config, section.density, n, sink=section.sink)
-      except ValueError as error:
-        raise ValueError(f"--config.eval.lengths={n} with eval.density={section.density} and "
-                         f"eval.sink={section.sink}: {error}") from None
+      check_uniform(model.config, section.density, n, section.sink,
+                    ("eval.lengths", "eval.density", "eval.sink"))
   _sizable(model, spec.tasks, spec.lengths, section.seed, "eval.lengths")
   for task in spec.tasks:
     if task.startswith("longbench/"):
@@ -568,7 +585,7 @@ def sweep(config, workdir: str | Path | None) -> list:
       key = json.dumps(point.config.model.to_dict(), sort_keys=True)
       model = models[key] = models.get(key) or model_inputs(point.config.model)
       _compress_checks(point.config, model)
-      _eval_checks(jobs._eval_config(point.config, ("dense", "uniform"), ""), model,
+      _eval_checks(jobs.eval_config(point.config, ("dense", "uniform"), ""), model,
                    plans=False)
     except (ValueError, FileNotFoundError) as error:
       raise type(error)(f"sweep point {point.name}: {error}") from None
@@ -592,6 +609,34 @@ def convert(config, workdir: str | Path | None) -> Path:
                      "it or choose another")
   check_workdir(target.parent)
   return source
+
+
+def plan_memory(config, workdir: str | Path | None) -> LlamaConfig:
+  """Check a plan-memory config: fields, lengths that hold the new tokens, the plan file or the
+  uniform stand-in plan for the model's shapes (read from the preset or config.json alone: a
+  memory plan reads no weight and no tokenizer), and the workdir if given."""
+  from moa_jax import memory
+
+  check_fields(config, FIELDS["plan-memory"])
+  if config.task == "generate" and not config.new_tokens < config.length:
+    raise ValueError(f"--config.new_tokens={config.new_tokens} must be below "
+                     f"length={config.length} (the prompt is length - new_tokens tokens)")
+  if config.task == "profile" and not config.response_tokens < config.length:
+    raise ValueError(f"--config.response_tokens={config.response_tokens} must be below "
+                     f"length={config.length}")
+  model_config = memory.model_config(config.model)
+  if config.plan:
+    plan = Plan.load(config.plan)
+    try:
+      plan.validate(model_config)
+    except ValueError as error:
+      raise ValueError(f"plan file {config.plan}: {error}") from None
+  else:
+    check_uniform(model_config, config.density, config.length, config.sink,
+                  ("length", "density", "sink"))
+  if workdir is not None:
+    check_workdir(workdir)
+  return model_config
 
 
 def generate(config, workdir: str | Path | None) -> ModelInputs:

@@ -30,13 +30,15 @@ PLAN = {
     "eval": ([("configs/eval.py:tiny", [])], 20, 10, "eval."),
     "sweep": ([("configs/sweep.py:tiny", [])], 15, 5, "slurm."),
     "convert": ([("configs/convert.py", ["gguf=smollm2-135m-instruct"])], 6, 4, ""),
+    "plan-memory": ([("configs/memory.py:tiny", [])], 15, 5, ""),
 }
 # command -> (module, function) of its work, stubbed out after validation.
 WORK = {"compress": ("moa_jax.pipeline", "compress"), "demo": ("moa_jax.demo", "run"),
         "generate": ("moa_jax.models.loading", "load_model"),
         "eval": ("moa_jax.eval.command", "run_eval"),
         "sweep": ("moa_jax.sweep.command", "run_sweep"),
-        "convert": ("moa_jax.models.convert", "convert_gguf")}
+        "convert": ("moa_jax.models.convert", "convert_gguf"),
+        "plan-memory": ("moa_jax.memory", "plan_memory")}
 RUN_FOR_REAL = 2  # accepted generate cases that then run the real command
 
 

@@ -58,11 +58,12 @@ def _config(spec, overrides=()):
     ("demo", "configs/demo.py:tiny"), ("generate", "configs/generate.py:tiny"),
     ("generate", "configs/generate.py"), ("eval", "configs/eval.py:tiny"),
     ("eval", "configs/eval.py"), ("sweep", "configs/sweep.py:tiny"),
-    ("sweep", "configs/sweep.py")])
+    ("sweep", "configs/sweep.py"), ("plan_memory", "configs/memory.py:tiny"),
+    ("plan_memory", "configs/memory.py")])
 def test_shipped_configs_pass(command, spec, tmp_path):
   config = _config(spec)
   result = getattr(validate, command)(config, tmp_path / "work")
-  if command != "sweep":
+  if command not in ("sweep", "plan_memory"):
     assert result.config.num_layers > 0 and len(result.tokenizer) <= result.config.vocab_size
 
 
@@ -97,7 +98,8 @@ def test_field_rules(override, match, tmp_path):
 
 CONFIGS = {"compress": "configs/compress.py", "demo": "configs/demo.py",
            "generate": "configs/generate.py", "eval": "configs/eval.py",
-           "sweep": "configs/sweep.py", "convert": "configs/convert.py"}
+           "sweep": "configs/sweep.py", "convert": "configs/convert.py",
+           "plan-memory": "configs/memory.py"}
 
 
 def test_every_command_and_field_has_a_check():
@@ -106,7 +108,8 @@ def test_every_command_and_field_has_a_check():
   from moa_jax.__main__ import COMMANDS
   from moa_jax.cli import field_names
 
-  assert set(COMMANDS) <= set(CONFIGS) and all(hasattr(validate, c) for c in COMMANDS)
+  assert set(COMMANDS) <= set(CONFIGS)
+  assert all(hasattr(validate, c.replace("-", "_")) for c in COMMANDS)
   if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
   missing = {}
