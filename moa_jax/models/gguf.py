@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from moa_jax.models.config import SUPPORTED_ARCHITECTURE, LlamaConfig
-from moa_jax.models.hf import _abstract_model, assemble_model, check_tensors
+from moa_jax.models.hf import _abstract_model, assemble_model, check_finite, check_tensors
 from moa_jax.models.llama import Llama, rope_inv_freq
 
 GGUF_SUFFIX = ".gguf"
@@ -268,6 +268,7 @@ def load_gguf(path: str | Path, *, dtype=None, param_dtype=None) -> tuple[Llama,
     if (stem := tensor.name.split(".")[-2]) in heads:
       weight = unpermute_rows(weight, heads[stem])
     arrays[name] = jax.device_put(weight).astype(config.param_dtype)
+  check_finite(arrays, str(file))
   return assemble_model(graphdef, expected, arrays), config
 
 
