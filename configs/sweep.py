@@ -12,7 +12,8 @@ A random tiny model, three budgets, fast on CPU (CI; add --config.launcher=slurm
 
 The same command again runs only what is not finished. Results: DIR/sweep.md (table),
 DIR/sweep.png (accuracy / perplexity against KV density: MoA and uniform, dense above them),
-DIR/points/<name>/ (each point's plan.json, report.md and eval/); layout in moa_jax/sweep/command.py.
+DIR/points/<name>/ (each point's plan.json, report.md and eval/); the layout is in
+moa_jax/sweep/command.py, the guide in docs/sweeps.md.
 
 Fields: the compress sections (configs/common.py), `eval` (moa_jax.eval.command.eval_section;
 each point evaluates dense, uniform at its budget and its plan 'moa'), `sweep`

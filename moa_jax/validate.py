@@ -235,6 +235,8 @@ def check_fields(config, rules: Mapping[str, Rule]) -> None:
   for name in field_names(config):
     rule = rules.get(name)
     value = _get(config, name)
+    if rule is not None and value is None and not rule.accepts(value):  # a required placeholder
+      raise ValueError(f"this config needs --config.{name}=<{rule.valid}>")
     if rule is not None and not rule.accepts(value):
       raise ValueError(f"--config.{name}={_show(value)} is invalid: expected {rule.valid}")
 

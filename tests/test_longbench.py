@@ -114,7 +114,8 @@ def test_qa_f1_normalisation_by_construction():
   and spaces that LongBench's normalisation removes: F1 of the clean tokens."""
   rng = random.Random(3)
   vocab = ("cat", "sat", "mat", "dog", "ran", "ball", "red", "42", "rerun")
-  dress = lambda t: rng.choice([t, t.upper(), t.title()]) + rng.choice(["", ",", ".", "!", "'"])
+  def dress(t):
+    return rng.choice([t, t.upper(), t.title()]) + rng.choice(["", ",", ".", "!", "'"])
 
   def text(tokens):
     parts = []

@@ -183,10 +183,26 @@ def _check_finished(workdir: Path, job_logs: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def local_sweep(tmp_path_factory):
+def xla_cache(tmp_path_factory):
+  """One XLA compilation cache for every sweep of this module: the second run of the same
+  programs compiles nothing (about half the CPU time of the tiny sweep)."""
+  return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+def _tiny(xla_cache: str, launcher: str = "local", **overrides):
+  config = load_config(TINY)
+  with config.unlocked():
+    config.compilation_cache, config.launcher = xla_cache, launcher
+  for field, value in overrides.items():
+    hyper._set(config, field, value)
+  return config
+
+
+@pytest.fixture(scope="module")
+def local_sweep(tmp_path_factory, xla_cache):
   """The tiny sweep with the local launcher (two processes at a time)."""
   workdir = tmp_path_factory.mktemp("sweep_local")
-  status = command.run_sweep(load_config(TINY), workdir)
+  status = command.run_sweep(_tiny(xla_cache), workdir)
   return workdir, status
 
 
@@ -197,8 +213,34 @@ def test_tiny_sweep_local(local_sweep):
       f"points/{n}" for n in NAMES]
   assert status["finished"] == sorted(NAMES) and not status["failed"]
   _check_finished(workdir, "logs/local/*.log")
-  again = command.run_sweep(load_config(TINY), workdir)
+  again = command.run_sweep(_tiny(""), workdir)
   assert again["submitted"] == [] and again["finished"] == sorted(NAMES)
+
+
+@pytest.mark.slow
+def test_failed_shared_job_fails_its_points_and_keeps_going(tmp_path, xla_cache):
+  missing = tmp_path / "no_such_calibration.jsonl"
+  status = command.run_sweep(_tiny(xla_cache, **{"calibration.path": str(missing)}), tmp_path)
+  assert status["finished"] == [] and sorted(status["failed"]) == sorted(NAMES)
+  shared_log = next((tmp_path / "logs" / "local").glob("shared-*.log"))
+  assert str(missing) in shared_log.read_text()
+  for why in status["failed"].values():
+    assert "its shared job shared/" in why and str(shared_log) in why
+  assert not list((tmp_path / "logs" / "local").glob("points-*.log"))  # never started
+  assert "## Failed points" in (tmp_path / "sweep.md").read_text()
+
+
+def test_sweep_command_bad_input_is_one_line(tmp_path):
+  from moa_jax.__main__ import main
+
+  for extra, message in (((f"--workdir={tmp_path}", "--config.launcher=pbs"), "launcher"),
+                         ((f"--workdir={tmp_path}", "--config.slurm.extra=qos"), "slurm.extra"),
+                         ((), "--workdir")):
+    with pytest.raises(SystemExit) as exit_:
+      main(["moa_jax", "sweep", f"--config={TINY}", *extra])
+    text = str(exit_.value.code)
+    assert text.startswith("error: ") and "\n" not in text and message in text, text
+  assert not list(tmp_path.iterdir())  # nothing written before the input is checked
 
 
 # --- through a real SLURM ----------------------------------------------------------------------
@@ -224,7 +266,9 @@ def slurm_cluster(tmp_path_factory):
     else:
       os.environ["SLURM_CONF"] = previous
     if not was_running:
+      pids = [int(f.read_text()) for f in Path(state).glob("*/*.pid")]
       subprocess.run([str(CLUSTER), "stop"], check=True, capture_output=True)
+      assert len(pids) == 5 and not [p for p in pids if Path(f"/proc/{p}").exists()]
 
 
 def _slurm_state(job_id: str) -> str:
@@ -245,10 +289,11 @@ def _wait_for(predicate, seconds: float, what: str):
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_tiny_sweep_slurm_kill_rerun_and_same_plans(slurm_cluster, local_sweep, tmp_path):
+def test_tiny_sweep_slurm_kill_rerun_and_same_plans(slurm_cluster, local_sweep, xla_cache,
+                                                    tmp_path):
   workdir = tmp_path / "sweep"
   argv = [sys.executable, "-m", "moa_jax", "sweep", f"--config={TINY}", f"--workdir={workdir}",
-          "--config.launcher=slurm"]
+          "--config.launcher=slurm", f"--config.compilation_cache={xla_cache}"]
   output = tmp_path / "sweep.out"
   with open(output, "w") as out:
     sweep = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
@@ -274,9 +319,7 @@ def test_tiny_sweep_slurm_kill_rerun_and_same_plans(slurm_cluster, local_sweep, 
   assert status["finished"] == [NAMES[0], NAMES[2]] and list(status["failed"]) == [NAMES[1]]
   assert ".out" in status["failed"][NAMES[1]]  # the job's log path
   # A re-run submits only the killed point; then nothing is left to submit.
-  config = load_config(TINY)
-  with config.unlocked():
-    config.launcher = "slurm"
+  config = _tiny(xla_cache, "slurm")
   again = command.run_sweep(config, workdir)
   assert again["submitted"] == [f"points/{NAMES[1]}"] and not again["failed"]
   _check_finished(workdir, "logs/slurm/*/*.out")

@@ -53,7 +53,7 @@ def is_done(folder: Path, key: str) -> bool:
   return marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == key
 
 
-def _eval_config(config, methods: tuple[str, ...], plans: str):
+def eval_config(config, methods: tuple[str, ...], plans: str):
   """The `run_eval` config {model, eval} of a sweep point; uniform runs at the point's KV
   budget and both baselines at the plan's sink."""
   from ml_collections import ConfigDict
@@ -67,11 +67,13 @@ def _eval_config(config, methods: tuple[str, ...], plans: str):
 
 
 def _use_compilation_cache(cache_dir: str) -> None:
-  """Share XLA compilations between the sweep's jobs (same programs, same shapes)."""
+  """Share XLA compilations between the sweep's jobs (same programs, same shapes), also the
+  quick ones (the points compile many small programs the shared job compiled before)."""
   if cache_dir:
     import jax
 
     jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -123,7 +125,7 @@ def run_shared(config, folder: str | Path, cache_dir: str = "") -> dict[str, Any
   folder = Path(folder)
   run = pipeline.run_stages(config, folder, until=SHARED_STAGES[-1])
   if "eval" in config:
-    run_eval(_eval_config(config, ("dense",), ""), folder / "eval",
+    run_eval(eval_config(config, ("dense",), ""), folder / "eval",
              loaded=(run.model, run.tokenizer, run.model_id))
   done = {"fingerprint": shared_key(config), "keys": run.outputs["keys"],
           "seconds": time.perf_counter() - start}
@@ -151,7 +153,7 @@ def run_point(config, folder: str | Path, shared: str | Path, cache_dir: str = "
     if (shared / "eval" / "cells").is_dir():
       _link_cells(shared / "eval" / "cells", folder / "eval" / "cells")
     plan = (folder / "plan.json").resolve()
-    run_eval(_eval_config(config, ("dense", "uniform"), f"{MOA}={plan}"), folder / "eval",
+    run_eval(eval_config(config, ("dense", "uniform"), f"{MOA}={plan}"), folder / "eval",
              loaded=(compressed.model, compressed.tokenizer, compressed.model_id))
     done["results"] = str(folder / "eval" / "results.json")
   done["seconds"] = time.perf_counter() - start
