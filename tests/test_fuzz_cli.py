@@ -6,6 +6,7 @@ A case either passes validation and reaches the command's work, or ends in one l
 and that MOA_DEBUG=1 gives the traceback instead."""
 
 import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -142,6 +143,9 @@ def test_fuzz_every_field_in_process(command, files, tmp_path, monkeypatch):
 
   module, function = WORK[command]
   monkeypatch.setattr(importlib.import_module(module), function, stop)
+  if importlib.util.find_spec("moa_jax.distributed"):  # multi-process set-up, not validation
+    monkeypatch.setattr(importlib.import_module("moa_jax.distributed"), "initialize",
+                        lambda config=None: False)
   monkeypatch.setattr(sys, "argv", ["moa_jax", command])
   monkeypatch.delenv("MOA_DEBUG", raising=False)
   accepted, outcomes = [], set()
