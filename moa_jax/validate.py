@@ -1,7 +1,8 @@
 """Every input of a command checked before any model is loaded or any stage runs.
 
 `compress`, `demo`, `generate`, `eval`, `sweep`, `convert` and `plan_memory` (each
-`(config, workdir)`; the command's name with '_' for '-') are what their commands call first. Each checks, stopping at the first problem:
+`(config, workdir)`; the command's name with '_' for '-') are what their commands call first.
+Each checks, stopping at the first problem:
   1. every config field's type and range (`FIELDS`: one `Rule` per dotted field name);
   2. relations between fields (profile lengths among the calibration lengths, lengths beyond
      the answer and the sink, ...);

@@ -5,8 +5,9 @@ renames it to `DIR/<stage>/` with a `COMPLETE.json` holding the fingerprint of i
 size of every file it wrote. A stage whose folder is complete with the same fingerprint (and
 files of those sizes) is skipped; a run killed mid-stage leaves only a temporary folder, which
 the next run discards (temporary names carry their writer's pid@host: only a writer that is
-gone loses them, so runs sharing a workdir, as sweep points do, do not remove each other's). Single files are written to a temporary name and renamed (`atomic_write`,
-`atomic_path`), so a reader sees the old or the new file, never a half-written one. A full disk
+gone loses them, so runs sharing a workdir, as sweep points do, do not remove each other's).
+Single files are written to a temporary name and renamed (`atomic_write`, `atomic_path`), so
+a reader sees the old or the new file, never a half-written one. A full disk
 (ENOSPC, EDQUOT, or EFBIG past a file-size limit) is one `DiskFullError` line; earlier results
 stay as they were.
 """
