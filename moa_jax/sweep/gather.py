@@ -92,6 +92,8 @@ def plot(table: Sequence[Mapping[str, Any]], path: Path) -> None:
       for r in cell:
         if r["method"] == "dense":
           ax.axhline(r[metric], color="black", linestyle="--", label="dense")
+      if metric == "accuracy":
+        ax.set_ylim(-0.03, 1.03)
       ax.set_title(f"{task} @ {length}", fontsize=10)
       ax.set_xlabel("KV density")
       ax.set_ylabel(metric)
