@@ -126,6 +126,26 @@ def temp_bytes(compiled) -> int:
   return 0 if analysis is None else int(analysis.temp_size_in_bytes)
 
 
+def random_weights(config):
+  """(graphdef, state) of a Llama with random parameters drawn on the device: N(0, 0.02)
+  matrices, unit norm weights. One small jitted draw per distinct shape (one program for the
+  whole model took 83 s to compile for Llama-3-8B on the H200)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from moa_jax.models import Llama
+
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
+  draw = jax.jit(lambda key, shape, dtype: (0.02 * jax.random.normal(key, shape)).astype(dtype),
+                 static_argnums=(1, 2))
+  leaves, treedef = jax.tree.flatten(abstract)
+  keys = jax.random.split(jax.random.key(0), len(leaves))
+  drawn = [draw(key, x.shape, x.dtype) if x.ndim > 1 else jnp.ones(x.shape, x.dtype)
+           for key, x in zip(keys, leaves)]
+  return graphdef, jax.block_until_ready(jax.tree.unflatten(treedef, drawn))
+
+
 def run_jax_cell(cell: dict) -> dict:
   import jax
   import jax.numpy as jnp
@@ -155,9 +175,7 @@ def run_jax_cell(cell: dict) -> dict:
         windows, cell["sink"], n))
 
   t0 = time.perf_counter()
-  graphdef = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))[0]
-  state = jax.jit(lambda: nnx.split(Llama(config, rngs=nnx.Rngs(0)))[1])()  # on the device
-  jax.block_until_ready(state)
+  graphdef, state = random_weights(config)
   result["init_s"] = time.perf_counter() - t0
   weights = sum(x.nbytes for x in jax.tree.leaves(state))
   nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
@@ -220,12 +238,15 @@ def run_jax_cell(cell: dict) -> dict:
   logits, caches, seconds, compile_s, temp = timed_prefill(None)
   result.update(prefill_s=seconds, prefill_compile_s=compile_s, prefill_temp_gb=temp / GB)
   if cell["chunk"]:
-    chunked, _, seconds, compile_s, temp = timed_prefill(cell["chunk"])
-    result.update(chunk=cell["chunk"], chunked_prefill_s=seconds,
-                  chunked_prefill_compile_s=compile_s, chunked_prefill_temp_gb=temp / GB,
-                  chunked_logits_max_abs_diff=float(jnp.abs(chunked - logits).max()),
-                  logits_max_abs=float(jnp.abs(logits).max()))
-    del chunked
+    try:
+      chunked, _, seconds, compile_s, temp = timed_prefill(cell["chunk"])
+      result.update(chunk=cell["chunk"], chunked_prefill_s=seconds,
+                    chunked_prefill_compile_s=compile_s, chunked_prefill_temp_gb=temp / GB,
+                    chunked_logits_max_abs_diff=float(jnp.abs(chunked - logits).max()),
+                    logits_max_abs=float(jnp.abs(logits).max()))
+      del chunked
+    except Exception as error:  # recorded; the decode measurement goes on
+      result["chunked_error"] = error_head(error)
 
   replicate = jax.jit(lambda caches, logits, b: (
       jax.tree.map(lambda x: jnp.repeat(x, b, axis=0) if x.ndim else x, caches),
@@ -346,6 +367,12 @@ def run_hf_cell(cell: dict) -> dict:
 # ----------------------------------------------------------------------------- driver
 
 
+def error_head(error: Exception) -> str:
+  """The exception's type and the first lines of its message (where the cause is)."""
+  lines = [line for line in str(error).splitlines() if line.strip()]
+  return f"{type(error).__name__}: " + " | ".join(lines[:4])[:600]
+
+
 def gpu_memory_bytes() -> int | None:
   """The first GPU's memory from nvidia-smi (never initialise a framework in the driver)."""
   try:
@@ -402,7 +429,7 @@ def table(records: list[dict]) -> str:
           "| decode temp GB | note |",
           "|" + "---|" * 15]
   for r in records:
-    note = r.get("error") or r.get("skipped") or ""
+    note = r.get("error") or r.get("skipped") or r.get("chunked_error") or ""
     if r.get("chunked_logits_max_abs_diff") is not None:
       note = (note + f" chunked vs one call: max abs logit diff "
               f"{r['chunked_logits_max_abs_diff']:.2g} of {r['logits_max_abs']:.3g}").strip()
@@ -443,7 +470,10 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   if args.cell:
     cell = json.loads(args.cell)
-    result = run_hf_cell(cell) if cell["method"] == "hf" else run_jax_cell(cell)
+    try:
+      result = run_hf_cell(cell) if cell["method"] == "hf" else run_jax_cell(cell)
+    except Exception as error:
+      result = {"error": error_head(error)}
     print("RESULT " + json.dumps(result), flush=True)
     return 0
   start = time.perf_counter()

@@ -229,3 +229,30 @@ def test_conversation_errors():
     chat.append([[1, 2]])
   with pytest.raises(ValueError, match="needs 128 cache slots, more than max_length=100"):
     chat.append([[1] * 65, [2]])
+
+
+@pytest.mark.parametrize("dtype,n,kv", [(jnp.bfloat16, 32, 8), (jnp.float32, 6, 2)])
+def test_chunk_kernel_lowers_to_a_valid_triton_module(dtype, n, kv, monkeypatch):
+  """Lowered for an sm_90 GPU on the CPU, every group's Triton module passes MLIR's verifier
+  (interpret mode cannot catch this: a loop bound of another integer type than its start
+  failed only in Triton's compiler on the H200)."""
+  from jax._src.pallas.triton import gpu_info
+  from jax._src.pallas.triton import pallas_call_registration as registration
+
+  modules = []
+  lower = registration.lowering.lower_jaxpr_to_triton_module
+  monkeypatch.setattr(registration.gpu_info_lib, "get_gpu_info", lambda: gpu_info.GpuInfo(
+      gpu_version=None, arch_name="sm_90", compute_capability=90))
+  monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module",
+                      lambda *a, **k: modules.append(lower(*a, **k)) or modules[-1])
+  b, t, h = 1, 256, 16 if dtype == jnp.float32 else 128
+  windows = np.repeat(np.array([300, 60] * (kv // 2)), n // kv)
+  layout = cache_lib.make_layout(windows, kv, 1000, sink=64, slot_multiple=64)
+  shape = lambda *s: jax.ShapeDtypeStruct(s, dtype)
+  cache = jax.eval_shape(lambda: cache_lib.init_cache(layout, b, h, dtype))
+  jax.jit(chunk_gpu).trace(shape(b, t, n, h), shape(b, t, kv, h), shape(b, t, kv, h),
+                           jax.ShapeDtypeStruct((b, t), jnp.int32), cache).lower(
+                               lowering_platforms=("cuda",))
+  assert len(modules) == len(layout.groups)
+  for module in modules:
+    assert module.module.operation.verify()

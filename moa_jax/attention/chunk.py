@@ -168,10 +168,11 @@ def _chunk_kernel(off_ref, start_ref, win_ref, q_ref, k_ref, v_ref, ck_ref, cv_r
 
   # The cache: its sink slots always; its ring only when a query's window reaches before the
   # chunk's first real token.
-  sink_blocks = -(-sink_slots // cache_block_k)
+  sink_blocks = jnp.int32(-(-sink_slots // cache_block_k))
   needs_ring = first - win_max + 1 < off
-  n_cache = jnp.where(first > t1, 0,
-                      jnp.where(needs_ring, capacity // cache_block_k, sink_blocks))
+  n_cache = jnp.where(first > t1, jnp.int32(0),
+                      jnp.where(needs_ring, jnp.int32(capacity // cache_block_k), sink_blocks))
+  # (explicit int32: weakly typed Python ints here gave Triton a loop bound of another type)
   carry = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), MASKED, jnp.float32),
            jnp.zeros((rows,), jnp.float32))
   carry = lax.fori_loop(0, n_cache, cache_step, carry)
