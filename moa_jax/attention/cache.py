@@ -88,13 +88,16 @@ class MoACache:
   """One layer's MoA cache (a pytree; `layout` is static).
 
   k, v: per group [B, heads_g, C_g, H] keys (after RoPE) and values; pos: per group [B, C_g]
-  int32 position held by each slot (-1: empty), shared by the group's heads.
+  int32 position held by each slot (-1: empty), shared by the group's heads. fresh (static):
+  nothing written yet (`init_cache`); every write returns fresh=False, so a jitted call knows
+  at trace time whether it prefills a fresh request or on top of earlier tokens.
   """
 
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
   pos: tuple[jax.Array, ...]
   layout: CacheLayout = dataclasses.field(metadata=dict(static=True))
+  fresh: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 def init_cache(layout: CacheLayout, batch_size: int, head_dim: int, dtype) -> MoACache:
@@ -104,7 +107,7 @@ def init_cache(layout: CacheLayout, batch_size: int, head_dim: int, dtype) -> Mo
       k=tuple(jnp.zeros(shape(g), dtype) for g in layout.groups),
       v=tuple(jnp.zeros(shape(g), dtype) for g in layout.groups),
       pos=tuple(jnp.full((batch_size, g.capacity), -1, jnp.int32) for g in layout.groups),
-      layout=layout)
+      layout=layout, fresh=True)
 
 
 def slot_of(pos: jax.Array, group: CacheGroup) -> jax.Array:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from moa_jax.attention import cache as cache_lib
@@ -73,15 +72,15 @@ class MoAAttention:
     return out[:, None], cache
 
   def _chunk(self, q, k, v, q_pos, cache: MoACache) -> jax.Array:
-    """T > 1 tokens over the cache before they are written. On GPU a cache empty in every row
-    (a fresh prompt, positions from 0) takes the sparse prefill kernel, else the chunk kernel;
-    elsewhere the reference (TPU: no chunk kernel yet)."""
+    """T > 1 tokens over the cache before they are written. A fresh cache (nothing written:
+    a new request, positions from 0) takes the sparse prefill kernel; on top of earlier tokens
+    the chunk kernel on GPU, the reference elsewhere (TPU: no chunk kernel yet)."""
+    if cache.fresh:
+      return self._prefill(q, k, v, q_pos, np.asarray(cache.layout.windows))
     impl = dispatch.default_impl() if self.impl is None else self.impl
-    if impl not in ("mosaic_gpu", "triton"):
-      return chunk_lib.chunk_reference(q, k, v, q_pos, cache)
-    fresh = lambda: self._prefill(q, k, v, q_pos, np.asarray(cache.layout.windows))
-    on_cache = lambda: chunk_lib.chunk_gpu(q, k, v, q_pos, cache, interpret=self.interpret)
-    return jax.lax.cond(jnp.all(cache.pos[0] < 0), fresh, on_cache)
+    if impl in ("mosaic_gpu", "triton"):
+      return chunk_lib.chunk_gpu(q, k, v, q_pos, cache, interpret=self.interpret)
+    return chunk_lib.chunk_reference(q, k, v, q_pos, cache)
 
   def _prefill(self, q, k, v, q_pos, windows):
     return dispatch.prefill_attention(q, k, v, q_pos, windows, sink=self.sink, impl=self.impl,
