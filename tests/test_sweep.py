@@ -287,41 +287,56 @@ def _wait_for(predicate, seconds: float, what: str):
   raise AssertionError(f"timed out after {seconds} s waiting for {what}")
 
 
+def _start_sweep(workdir: Path, xla_cache: str, output: Path) -> subprocess.Popen:
+  argv = [sys.executable, "-m", "moa_jax", "sweep", f"--config={TINY}", f"--workdir={workdir}",
+          "--config.launcher=slurm", f"--config.compilation_cache={xla_cache}"]
+  with open(output, "w") as out:
+    return subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_tiny_sweep_slurm_kill_rerun_and_same_plans(slurm_cluster, local_sweep, xla_cache,
                                                     tmp_path):
-  workdir = tmp_path / "sweep"
-  argv = [sys.executable, "-m", "moa_jax", "sweep", f"--config={TINY}", f"--workdir={workdir}",
-          "--config.launcher=slurm", f"--config.compilation_cache={xla_cache}"]
-  output = tmp_path / "sweep.out"
-  with open(output, "w") as out:
-    sweep = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+  workdir, record = tmp_path / "sweep", tmp_path / "sweep" / "logs" / "slurm" / "jobs.json"
+  # The command stops waiting (its jobs go on); the same command again waits for them.
+  first = _start_sweep(workdir, xla_cache, tmp_path / "first.out")
   try:
-    record = workdir / "logs" / "slurm" / "jobs.json"
     ids = _wait_for(lambda: record.is_file() and json.loads(record.read_text()), 120,
                     "the sweep's jobs to be submitted")
-    assert len(ids) == 4 and all(f"points/{n}" in ids for n in NAMES)
-    victim = f"points/{NAMES[1]}"
+  finally:
+    first.terminate()
+    first.wait(timeout=60)
+  assert len(ids) == 4 and all(f"points/{n}" in ids for n in NAMES)
+  output = tmp_path / "second.out"
+  second = _start_sweep(workdir, xla_cache, output)
+  victim = f"points/{NAMES[1]}"
+  try:
+    _wait_for(lambda: "0 jobs submitted, 4 reattached" in output.read_text(), 120,
+              "the second run to take over the running jobs")
     _wait_for(lambda: _slurm_state(ids[victim]) == "RUNNING", 240, f"{victim} to run")
     subprocess.run(["scancel", ids[victim]], check=True)
     killed = time.monotonic()
     _wait_for(lambda: f"{victim} FAILED" in output.read_text(), 60,
               "the killed point to be reported")
     assert time.monotonic() - killed < 60
-    assert sweep.wait(timeout=300) == 1
+    assert second.wait(timeout=300) == 1  # the others finish first
   finally:
-    if sweep.poll() is None:
-      sweep.kill()
+    if second.poll() is None:
+      second.kill()
   text = output.read_text()
-  assert "1 sweep points failed (density=0.625:" in text and "log: " in text
+  failure = next(line for line in text.splitlines() if f"{victim} FAILED" in line)
+  assert f"log: {workdir}/logs/slurm/{ids[victim]}/" in failure, failure
+  assert f"error: 1 sweep points failed ({NAMES[1]}: " in text
   status = json.loads((workdir / "status.json").read_text())
   assert status["finished"] == [NAMES[0], NAMES[2]] and list(status["failed"]) == [NAMES[1]]
-  assert ".out" in status["failed"][NAMES[1]]  # the job's log path
   # A re-run submits only the killed point; then nothing is left to submit.
   config = _tiny(xla_cache, "slurm")
   again = command.run_sweep(config, workdir)
-  assert again["submitted"] == [f"points/{NAMES[1]}"] and not again["failed"]
+  assert again["submitted"] == [victim] and not again["failed"], again
+  after = json.loads(record.read_text())
+  assert after[victim] != ids[victim] and {k: v for k, v in after.items() if k != victim} == {
+      k: v for k, v in ids.items() if k != victim}  # the others ran once, in their first jobs
   _check_finished(workdir, "logs/slurm/*/*.out")
   assert command.run_sweep(config, workdir)["submitted"] == []
   assert _plans(workdir) == _plans(local_sweep[0])

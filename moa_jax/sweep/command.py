@@ -58,7 +58,7 @@ def plan_tasks(config, workdir: Path) -> tuple[list[hyper.SweepPoint], list[laun
 
 def run_sweep(config, workdir: str | Path) -> dict[str, Any]:
   """Run what is not finished of the sweep in `config` under `workdir`, gather the results;
-  returns {submitted, finished, failed: {point: why and log}}."""
+  returns {submitted (jobs started by this run), finished, failed: {point: why and log}}."""
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   launcher = launchers.launcher(config, workdir / "logs")
@@ -73,7 +73,7 @@ def run_sweep(config, workdir: str | Path) -> dict[str, Any]:
     else:
       _log(f"{name} FAILED ({outcome.detail}); log: {outcome.log}")
 
-  outcomes = launcher.run(tasks, report) if tasks else {}
+  outcomes, submitted = launcher.run(tasks, report) if tasks else ({}, [])
   results, failed = {}, {}
   for point in points:
     folder = workdir / "points" / point.name
@@ -86,7 +86,7 @@ def run_sweep(config, workdir: str | Path) -> dict[str, Any]:
       failed[point.name] = (f"{outcome.detail}; log: {outcome.log}" if outcome
                             else "not run")
   gather.write(workdir, results, failed)
-  status = {"submitted": [t.name for t in tasks],
+  status = {"submitted": submitted,
             "finished": sorted(set(p.name for p in points) - set(failed)), "failed": failed}
   atomic_write_text(workdir / "status.json", json.dumps(status, indent=1) + "\n")
   _log(f"{len(status['finished'])} of {len(points)} points finished; table {workdir / 'sweep.md'}"

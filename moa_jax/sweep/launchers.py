@@ -2,8 +2,9 @@
 
 A task is a job function of `moa_jax.sweep.jobs` with its arguments and, for a point whose
 shared job runs in the same launch, the name of that job (`after`). `run(tasks, report)` blocks
-until every task has ended and returns an Outcome per task; `report(name, outcome)` is called as
-each one ends. A failed task never stops the others; tasks that wait for a failed one fail too.
+until every task has ended and returns an Outcome per task and the names of the tasks it
+started (not those it found still running); `report(name, outcome)` is called as each one
+ends. A failed task never stops the others; tasks that wait for a failed one fail too.
 
 SLURM: the shared jobs are submitted one by one, the points of each group as one job array with
 `--dependency=afterok:<shared job>`; states are read through sacct every `poll_s` seconds, so a
@@ -73,11 +74,11 @@ class LocalLauncher:
       raise ValueError(f"local.workers must be >= 1, got {workers}")
     self.folder, self.workers, self.poll_s = Path(folder), workers, poll_s
 
-  def run(self, tasks: Sequence[Task], report: Report) -> dict[str, Outcome]:
+  def run(self, tasks: Sequence[Task], report: Report) -> tuple[dict[str, Outcome], list[str]]:
     from moa_jax.sweep import jobs
 
     self.folder.mkdir(parents=True, exist_ok=True)
-    pending, running, outcomes = list(tasks), {}, {}
+    pending, running, outcomes, started = list(tasks), {}, {}, []
 
     def finish(name: str, outcome: Outcome) -> None:
       outcomes[name] = outcome
@@ -103,6 +104,7 @@ class LocalLauncher:
                                        stdout=out, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL)
           running[task.name] = (process, log)
+          started.append(task.name)
         for name, (process, log) in list(running.items()):
           code = process.poll()
           if code is not None:
@@ -114,7 +116,7 @@ class LocalLauncher:
       for process, _ in running.values():  # interrupted: stop the processes we started
         process.terminate()
         process.wait()
-    return outcomes
+    return outcomes, started
 
 
 def local_section():
@@ -191,7 +193,7 @@ class SlurmLauncher:
     state = job.get_info(mode="force").get("State", "UNKNOWN").split()[0]
     return job if state in ACTIVE_STATES else None
 
-  def run(self, tasks: Sequence[Task], report: Report) -> dict[str, Outcome]:
+  def run(self, tasks: Sequence[Task], report: Report) -> tuple[dict[str, Outcome], list[str]]:
     from moa_jax.sweep import jobs as jobs_lib
 
     self.folder.mkdir(parents=True, exist_ok=True)
@@ -222,7 +224,7 @@ class SlurmLauncher:
     atomic_write_text(self.record, json.dumps(recorded, indent=1))
     print(f"[moa_jax] sweep: {len(resubmitted)} jobs submitted, "
           f"{len(submitted) - len(resubmitted)} reattached; logs in {self.folder}", flush=True)
-    return self._wait(tasks, submitted, report)
+    return self._wait(tasks, submitted, report), [t.name for t in tasks if t.name in resubmitted]
 
   def _wait(self, tasks: Sequence[Task], submitted: dict[str, Any], report: Report
             ) -> dict[str, Outcome]:
