@@ -171,6 +171,8 @@ def decode(model: Llama, logits, lengths, caches: list, max_new_tokens: int, *,
   new lengths [B] int32 (tokens held per row).
   """
   _check_sampling(model, max_new_tokens, temperature, top_k)
+  if any(getattr(cache, "fresh", False) for cache in caches):
+    raise ValueError("decode needs caches that hold a prompt: prefill first")
   rng = jax.random.key(0) if rng is None else rng
   graphdef, state = nnx.split(model)
   return _decode_jit(
@@ -322,17 +324,22 @@ def generate_command(config, workdir: Path | None) -> list[dict]:
   config fields: see configs/generate.py. Returns one dict per prompt (prompt, its ids, the new
   ids and their text), also written to workdir/generated.json if given.
   """
-  from moa_jax import validate
+  from moa_jax import distributed, validate
   from moa_jax.attention.moa import MoAAttention
+  from moa_jax.attention.sharded import shard_attention
   from moa_jax.calibration.prompts import chat_prompt_ids
+  from moa_jax.models import sharding
   from moa_jax.models.loading import load_model
   from moa_jax.plans.plan import Plan
 
   validate.generate(config, workdir)
-  model, tokenizer, model_id = load_model(config.model)
+  mesh = sharding.config_mesh(config)  # config.mesh: the model and attention on a device mesh
+  model, tokenizer, model_id = load_model(config.model, mesh=mesh)
   attention = None
   if config.plan:
     attention = MoAAttention.from_plan(Plan.load(config.plan).validate(model.config))
+  if mesh is not None:
+    attention = shard_attention(attention or DenseAttention(), mesh)
   prompts = [chat_prompt_ids(tokenizer, text) if config.chat else tokenizer(text)["input_ids"]
              for text in config.prompts]
   new_tokens = generate(model, prompts, config.max_new_tokens, attention=attention,
@@ -345,7 +352,7 @@ def generate_command(config, workdir: Path | None) -> list[dict]:
               "text": tokenizer.decode(new)}
     print(f"[{i}] {len(prompt)} prompt tokens -> {len(new)} new: {text!r} -> {result['text']!r}")
     results.append(result)
-  if workdir is not None:
+  if workdir is not None and distributed.is_writer():
     workdir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(workdir / "generated.json", json.dumps(results, indent=2) + "\n")
   return results

@@ -23,7 +23,7 @@ from moa_jax.attention.chunk import chunk_gpu, chunk_reference
 from moa_jax.attention.dense import DenseAttention
 from moa_jax.attention.moa import MoAAttention
 from moa_jax.attention.reference import reference_attention
-from moa_jax.generate import Conversation, chunk_sizes, generate, left_pad, prefill
+from moa_jax.generate import Conversation, chunk_sizes, decode, generate, left_pad, prefill
 
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 
@@ -229,6 +229,10 @@ def test_conversation_errors():
     chat.append([[1, 2]])
   with pytest.raises(ValueError, match="needs 128 cache slots, more than max_length=100"):
     chat.append([[1] * 65, [2]])
+  moa = ATTENTIONS["moa"]
+  with pytest.raises(ValueError, match="decode needs caches that hold a prompt"):
+    decode(model, jnp.zeros((2, 256)), np.zeros(2), moa.init_cache(tiny()[1], 2, 100), 2,
+           attention=moa)
 
 
 @pytest.mark.parametrize("dtype,n,kv", [(jnp.bfloat16, 32, 8), (jnp.float32, 6, 2)])
