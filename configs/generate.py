@@ -16,6 +16,7 @@ Prints the prompts' continuations; with --workdir also writes generated.json the
 from ml_collections import ConfigDict
 
 from moa_jax.models.loading import model_section
+from moa_jax.models.sharding import mesh_section
 
 VARIANTS = ("reference", "tiny", "hf")
 
@@ -36,4 +37,5 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.temperature = 0.0  # 0 = greedy
   config.top_k = 0  # 0 = no top-k truncation (sampling only)
   config.seed = 0
+  config.mesh = mesh_section()  # devices (data, fsdp, tensor), e.g. --config.mesh.shape="(1,1,2)"
   return config

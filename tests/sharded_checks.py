@@ -26,7 +26,8 @@ from moa_jax import distributed
 from moa_jax.attention.moa import MoAAttention
 from moa_jax.attention.sharded import HeadShardedAttention, ShardedMoAAttention
 from moa_jax.calibration.build import CalibrationBucket
-from moa_jax.generate import generate
+from moa_jax.cli import load_config
+from moa_jax.generate import generate, generate_command
 from moa_jax.models import sharding
 from moa_jax.models.config import LlamaConfig
 from moa_jax.models.hf import load_pretrained, save_pretrained
@@ -124,6 +125,9 @@ def mesh_checks(out: str) -> None:
   sharded = sharding.shard_model(model, mesh)
   results["plain_reference_tokens"] = generate(
       sharded, prompts, 8, attention=HeadShardedAttention(moa, mesh), eos_id=()) == want_tokens
+  command = lambda *overrides: [r["new_ids"] for r in generate_command(
+      load_config("configs/generate.py:tiny", ["max_new_tokens=4", *overrides]), None)]
+  results["generate_command"] = command("mesh.shape=(1,4,2)") == command()
   initialised = sharding.init_model(cfg, sharding.make_mesh(MODEL_MESHES[0]), seed=0)
   results["init_model"] = max(
       float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(nnx.state(initialised)),

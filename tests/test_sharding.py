@@ -110,7 +110,7 @@ def test_sharded_matches_one_device(tmp_path):
     assert result["tokens"], shape
   for shape, error in results["profile"].items():
     assert error < RELATIVE, shape
-  assert results["plain_reference_tokens"]
+  assert results["plain_reference_tokens"] and results["generate_command"]
   assert results["init_model"] < 1e-6
   two_by_four = results["model"]["(1, 2, 4)"]["balance"]
   assert two_by_four["balanced"]["allocated_slots"] < two_by_four["contiguous"]["allocated_slots"]

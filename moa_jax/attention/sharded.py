@@ -156,7 +156,9 @@ class ShardedMoAAttention:
                 contiguous=totals(contiguous),
                 layers_moving_heads=sum(s.moves_heads for s in balanced))
 
-  def _specs(self, batch: int):
+  def specs(self, batch: int) -> dict[str, P]:
+    """PartitionSpecs of a batch of `batch` rows: heads [B, T, N, H], cache [B, heads, C, H],
+    pos [B, C] and rows [B, T]."""
     rows = batch_axes(self.mesh, batch)
     return dict(heads=P(rows, None, TENSOR, None), cache=P(rows, TENSOR, None, None),
                 pos=P(rows, None), rows=P(rows, None))
@@ -165,7 +167,7 @@ class ShardedMoAAttention:
                  ) -> list[ShardedCache]:
     """Empty sharded caches (one per layer) for requests of planned total length `max_length`."""
     dtype = config.dtype if dtype is None else dtype
-    specs = self._specs(batch_size)
+    specs = self.specs(batch_size)
     place = lambda x, spec: jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
     caches = []
     for shards in self.shards(config, max_length):
@@ -203,7 +205,7 @@ class ShardedMoAAttention:
                cache: ShardedCache | None) -> tuple[jax.Array, ShardedCache | None]:
     """q [B, T, N, H], k/v [B, T, K, H], q_pos [B, T] -> ([B, T, N, H], updated cache)."""
     b, t, n, _ = q.shape
-    specs = self._specs(b)
+    specs = self.specs(b)
     moa = self.attention
     if cache is None:
       windows = moa.layer_windows(t, n)[layer].reshape(self.devices, -1)  # contiguous heads

@@ -10,6 +10,7 @@ from pathlib import Path
 import jax.numpy as jnp
 from flax import nnx
 
+from moa_jax.models import sharding
 from moa_jax.models.config import LlamaConfig
 from moa_jax.models.gguf import is_gguf, load_gguf, load_gguf_tokenizer
 from moa_jax.models.hf import load_pretrained, load_tokenizer
@@ -50,12 +51,15 @@ def resolve_model_path(path: str | Path) -> str | Path:
   return packaged_model_file(str(path)) if str(path) in PACKAGED_MODELS else path
 
 
-def load_checkpoint(path: str | Path, *, dtype=None, param_dtype=None
+def load_checkpoint(path: str | Path, *, dtype=None, param_dtype=None, mesh=None
                     ) -> tuple[Llama, LlamaConfig]:
-  """A Llama from a HF directory / hub id, a .gguf file or a PACKAGED_MODELS name."""
+  """A Llama from a HF directory / hub id, a .gguf file or a PACKAGED_MODELS name (on `mesh`:
+  safetensors read shard by shard onto the devices, a GGUF file moved there once loaded)."""
   path = resolve_model_path(path)
-  load = load_gguf if is_gguf(path) else load_pretrained
-  return load(path, dtype=dtype, param_dtype=param_dtype)
+  if not is_gguf(path):
+    return load_pretrained(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+  model, config = load_gguf(path, dtype=dtype, param_dtype=param_dtype)
+  return (model if mesh is None else sharding.shard_model(model, mesh)), config
 
 
 def load_checkpoint_tokenizer(path: str | Path):
@@ -89,7 +93,7 @@ def reference_model_dir() -> Path:
   return directory
 
 
-def load_model(section) -> tuple[Llama, object, str]:
+def load_model(section, mesh=None) -> tuple[Llama, object, str]:
   """(model, tokenizer, model id) for a config section with fields path, preset, tokenizer,
   dtype and seed.
 
@@ -97,6 +101,7 @@ def load_model(section) -> tuple[Llama, object, str]:
     the embedded reference model.
   preset: when set (e.g. 'tiny'), a randomly initialised model of that preset instead, with the
     vocabulary of the tokenizer at `tokenizer` ('' means the reference model's tokenizer).
+  mesh: a device mesh to load (or initialise) the parameters sharded onto (models/sharding.py).
   """
   if section.path is None:
     raise ValueError("this config needs --config.model.path=<HF checkpoint directory, hub id, "
@@ -109,9 +114,11 @@ def load_model(section) -> tuple[Llama, object, str]:
                                 param_dtype=dtype,
                                 eos_token_ids=(tokenizer.eos_token_id,),
                                 bos_token_id=tokenizer.bos_token_id)
-    model = Llama(config, rngs=nnx.Rngs(section.seed))
+    model = (Llama(config, rngs=nnx.Rngs(section.seed)) if mesh is None
+             else sharding.init_model(config, mesh, section.seed))
     return model, tokenizer, f"random:{section.preset}:seed{section.seed}"
   path = section.path or reference_model_dir()
-  model, _ = load_checkpoint(path, dtype=jnp.dtype(section.dtype) if section.dtype else None)
+  model, _ = load_checkpoint(path, dtype=jnp.dtype(section.dtype) if section.dtype else None,
+                             mesh=mesh)
   tokenizer = load_checkpoint_tokenizer(section.tokenizer or path)
   return model, tokenizer, str(section.path or "moa_jax/reference_model")

@@ -4,8 +4,9 @@ and initialisation, and batch placement.
 The mesh has three axes (`AXES`): `data` (replicas of the model, each on its own share of the
 batch), `fsdp` (the model dimension D of every weight is split over it; the batch is split over
 it too) and `tensor` (Megatron-style tensor parallelism: attention over KV heads, the MLP over
-its intermediate dimension F, embeddings over the vocabulary V). Every weight keeps HF's
-[out, in] layout:
+its intermediate dimension F; the embeddings are split over the vocabulary V on both model
+axes, D whole, which keeps the residual stream split over the batch rather than over D). Every
+weight keeps HF's [out, in] layout:
 
     q/k/v_proj [heads * H, D] -> (tensor, fsdp)    o_proj [D, N * H] -> (fsdp, tensor)
     gate/up_proj [F, D]       -> (tensor, fsdp)    down_proj [D, F]  -> (fsdp, tensor)
@@ -82,6 +83,15 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
 def mesh_from_section(section) -> Mesh:
   """The mesh of a `mesh_section`."""
   return make_mesh(section.shape)
+
+
+def config_mesh(config) -> Mesh | None:
+  """The mesh of an experiment config's `mesh` section; None without one or for one device."""
+  section = config.get("mesh") if hasattr(config, "get") else None
+  if section is None or all(size == 1 for size in section.shape):
+    return None
+  mesh = mesh_from_section(section)
+  return mesh if mesh.size > 1 else None
 
 
 def check_fits_mesh(config: LlamaConfig, mesh: Mesh) -> None:
