@@ -20,6 +20,7 @@ COMMANDS = {
     "demo": "moa_jax.demo:demo_command",
     "sweep": "moa_jax.sweep.command:sweep_command",
     "convert": "moa_jax.models.convert:convert_command",
+    "plan-memory": "moa_jax.memory:plan_memory_command",
 }
 
 
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(f"error: {error}")
   module, function = COMMANDS[command].split(":")
   try:
+    importlib.import_module("moa_jax.distributed").initialize(config)  # one of several processes?
     getattr(importlib.import_module(module), function)(config, workdir)
   except (ValueError, OSError) as error:  # bad input, full disk: one line (MOA_DEBUG=1: traceback)
     if os.environ.get("MOA_DEBUG"):
