@@ -66,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--cell_timeout_s", type=float, default=200)
   p.add_argument("--torch_python", default=os.environ.get("MOA_TORCH_PYTHON", sys.executable),
                  help="interpreter for the hf cells (needs torch and transformers)")
+  p.add_argument("--accounting", action="store_true", help="memory accounting only, from "
+                 "shapes (no device work): KV bytes per token, MoA / dense, the batch per budget")
   p.add_argument("--out", default="benchmarks/serving.json")
   p.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell (JSON), print it
   args = p.parse_args(argv)
@@ -155,26 +157,16 @@ def run_jax_cell(cell: dict) -> dict:
 
   from moa_jax import generate as gen
   from moa_jax.attention.dense import DenseAttention
-  from moa_jax.attention.moa import MoAAttention
-  from moa_jax.models import Llama, LlamaConfig
-  from moa_jax.plans.rules import kv_density
+  from moa_jax.models import LlamaConfig
 
   config = LlamaConfig.tiny() if cell["model"] == "tiny" else LlamaConfig.preset(cell["model"])
   p, m = cell["prompt"], cell["new_tokens"]
   n = p + 2 * m  # planned length: the prompt, the warm-up decode, the timed decode
   gpu = jax.default_backend() == "gpu"
   device = jax.devices()[0]
+  attention, facts = make_attention(cell, config, n, gpu)
   result = dict(device=device.device_kind, backend=jax.default_backend(), jax=jax.__version__,
-                planned_length=n)
-  if cell["method"] == "dense":
-    attention = DenseAttention("cudnn" if gpu else "xla")
-  else:
-    density = float(cell["method"].split("-")[1])
-    windows = mixed_windows(config.num_layers, config.num_kv_heads, n, density, cell["sink"],
-                            cell["slot_multiple"])
-    attention = MoAAttention(windows, sink=cell["sink"], slot_multiple=cell["slot_multiple"])
-    result.update(windows=sorted(set(windows[0])), planned_kv_density=kv_density(
-        windows, cell["sink"], n))
+                planned_length=n, **facts)
 
   t0 = time.perf_counter()
   graphdef, state = random_weights(config)
@@ -286,6 +278,46 @@ def run_jax_cell(cell: dict) -> dict:
   return result
 
 
+def make_attention(cell: dict, config, n: int, gpu: bool):
+  """The cell's Attention and its plan facts (windows, KV density) for planned length n."""
+  from moa_jax.attention.dense import DenseAttention
+  from moa_jax.attention.moa import MoAAttention
+  from moa_jax.plans.rules import kv_density
+
+  if cell["method"] in ("dense", "hf"):
+    return DenseAttention("cudnn" if gpu else "xla"), {}
+  density = float(cell["method"].split("-")[1])
+  windows = mixed_windows(config.num_layers, config.num_kv_heads, n, density, cell["sink"],
+                          cell["slot_multiple"])
+  attention = MoAAttention(windows, sink=cell["sink"], slot_multiple=cell["slot_multiple"])
+  return attention, dict(windows=sorted(set(windows[0])),
+                         planned_kv_density=kv_density(windows, cell["sink"], n))
+
+
+def accounting(cell: dict) -> dict:
+  """Bytes from shapes alone: weights, one row's cache at N = P + 2M, MoA / dense, and the
+  batch the budget leaves before the decode program's temporaries (`run_jax_cell` then
+  compiles it and takes those off too)."""
+  import jax
+  from flax import nnx
+
+  from moa_jax.attention.dense import DenseAttention
+  from moa_jax.models import Llama, LlamaConfig
+
+  config = LlamaConfig.tiny() if cell["model"] == "tiny" else LlamaConfig.preset(cell["model"])
+  n = cell["prompt"] + 2 * cell["new_tokens"]
+  attention, facts = make_attention(cell, config, n, gpu=False)
+  nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  weights = nbytes(nnx.state(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))))
+  row = nbytes(jax.eval_shape(lambda: attention.init_cache(config, 1, n)))
+  dense_row = nbytes(jax.eval_shape(lambda: DenseAttention().init_cache(config, 1, n)))
+  budget = cell["budget_bytes"]
+  return dict(planned_length=n, weights_gb=weights / GB, kv_bytes_per_token=row / n,
+              dense_kv_bytes_per_token=dense_row / n, kv_ratio_vs_dense=row / dense_row,
+              batch_before_temporaries=int((budget * (1 - RESERVE) - weights - row) // row),
+              **facts)
+
+
 # ----------------------------------------------------------------------------- HF cells
 
 
@@ -389,15 +421,18 @@ def gpu_memory_bytes() -> int | None:
     return None
 
 
+def with_budget(cell: dict, total: int | None) -> dict | None:
+  """The cell with its budget in bytes ('card': 95% of the GPU's memory; None without one)."""
+  if cell["budget_gb"] == "card":
+    return None if total is None else {**cell, "budget_bytes": int(total * 0.95)}
+  return {**cell, "budget_bytes": int(cell["budget_gb"] * GB)}
+
+
 def run_cell(cell: dict, args, total: int | None, timeout: float) -> dict:
   """One cell in a fresh process with its memory budget; its result or why there is none."""
-  budget = cell["budget_gb"]
-  if budget == "card":
-    if total is None:
-      return {"error": "budget 'card' needs a GPU (nvidia-smi)"}
-    cell = {**cell, "budget_bytes": int(total * 0.95)}
-  else:
-    cell = {**cell, "budget_bytes": int(budget * GB)}
+  cell = with_budget(cell, total)
+  if cell is None:
+    return {"error": "budget 'card' needs a GPU (nvidia-smi)"}
   env = dict(os.environ)
   if total is not None:
     env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{min(0.95, cell['budget_bytes'] / total):.4f}"
@@ -450,6 +485,19 @@ def table(records: list[dict]) -> str:
   return "\n".join(rows)
 
 
+def accounting_table(records: list[dict]) -> str:
+  rows = ["| model | prompt | N | budget GB | method | KV B/token | KV vs dense | KV vs dense / rho "
+          "| weights GB | batch (bytes) |", "|" + "---|" * 10]
+  for r in records:
+    rho = r.get("planned_kv_density")
+    rows.append(
+        f"| {r['model']} | {r['prompt']} | {r['planned_length']} | {r['budget_gb']} "
+        f"| {r['method']} | {r['kv_bytes_per_token']:.0f} | {r['kv_ratio_vs_dense']:.4f} "
+        f"| {fmt(None if rho is None else r['kv_ratio_vs_dense'] / rho, '.4f')} "
+        f"| {r['weights_gb']:.2f} | {r['batch_before_temporaries']} |")
+  return "\n".join(rows)
+
+
 def targets(records: list[dict]) -> list[str]:
   """The issue's targets where the run has the cells: MoA at 0.5 vs dense and HF, cache bytes."""
   lines = []
@@ -486,6 +534,16 @@ def main(argv=None) -> int:
   total = None if args.smoke else gpu_memory_bytes()
   cells = plan_cells(args)
   out = Path(args.out)
+  if args.accounting:
+    records = []
+    for cell in cells:
+      keep = {k: cell[k] for k in ("model", "prompt", "new_tokens", "method", "budget_gb")}
+      if cell["method"] != "hf" and with_budget(cell, total) is not None:
+        records.append({**keep, **accounting(with_budget(cell, total))})
+    write_results(out, dict(command="python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+                            records=records))
+    print(accounting_table(records))
+    return 0
   records = []
   meta = dict(command="python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
               gpu_memory_gb=None if total is None else total / GB, started=time.time())
