@@ -486,7 +486,7 @@ def table(records: list[dict]) -> str:
 
 
 def accounting_table(records: list[dict]) -> str:
-  rows = ["| model | prompt | N | budget GB | method | KV B/token | KV vs dense | KV vs dense / rho "
+  rows = ["| model | prompt | N | budget GB | method | KV B/token | KV vs dense | vs dense / rho "
           "| weights GB | batch (bytes) |", "|" + "---|" * 10]
   for r in records:
     rho = r.get("planned_kv_density")
