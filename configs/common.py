@@ -7,6 +7,7 @@ optimize, select) of a variant; configs/compress.py, demo.py, eval.py and sweep.
 from ml_collections import config_dict
 
 from moa_jax.models.loading import model_section
+from moa_jax.models.sharding import mesh_section
 
 # Built by experiments/make_calibration_tasks.py from the task suite (other seeds than any
 # evaluation): passkey, multi-key needle, variable tracking, UUID key-value, and line retrieval.
@@ -25,6 +26,7 @@ def compress_config(variant: str = "reference", lock: bool = True) -> config_dic
   c.seed = 0
 
   c.model = model_section()  # '' path = the embedded reference model
+  c.mesh = mesh_section()  # devices (data, fsdp, tensor): the model sharded (docs/sharding.md)
 
   c.calibration = config_dict.ConfigDict()
   c.calibration.source = "jsonl"  # 'multinews' (hub id or local file) or 'jsonl' {context, question}

@@ -26,6 +26,7 @@ from flax import nnx
 
 from moa_jax import validate
 from moa_jax.attention.reference import blocked_attention
+from moa_jax.models import sharding
 from moa_jax.models.loading import load_model
 from moa_jax.optimize import pareto
 from moa_jax.optimize.direct import SolverOptions
@@ -235,7 +236,8 @@ def run_stages(config, workdir: str | Path, loaded: tuple[Any, Any, str] | None 
   if until is not None and until not in names:
     raise ValueError(f"unknown stage {until!r}; choose one of {', '.join(names)}")
   work = Workdir(workdir)
-  model, tokenizer, model_id = loaded or load_model(config.model)
+  model, tokenizer, model_id = loaded or load_model(config.model,
+                                                     mesh=sharding.config_mesh(config))
   run = _Run(config, model, tokenizer, model_id, outputs={"keys": {}})
   key = ""
   for stage in STAGES:

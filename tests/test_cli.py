@@ -15,8 +15,9 @@ from moa_jax.models.loading import load_model
 from moa_jax.plans.plan import dense_plan, uniform_plan
 
 REPO = Path(__file__).resolve().parents[1]
-GENERATE_FIELDS = ("chat, max_new_tokens, model.dtype, model.path, model.preset, model.seed, "
-                   "model.tokenizer, plan, prompts, seed, temperature, top_k")
+GENERATE_FIELDS = ("chat, max_new_tokens, mesh.coordinator, mesh.distributed, mesh.num_processes, "
+                   "mesh.process_id, mesh.shape, model.dtype, model.path, model.preset, "
+                   "model.seed, model.tokenizer, plan, prompts, seed, temperature, top_k")
 
 
 def run_cli(*args):
