@@ -158,11 +158,12 @@ def _generate_programs(config, model: LlamaConfig, mesh, graphdef, state, scale
   specs = attention.specs(b)
   prompt = length - config.new_tokens
   step = config.prefill_chunk or prompt
-  caches = jax.eval_shape(lambda: attention.init_cache(model, b, length))
-  caches = [ShardedCache(tuple(_abstract(x.shape, x.dtype, mesh, specs["cache"]) for x in c.k),
-                         tuple(_abstract(x.shape, x.dtype, mesh, specs["cache"]) for x in c.v),
-                         tuple(_abstract(x.shape, x.dtype, mesh, specs["pos"]) for x in c.pos),
-                         c.shards) for c in caches]
+  empty = jax.eval_shape(lambda: attention.init_cache(model, b, length))
+  caches = lambda fresh: [  # the caches on the mesh, fresh (for prefill) or filled (decode)
+      ShardedCache(tuple(_abstract(x.shape, x.dtype, mesh, specs["cache"]) for x in c.k),
+                   tuple(_abstract(x.shape, x.dtype, mesh, specs["cache"]) for x in c.v),
+                   tuple(_abstract(x.shape, x.dtype, mesh, specs["pos"]) for x in c.pos),
+                   c.shards, fresh) for c in empty]
 
   def forward(state, tokens, positions, caches):  # last-token logits and the caches
     lm = nnx.merge(graphdef, state)
@@ -173,9 +174,9 @@ def _generate_programs(config, model: LlamaConfig, mesh, graphdef, state, scale
   program = jax.jit(forward, donate_argnums=3)
   rows = lambda t: _abstract((b, t), jnp.int32, mesh, specs["rows"])
   programs = {
-      "prefill": _stats(program.lower(state, rows(step), rows(step), caches), scale),
-      "decode": _stats(program.lower(state, rows(1), rows(1), caches), scale)}
-  extra = dict(cache=int(sharding.device_bytes(caches) * scale),
+      "prefill": _stats(program.lower(state, rows(step), rows(step), caches(True)), scale),
+      "decode": _stats(program.lower(state, rows(1), rows(1), caches(False)), scale)}
+  extra = dict(cache=int(sharding.device_bytes(caches(True)) * scale),
                cache_balance=attention.balance_report(model, length),
                prompt_tokens=prompt, prefill_tokens_per_call=step)
   return programs, extra

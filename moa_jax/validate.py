@@ -195,7 +195,7 @@ MESH = {  # moa_jax.models.sharding.mesh_section
     "process_id": integer(-1),
 }
 
-COMPRESS_FIELDS = {"seed": SEED, **_prefixed("model", MODEL),
+COMPRESS_FIELDS = {"seed": SEED, **_prefixed("model", MODEL), **_prefixed("mesh", MESH),
                    **_prefixed("calibration", CALIBRATION), **_prefixed("profile", PROFILE),
                    **_prefixed("optimize", OPTIMIZE), **_prefixed("select", SELECT)}
 FIELDS = {

@@ -115,12 +115,14 @@ def split_heads(layout: CacheLayout, devices: int, *, balance: bool = True) -> H
 @dataclasses.dataclass(frozen=True)
 class ShardedCache:
   """One layer's MoA cache on the mesh: per local group k, v [B, devices * heads_g, C_g, H]
-  (device d's block of heads is its local group) and pos [B, C_g]; `shards` is static."""
+  (device d's block of heads is its local group) and pos [B, C_g]; `shards` and `fresh`
+  (nothing written yet, as `MoACache.fresh`) are static."""
 
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
   pos: tuple[jax.Array, ...]
   shards: HeadShards = dataclasses.field(metadata=dict(static=True))
+  fresh: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 class ShardedMoAAttention:
@@ -178,7 +180,7 @@ class ShardedMoAAttention:
           v=tuple(place(jnp.zeros(shape(g), dtype), specs["cache"]) for g in groups),
           pos=tuple(place(jnp.full((batch_size, g.capacity), -1, jnp.int32), specs["pos"])
                     for g in groups),
-          shards=shards))
+          shards=shards, fresh=True))
     return caches
 
   def memory_ratio(self, config, max_length: int) -> float:
@@ -248,7 +250,7 @@ class ShardedMoAAttention:
       layout = dataclasses.replace(shards.local, windows=windows)
 
       def run(q, k, v, q_pos, ck, cv, cpos):
-        out, local = moa(layer, q, k, v, q_pos, MoACache(ck, cv, cpos, layout))
+        out, local = moa(layer, q, k, v, q_pos, MoACache(ck, cv, cpos, layout, cache.fresh))
         return out, local.k, local.v, local.pos
       return run
 
