@@ -16,14 +16,17 @@ import os
 
 import jax
 
-SLURM_TASKS = "SLURM_NTASKS"
+# Tasks of this job step (srun sets it; a batch script's own step has one task even when the
+# job has several), else of the job.
+SLURM_TASKS = ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")
 
 
 def requested(mesh_section=None) -> bool:
   """True when this run is meant to be one of several processes (see the module docstring)."""
   if mesh_section is not None and (mesh_section.distributed or mesh_section.coordinator):
     return True
-  return int(os.environ.get(SLURM_TASKS, "1")) > 1 and "SLURM_PROCID" in os.environ
+  tasks = next((os.environ[name] for name in SLURM_TASKS if name in os.environ), "1")
+  return int(tasks) > 1 and "SLURM_PROCID" in os.environ
 
 
 def initialize(config=None) -> bool:

@@ -142,3 +142,17 @@ def test_two_processes_give_one_process_logits(tmp_path):
   loaded, _ = load_pretrained(checkpoint)
   want = sharded_checks.logits(loaded, *sharded_checks.tokens())
   assert sharded_checks.relative_error(np.load(out), want) < RELATIVE
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, False),
+    ({"SLURM_NTASKS": "2", "SLURM_PROCID": "1"}, True),  # srun -n 2, an older SLURM
+    ({"SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}, False),  # sbatch
+    ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, False),  # one submitit job
+])
+def test_slurm_tasks_ask_for_several_processes(monkeypatch, env, expected):
+  for name in ("SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID"):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  assert distributed.requested(sharding.mesh_section()) is expected
