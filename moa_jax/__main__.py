@@ -19,6 +19,7 @@ COMMANDS = {
     "compress": "moa_jax.pipeline:compress_command",
     "demo": "moa_jax.demo:demo_command",
     "sweep": "moa_jax.sweep.command:sweep_command",
+    "eval": "moa_jax.eval.command:eval_command",
     "convert": "moa_jax.models.convert:convert_command",
     "plan-memory": "moa_jax.memory:plan_memory_command",
 }

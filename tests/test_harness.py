@@ -1,4 +1,5 @@
-"""The evaluation harness on a tiny random Llama: plumbing, token-exact windows, JSON, plots."""
+"""The evaluation harness on a tiny random Llama: plumbing, token-exact windows, shape buckets,
+scoring on each method's cache, JSON, plots."""
 
 import json
 import math
@@ -10,11 +11,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from moa_jax import generate as generate_lib
 from moa_jax.attention.dense import DenseAttention
 from moa_jax.attention.moa import MoAAttention
 from moa_jax.data import longbench as longbench_lib
 from moa_jax.data.tasks import make_samples
-from moa_jax.eval import harness, plots
+from moa_jax.eval import ablation, harness, plots
 from moa_jax.models import Llama, LlamaConfig
 from moa_jax.plans.plan import Plan, uniform_plan
 from moa_jax.plans.rules import kv_density
@@ -32,6 +34,9 @@ class CharTokenizer:
 
   def decode(self, ids, skip_special_tokens=False):
     return "".join(chr(i) for i in ids if not (skip_special_tokens and i in (0, 1, 2)))
+
+  def get_vocab(self):
+    return {chr(i): i for i in range(3, 128)}
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +107,71 @@ def test_response_cross_entropy_matches_manual(model):
     logp = forward(model, jnp.asarray([p + a], jnp.int32))
     manual = -np.mean([logp[len(p) - 1 + j, token] for j, token in enumerate(a)])
     assert value == pytest.approx(manual, rel=1e-5)
-  with pytest.raises(ValueError, match="non-empty answer"):
+  with pytest.raises(ValueError, match="non-empty target"):
     harness.response_cross_entropy(model, prompts, [[65], []])
+
+
+def test_shape_buckets():
+  buckets = harness.shape_buckets([1000, 1030, 980, 300, 260, 200, 64], multiple=64, fill=0.75)
+  assert buckets == [(1088, [0, 1, 2]), (320, [3, 4]), (256, [5]), (64, [6])]
+  for t, rows in buckets:
+    assert t % 64 == 0
+    assert all(0.75 * t <= [1000, 1030, 980, 300, 260, 200, 64][i] <= t for i in rows)
+
+
+def test_scoring_on_the_moa_cache_equals_one_forward(model, moa_plan):
+  """Teacher forcing through MoA's cache (prefill, then decode steps) gives the cross-entropy
+  of one full forward with the plan's windows at the planned length T + new tokens."""
+  prompts = [[1] + list(range(3, 102)), [1] + list(range(8, 127))]  # 100 and 120 tokens
+  targets = [[5, 6, 7, 8, 9], [11, 12, 13]]
+  factory = harness.plan_factory(model.config, plans={"moa": moa_plan}, sink=16)
+  outputs, nll = harness.run_prompts(model, prompts, "moa", factory, batch_size=2,
+                                     new_tokens=6, targets=targets, eos_ids=())
+  assert [len(o) for o in outputs] == [6, 6]
+  planned = 128 + 6  # both prompts pad to 128 (one bucket), then 6 new tokens
+  fixed = MoAAttention(moa_plan.windows(planned), sink=moa_plan.sink)
+  forward = nnx.jit(lambda m, t, p: jax.nn.log_softmax(m(t, p, attention=fixed)[0], -1))
+  tokens, positions = generate_lib.left_pad([p + t[:-1] for p, t in zip(prompts, targets)],
+                                            multiple=1)
+  logp = forward(model, jnp.asarray(tokens), jnp.asarray(positions))
+  for row, t in enumerate(targets):
+    start = tokens.shape[1] - len(t)
+    manual = [-float(logp[row, start + j, token]) for j, token in enumerate(t)]
+    np.testing.assert_allclose(nll[row], manual, rtol=2e-4, atol=2e-4)
+  _, dense = harness.run_prompts(model, prompts, "dense", factory, batch_size=2,
+                                 targets=targets)
+  assert not np.allclose(np.concatenate(dense), np.concatenate(nll), atol=1e-3)
+
+
+def count_compiles(run) -> int:
+  """XLA backend compilations while `run()` runs."""
+  events = []
+  listener = lambda event, seconds, **kwargs: events.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    run()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  return events.count("/jax/core/compile/backend_compile_duration")
+
+
+def test_a_cell_compiles_once_per_shape_bucket(model, moa_plan):
+  """Five prompts in batches of two (the last with a filler row) compile no more programs than
+  one batch of five: one program per shape bucket, not per batch; a repeat compiles nothing."""
+  tok = CharTokenizer()
+  inputs = harness.synthetic_inputs(tok, "passkey", 300, depths=(0.1, 0.3, 0.5, 0.7, 0.9),
+                                    seed=3, max_new_tokens=6)
+  assert len(harness.shape_buckets([len(p) for p in inputs.prompts])) == 1
+  cell = lambda factory, size: harness.evaluate_cell(model, tok, inputs, "moa", factory,
+                                                     batch_size=size)
+  fresh = lambda: harness.plan_factory(model.config, plans={"moa": moa_plan}, sink=16)
+  one_batch = count_compiles(lambda: cell(fresh(), 5))
+  factory, out = fresh(), {}
+  three_batches = count_compiles(lambda: out.setdefault("records", cell(factory, 2)))
+  assert 0 < three_batches <= one_batch
+  assert sum(r["num_samples"] for r in out["records"]) == 5  # filler rows are not scored
+  assert count_compiles(lambda: out.setdefault("again", cell(factory, 2))) == 0
+  assert out["again"] == out["records"]
 
 
 @pytest.mark.slow
@@ -160,12 +228,32 @@ def test_truncate_middle_and_longbench(model, tmp_path):
   assert harness.truncate_middle(list(range(10)), 5) == [0, 1, 7, 8, 9]
   assert harness.truncate_middle([1, 2], 5) == [1, 2]
   records = list(longbench_lib.load_longbench("hotpotqa", data_dir=LONGBENCH_TINY,
-                                                      cache_dir=str(tmp_path)))
+                                              cache_dir=str(tmp_path)))
+  inputs = harness.longbench_inputs(CharTokenizer(), records, 160)
+  assert inputs.task == "longbench/hotpotqa" and inputs.new_tokens == 32
+  assert max(len(p) for p in inputs.prompts) <= 160 + 2  # cut in the text, re-encoded
   factory = harness.plan_factory(model.config, density=0.5, sink=16)
-  out = harness.evaluate_longbench(model, CharTokenizer(), records, methods=("dense", "uniform"),
-                                   attention_factory=factory, max_prompt_tokens=160,
-                                   progress=False)
-  assert [(r["method"], r["bucket"], r["count"]) for r in out] == [
-      (m, b, c) for m in ("dense", "uniform")
-      for b, c in (("all", 3), ("0-4k", 1), ("4-8k", 1), ("8k+", 1))]
-  assert all(r["dataset"] == "hotpotqa" and 0 <= r["score"] <= 100 for r in out)
+  (record,) = harness.evaluate_cell(model, CharTokenizer(), inputs, "uniform", factory,
+                                    batch_size=4)
+  assert record["num_samples"] == 3 and 0 <= record["score"] <= 100
+  assert record["accuracy"] == pytest.approx(record["score"] / 100)
+  assert {b: v["count"] for b, v in record["buckets"].items()} == {
+      "0-4k": 1, "4-8k": 1, "8k+": 1}
+
+
+def test_group_cut_factory_and_far_influence_share(model):
+  factory = ablation.group_cut_factory(model.config, window=32, sink=16)
+  assert isinstance(factory("dense", 200), DenseAttention)
+  windows = factory(ablation.cut_method(1, 0), 200).layer_windows(200, 4)  # [L, N]
+  expected = np.full((2, 4), 200)
+  expected[1, :2] = 32  # KV group 0 of layer 1 = query heads 0 and 1
+  np.testing.assert_array_equal(windows, expected)
+  with pytest.raises(ValueError, match="unknown method"):
+    factory("cut_2_0", 200)
+  e_bar = np.zeros((2, 4, 4, 4))  # [L, N, query blocks, key blocks]; window 32 = 2 blocks of 16
+  e_bar[1, 0, 3, 1] = 3.0  # far (3 - 1 >= 2), not the sink block
+  e_bar[1, 3, 3, 0] = 5.0  # the sink block: not counted
+  e_bar[0, 2, 2, 1] = 9.0  # near (2 - 1 < 2): not counted
+  e_bar[0, 2, 3, 1] = 1.0  # far, layer 0 group 1
+  share = ablation.far_influence_share(e_bar, 32, 16, group_size=2)
+  np.testing.assert_allclose(share, [[0.0, 0.25], [0.75, 0.0]])
