@@ -6,7 +6,8 @@ ml_collections wheel; moa_jax/assets/reference_model/TRAINING.md has the exact G
   python experiments/train_reference.py prepare --config=configs/train_reference.py
   python3 experiments/train_reference.py train --config=configs/train_reference.py \
       --workdir=/tmp/ref --export=/tmp/stage/reference_model
-  python3 experiments/eval_reference.py --model=/tmp/stage/reference_model
+  python3 -m moa_jax eval --config=configs/eval.py:reference_model \
+      --config.model.path=/tmp/stage/reference_model --workdir=/tmp/reference_eval
 
   Runtime: prepare ~1 min on 2 CPU cores; train 390 s of (time-based) training + ~40 s start
   and export on an H100; eval ~80 s. Result of the committed model: 2628 steps, 689M tokens,

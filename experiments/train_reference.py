@@ -147,7 +147,8 @@ Trained on {jax.devices()[0].device_kind} with {versions()}.
     python experiments/train_reference.py prepare {' '.join(prepare_args)}
     python3 experiments/train_reference.py {' '.join(argv)}
 
-Evaluation: experiments/eval_reference.py -> benchmarks/reference_model.json.
+Evaluation: python -m moa_jax eval --config=configs/eval.py:reference_model
+  --config.model.path=DIR -> benchmarks/reference_model.json.
 """
 
 
