@@ -1,12 +1,14 @@
 """Checks run in a separate process with several fake CPU devices (tests/test_sharding.py).
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_checks.py mesh OUT
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_checks.py kernels OUT
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/sharded_checks.py \
         process OUT CHECKPOINT COORDINATOR NUM_PROCESSES PROCESS_ID
 
-`mesh` compares, on every mesh of MESHES, the sharded model's logits, greedy tokens on the MoA
+`mesh` compares, on MODEL_MESHES and PROFILE_MESHES, the sharded model's logits, greedy tokens on the MoA
 cache and the profile's E_bar with the same computation on one device, and measures the host
-memory of loading a checkpoint onto a mesh; it writes the numbers to OUT (JSON). `process` is one
+memory of loading a checkpoint onto a mesh; it writes the numbers to OUT (JSON). `kernels` runs
+the Pallas Triton kernels (interpret mode) under shard_map against the reference. `process` is one
 of several processes joined through jax.distributed: it loads CHECKPOINT sharded on the global
 (1, 2, 4) mesh and process 0 writes the logits of `tokens()` to OUT (.npy).
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import sys
 import tracemalloc
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +42,7 @@ from moa_jax.profile.profiler import profile_model
 MODEL_MESHES = ((1, 1, 8), (1, 2, 4), (1, 8, 1))
 PROFILE_MESHES = ((1, 1, 8), (2, 1, 4), (8, 1, 1))
 SINK = 4
+REPO = Path(__file__).resolve().parent.parent
 WINDOWS = np.array([[5, 40, 3, 12, 40, 40, 7, 9], [12, 3, 40, 40, 5, 5, 5, 5]])  # [L, K]
 
 
@@ -126,7 +130,7 @@ def mesh_checks(out: str) -> None:
   results["plain_reference_tokens"] = generate(
       sharded, prompts, 8, attention=HeadShardedAttention(moa, mesh), eos_id=()) == want_tokens
   command = lambda *overrides: [r["new_ids"] for r in generate_command(
-      load_config("configs/generate.py:tiny", ["max_new_tokens=4", *overrides]), None)]
+      load_config(f"{REPO}/configs/generate.py:tiny", ["max_new_tokens=4", *overrides]), None)]
   results["generate_command"] = command("mesh.shape=(1,4,2)") == command()
   initialised = sharding.init_model(cfg, sharding.make_mesh(MODEL_MESHES[0]), seed=0)
   results["init_model"] = max(
@@ -145,6 +149,21 @@ def mesh_checks(out: str) -> None:
     json.dump(results, f, indent=1)
 
 
+def kernel_check(out: str) -> None:
+  """The Pallas kernels (Triton, interpret mode) under shard_map on (1, 2, 4): the greedy tokens
+  of the reference path on one device."""
+  model = Llama(config(), rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(3)
+  prompts = [rng.integers(3, 256, n).tolist() for n in (37, 20)]
+  moa = lambda impl: MoAAttention(WINDOWS, sink=SINK, impl=impl, interpret=True, slot_multiple=16)
+  want = generate(model, prompts, 4, attention=moa("reference"), eos_id=())
+  mesh = sharding.make_mesh((1, 2, 4))
+  got = generate(sharding.shard_model(model, mesh), prompts, 4,
+                 attention=ShardedMoAAttention(moa("triton"), mesh), eos_id=())
+  with open(out, "w") as f:
+    json.dump({"tokens": got == want, "got": got, "want": want}, f)
+
+
 def process_check(out: str, checkpoint: str, coordinator: str, num_processes: str,
                   process_id: str) -> None:
   section = sharding.mesh_section((1, 2, 4))
@@ -161,4 +180,5 @@ def process_check(out: str, checkpoint: str, coordinator: str, num_processes: st
 
 
 if __name__ == "__main__":
-  {"mesh": mesh_checks, "process": process_check}[sys.argv[1]](*sys.argv[2:])
+  {"mesh": mesh_checks, "kernels": kernel_check, "process": process_check}[sys.argv[1]](
+      *sys.argv[2:])

@@ -121,6 +121,16 @@ def test_sharded_matches_one_device(tmp_path):
   assert memory["peak_beyond_held"] <= memory["largest_tensor"] / 2
 
 
+@pytest.mark.slow
+def test_sharded_pallas_kernels_match_the_reference(tmp_path):
+  """MoA's Triton kernels (interpret mode) under shard_map on (1, 2, 4): prefill into the
+  sharded cache and decode give the reference path's greedy tokens on one device."""
+  out = tmp_path / "kernels.json"
+  finish(run_checks("kernels", str(out), devices=8))
+  result = json.loads(out.read_text())
+  assert result["tokens"], result
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
