@@ -5,8 +5,8 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/sharded_checks.py \
         process OUT CHECKPOINT COORDINATOR NUM_PROCESSES PROCESS_ID
 
-`mesh` compares, on MODEL_MESHES and PROFILE_MESHES, the sharded model's logits, greedy tokens on the MoA
-cache and the profile's E_bar with the same computation on one device, and measures the host
+`mesh` compares, on MODEL_MESHES and PROFILE_MESHES, the sharded model's logits, greedy tokens on
+the MoA cache and the profile's E_bar with the same computation on one device, and measures the host
 memory of loading a checkpoint onto a mesh; it writes the numbers to OUT (JSON). `kernels` runs
 the Pallas Triton kernels (interpret mode) under shard_map against the reference. `process` is one
 of several processes joined through jax.distributed: it loads CHECKPOINT sharded on the global
