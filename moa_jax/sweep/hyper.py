@@ -112,6 +112,9 @@ def expand(config: ConfigDict) -> list[SweepPoint]:
   raw = config.sweep or ((),)
   points = []
   for point in raw:
+    if not isinstance(point, (tuple, list)):
+      raise ValueError(f"sweep point {point!r} is not a tuple of (field, value) pairs; build the "
+                       "sweep with moa_jax.sweep.hyper.sweep / product / zipit / chain")
     overrides = {}
     for entry in point:
       if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)):
