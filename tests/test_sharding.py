@@ -30,8 +30,12 @@ RELATIVE = 1e-5  # float32: max |sharded - one device| / max |one device|
 
 
 def run_checks(*args: str, devices: int) -> subprocess.Popen:
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-         "JAX_PLATFORMS": "cpu"}
+  # On 2 busy cores one fake device's thread can reach a collective minutes after the others:
+  # give the CPU collectives' rendezvous 10 minutes before XLA aborts (default: seconds).
+  flags = (f"--xla_force_host_platform_device_count={devices} "
+           "--xla_cpu_collective_call_terminate_timeout_seconds=600 "
+           "--xla_cpu_collective_timeout_seconds=600")
+  env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
   return subprocess.Popen([sys.executable, str(CHECKS), *args], env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 

@@ -302,7 +302,7 @@ def test_tiny_sweep_slurm_kill_rerun_and_same_plans(slurm_cluster, local_sweep, 
   # The command stops waiting (its jobs go on); the same command again waits for them.
   first = _start_sweep(workdir, xla_cache, tmp_path / "first.out")
   try:
-    ids = _wait_for(lambda: record.is_file() and json.loads(record.read_text()), 120,
+    ids = _wait_for(lambda: record.is_file() and json.loads(record.read_text()), 300,
                     "the sweep's jobs to be submitted")
   finally:
     first.terminate()
@@ -312,7 +312,7 @@ def test_tiny_sweep_slurm_kill_rerun_and_same_plans(slurm_cluster, local_sweep, 
   second = _start_sweep(workdir, xla_cache, output)
   victim = f"points/{NAMES[1]}"
   try:
-    _wait_for(lambda: "0 jobs submitted, 4 reattached" in output.read_text(), 120,
+    _wait_for(lambda: "0 jobs submitted, 4 reattached" in output.read_text(), 300,
               "the second run to take over the running jobs")
     _wait_for(lambda: _slurm_state(ids[victim]) == "RUNNING", 240, f"{victim} to run")
     subprocess.run(["scancel", ids[victim]], check=True)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from moa_jax.attention.reference import reference_attention
+from moa_jax.calibration import prompts
 from moa_jax.train import data as train_data
 from moa_jax.train import tokenizer as tok_lib
 from moa_jax.attention.fused import FusedCausalAttention
@@ -39,8 +40,8 @@ def test_tokenizer_specials_digits_template_and_reload(corpus, tmp_path):
   messages = [{"role": "user", "content": "What is 3?"}, {"role": "assistant", "content": "3"},
               {"role": "user", "content": "And 4?"}]
   rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-  assert rendered == (tok_lib.BOS + train_data.user_turn("What is 3?") +
-                      train_data.answer_turn("3") + train_data.user_turn("And 4?"))
+  assert rendered == (tok_lib.BOS + prompts.user_turn("What is 3?") +
+                      prompts.answer_turn("3", tok_lib.EOS) + prompts.user_turn("And 4?"))
   tokenizer.save_pretrained(tmp_path)
   from transformers import AutoTokenizer
 
