@@ -12,7 +12,7 @@ TORCH_VENV := .venv-torch
 PY := $(VENV)/bin/python
 JOBS ?= 2
 
-.PHONY: demo test test-fast venv torch-venv notebooks clean
+.PHONY: demo test test-fast lint venv torch-venv notebooks clean
 
 $(VENV)/.stamp: requirements.txt pyproject.toml
 	@test -n "$(PY312)" || { echo "error: Python 3.12 not found (install it or set PY312=/path/to/python3.12)"; exit 1; }
@@ -37,8 +37,13 @@ torch-venv: $(TORCH_VENV)/.stamp
 demo: $(VENV)/.stamp
 	$(PY) -m moa_jax demo --config=configs/demo.py --workdir=runs/demo
 
-test: $(VENV)/.stamp $(TORCH_VENV)/.stamp
-	MOA_TORCH_PYTHON=$(abspath $(TORCH_VENV))/bin/python $(PY) -m pytest -q
+lint: $(VENV)/.stamp
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Lint, then every test on JOBS processes (a module's tests stay in one process).
+test: lint $(VENV)/.stamp $(TORCH_VENV)/.stamp
+	MOA_TORCH_PYTHON=$(abspath $(TORCH_VENV))/bin/python $(PY) -m pytest -q -n $(JOBS) --dist loadfile
 
 test-fast: $(VENV)/.stamp
 	$(PY) -m pytest -q -m "not slow and not torch"

@@ -29,7 +29,9 @@ def compress_config(variant: str = "reference", lock: bool = True) -> config_dic
   c.mesh = mesh_section()  # devices (data, fsdp, tensor): the model sharded (docs/sharding.md)
 
   c.calibration = config_dict.ConfigDict()
-  c.calibration.source = "jsonl"  # 'multinews' (hub id or local file) or 'jsonl' {context, question}
+  c.calibration.source = (
+    "jsonl"  # 'multinews' (hub id or local file) or 'jsonl' {context, question}
+  )
   c.calibration.path = REFERENCE_CALIBRATION
   c.calibration.split = "train"
   c.calibration.lengths = (1024, 3072)

@@ -1,8 +1,8 @@
 """`make demo`: MoA on the embedded reference model, then dense vs uniform vs MoA.
 
-  python -m moa_jax demo --config=configs/demo.py --workdir=runs/demo        # ~7 min, 2 CPU cores
+  python -m moa_jax demo --config=configs/demo.py --workdir=runs/demo   # minutes on 2 CPU cores
   python -m moa_jax demo --config=configs/demo.py:agnostic --workdir=runs/demo_agnostic
-  python -m moa_jax demo --config=configs/demo.py:tiny --workdir=/tmp/demo   # random tiny model (CI)
+  python -m moa_jax demo --config=configs/demo.py:tiny --workdir=/tmp/demo  # random tiny model (CI)
   python -m moa_jax demo --config=configs/demo.py:smollm2 --workdir=runs/demo_smollm2  # real model
 
 Runs configs/compress.py's pipeline (calibration -> profile -> optimize at KV density 0.5 ->

@@ -27,11 +27,16 @@ def get_config(arg: str | None = None) -> ConfigDict:
     raise ValueError(f"configs/generate.py takes one of {', '.join(VARIANTS)}, got {variant!r}")
   config = ConfigDict()
   config.model = model_section(
-      path=None if variant == "hf" else "", preset="tiny" if variant == "tiny" else "",
-      dtype="" if variant == "hf" else "float32")
+    path=None if variant == "hf" else "",
+    preset="tiny" if variant == "tiny" else "",
+    dtype="" if variant == "hf" else "float32",
+  )
   config.plan = ""  # a plan.json (from `compress`): generate with its MoA attention and cache
-  config.prompts = ("USER: What does sparse attention save? ASSISTANT:",
-                    "def fibonacci(n):", "Once upon a time")
+  config.prompts = (
+    "USER: What does sparse attention save? ASSISTANT:",
+    "def fibonacci(n):",
+    "Once upon a time",
+  )
   config.chat = False  # wrap each prompt in the tokenizer's chat template
   config.max_new_tokens = 16 if variant == "tiny" else 64
   config.temperature = 0.0  # 0 = greedy

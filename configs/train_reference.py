@@ -35,24 +35,48 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.vocab_size = 512 if tiny else 8192
   c.stdlib_files = 40 if tiny else 0  # 0: every stdlib *.py file
   c.tokenizer_task_docs = 20 if tiny else 400  # task renders per task added to BPE training text
-  c.model = ml_collections.ConfigDict(dict(
-      hidden_size=64 if tiny else 384, intermediate_size=160 if tiny else 1024,
-      num_layers=2 if tiny else 6, num_heads=4 if tiny else 8, num_kv_heads=2 if tiny else 4,
-      head_dim=16 if tiny else 64, rope_theta=500000.0, max_position_embeddings=8192,
-      tie_word_embeddings=True, rms_norm_eps=1e-5,
-      dtype="float32" if tiny else "bfloat16", param_dtype="float32"))
-  c.train = ml_collections.ConfigDict(dict(
+  c.model = ml_collections.ConfigDict(
+    dict(
+      hidden_size=64 if tiny else 384,
+      intermediate_size=160 if tiny else 1024,
+      num_layers=2 if tiny else 6,
+      num_heads=4 if tiny else 8,
+      num_kv_heads=2 if tiny else 4,
+      head_dim=16 if tiny else 64,
+      rope_theta=500000.0,
+      max_position_embeddings=8192,
+      tie_word_embeddings=True,
+      rms_norm_eps=1e-5,
+      dtype="float32" if tiny else "bfloat16",
+      param_dtype="float32",
+    )
+  )
+  c.train = ml_collections.ConfigDict(
+    dict(
       seed=0,
       # (start progress, seq_len, batch_size): the curriculum, 256k tokens per step on the GPU.
-      phases=((0.0, 256, 4), (0.5, 512, 2)) if tiny else
-      ((0.0, 1024, 256), (0.3, 2048, 128), (0.55, 4096, 64)),
+      phases=((0.0, 256, 4), (0.5, 512, 2))
+      if tiny
+      else ((0.0, 1024, 256), (0.3, 2048, 128), (0.55, 4096, 64)),
       steps=16 if tiny else 0,  # 0: time-based progress (time_budget_s)
       time_budget_s=0.0 if tiny else 390.0,
-      lr=3e-3 if tiny else 1.5e-3, warmup_steps=2 if tiny else 100, final_lr_ratio=0.1,
-      b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0,
-      log_every=4 if tiny else 25, probe_every=2, ckpt_every=8 if tiny else 200,
-      probe_lengths=(320, 480) if tiny else (1000, 2000, 3900), probe_num=2 if tiny else 16,
+      lr=3e-3 if tiny else 1.5e-3,
+      warmup_steps=2 if tiny else 100,
+      final_lr_ratio=0.1,
+      b1=0.9,
+      b2=0.95,
+      weight_decay=0.1,
+      clip_norm=1.0,
+      log_every=4 if tiny else 25,
+      probe_every=2,
+      ckpt_every=8 if tiny else 200,
+      probe_lengths=(320, 480) if tiny else (1000, 2000, 3900),
+      probe_num=2 if tiny else 16,
       mix=dict(natural=0.25, lines=0.5, passkey=0.05, niah=0.07, vt=0.06, uuid=0.07),
-      answer_weight=4.0, min_doc=96 if tiny else 160, full_row=0.5))
+      answer_weight=4.0,
+      min_doc=96 if tiny else 160,
+      full_row=0.5,
+    )
+  )
   c.lock()
   return c

@@ -53,8 +53,11 @@ class PlainAttention:
 
 def measure(model, attention, tokens, positions, reps: int) -> tuple[dict, np.ndarray]:
   graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda state, tokens, positions: nnx.merge(graphdef, state)(
-      tokens, positions, attention=attention)[0][:, -1])  # last-token logits [B, V]
+  forward = jax.jit(
+    lambda state, tokens, positions: nnx.merge(graphdef, state)(
+      tokens, positions, attention=attention
+    )[0][:, -1]
+  )  # last-token logits [B, V]
   compiled = forward.lower(state, tokens, positions).compile()
   memory = compiled.memory_analysis()
   start = time.perf_counter()
@@ -65,8 +68,12 @@ def measure(model, attention, tokens, positions, reps: int) -> tuple[dict, np.nd
     start = time.perf_counter()
     jax.block_until_ready(forward(state, tokens, positions))
     times.append(time.perf_counter() - start)
-  record = dict(first_call_s=first, median_s=statistics.median(times), times_s=times,
-                temp_mib=None if memory is None else memory.temp_size_in_bytes / 2 ** 20)
+  record = dict(
+    first_call_s=first,
+    median_s=statistics.median(times),
+    times_s=times,
+    temp_mib=None if memory is None else memory.temp_size_in_bytes / 2**20,
+  )
   return record, np.asarray(logits)
 
 
@@ -80,25 +87,40 @@ def main(argv):
     positions = jnp.arange(t, dtype=jnp.int32)[None]
     windows = np.full((config.num_layers, config.num_heads), t // 4)
     variants = {
-        "dense": (PlainAttention(), DenseAttention()),
-        "windows_T/4": (PlainAttention(windows),
-                        MoAAttention(windows, sink=SINK, impl="reference")),
+      "dense": (PlainAttention(), DenseAttention()),
+      "windows_T/4": (PlainAttention(windows), MoAAttention(windows, sink=SINK, impl="reference")),
     }
     for name, (plain, blocked) in variants.items():
       plain_record, plain_logits = measure(model, plain, tokens, positions, FLAGS.reps)
       blocked_record, blocked_logits = measure(model, blocked, tokens, positions, FLAGS.reps)
       diff = float(np.abs(plain_logits - blocked_logits).max())
-      records.append(dict(T=t, attention=name, plain=plain_record, blocked=blocked_record,
-                          speedup=plain_record["median_s"] / blocked_record["median_s"],
-                          max_abs_logit_diff=diff))
-      print(f"T={t} {name:<12} plain {plain_record['median_s']:.2f} s "
-            f"({plain_record['temp_mib']:.0f} MiB temp)  blocked {blocked_record['median_s']:.2f}"
-            f" s ({blocked_record['temp_mib']:.0f} MiB temp)  max |logit diff| {diff:.1e}",
-            flush=True)
-  result = dict(command="python3 experiments/bench_cpu_attention.py " + " ".join(sys.argv[1:]),
-                machine=dict(platform=platform.platform(), cpus=os.cpu_count(),
-                             jax=jax.__version__, backend=jax.default_backend()),
-                model="moa_jax/assets/reference_model (float32)", records=records)
+      records.append(
+        dict(
+          T=t,
+          attention=name,
+          plain=plain_record,
+          blocked=blocked_record,
+          speedup=plain_record["median_s"] / blocked_record["median_s"],
+          max_abs_logit_diff=diff,
+        )
+      )
+      print(
+        f"T={t} {name:<12} plain {plain_record['median_s']:.2f} s "
+        f"({plain_record['temp_mib']:.0f} MiB temp)  blocked {blocked_record['median_s']:.2f}"
+        f" s ({blocked_record['temp_mib']:.0f} MiB temp)  max |logit diff| {diff:.1e}",
+        flush=True,
+      )
+  result = dict(
+    command="python3 experiments/bench_cpu_attention.py " + " ".join(sys.argv[1:]),
+    machine=dict(
+      platform=platform.platform(),
+      cpus=os.cpu_count(),
+      jax=jax.__version__,
+      backend=jax.default_backend(),
+    ),
+    model="moa_jax/assets/reference_model (float32)",
+    records=records,
+  )
   with open(FLAGS.out, "w") as f:
     json.dump(result, f, indent=1)
 

@@ -56,8 +56,14 @@ flags.DEFINE_string("name", "vicuna7b_kv_group", "key of this run in --out")
 flags.DEFINE_string("out", "benchmarks/milp.json", "results file (runs keyed by --name)")
 
 
-def synthetic_e_bar(rng: np.random.Generator, layers: int, heads: int, n: int,
-                    block: int = 64, retrieval_fraction: float = 0.05) -> np.ndarray:
+def synthetic_e_bar(
+  rng: np.random.Generator,
+  layers: int,
+  heads: int,
+  n: int,
+  block: int = 64,
+  retrieval_fraction: float = 0.05,
+) -> np.ndarray:
   """float32 [L, H, NB, NB] block-pooled influence at length n (see the module docstring)."""
   nb = rules_lib.num_blocks(n, block)
   distance = np.subtract.outer(np.arange(nb), np.arange(nb)).astype(np.float32)  # [NB, NB]
@@ -82,52 +88,83 @@ def main(argv) -> None:
   rng = np.random.default_rng(args.seed)
   rules = rules_lib.candidate_rules(profile, constraint)
   start = time.perf_counter()
-  dl = {n: loss_delta_lib.loss_delta(synthetic_e_bar(rng, args.layers, args.heads, n), rules, n)
-        for n in profile}
+  dl = {
+    n: loss_delta_lib.loss_delta(synthetic_e_bar(rng, args.layers, args.heads, n), rules, n)
+    for n in profile
+  }
   dl_seconds = time.perf_counter() - start
   problem = problem_lib.build_problem(
-      dl, rules, constraint, num_kv_heads=args.kv_heads, budget=args.budget, lo=args.lo,
-      max_rules_per_layer=args.max_rules, grouping=args.grouping)
-  options = direct.SolverOptions(time_limit=args.time_limit, mip_rel_gap=args.mip_rel_gap,
-                                 method=args.method)
+    dl,
+    rules,
+    constraint,
+    num_kv_heads=args.kv_heads,
+    budget=args.budget,
+    lo=args.lo,
+    max_rules_per_layer=args.max_rules,
+    grouping=args.grouping,
+  )
+  options = direct.SolverOptions(
+    time_limit=args.time_limit, mip_rel_gap=args.mip_rel_gap, method=args.method
+  )
   start = time.perf_counter()
   single = decomposition.solver_for(problem, options).solve(profile[-1], options=options)
   single_seconds = time.perf_counter() - start
   start = time.perf_counter()  # the front has its own solver: it reuses none of these columns
-  front = pareto.pareto_front(problem, intervals=args.intervals, options=options,
-                              workers=args.workers)
+  front = pareto.pareto_front(
+    problem, intervals=args.intervals, options=options, workers=args.workers
+  )
   front_seconds = time.perf_counter() - start
 
   plans_ok = all(
-      all(problem.lo * problem.budget - 1e-9 <= plan.kv_density(n) <= problem.budget + 1e-9
-          for n in constraint)
-      and max(problem.rules_per_layer_of(solution.rule_index)) <= args.max_rules
-      for solution, plan in ((s, problem.to_plan(s)) for s in front.solutions))
+    all(
+      problem.lo * problem.budget - 1e-9 <= plan.kv_density(n) <= problem.budget + 1e-9
+      for n in constraint
+    )
+    and max(problem.rules_per_layer_of(solution.rule_index)) <= args.max_rules
+    for solution, plan in ((s, problem.to_plan(s)) for s in front.solutions)
+  )
   gaps = np.array([solution.mip_gap for solution in front.solutions])
   result = {
-      "command": " ".join(["python", os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-      "problem": {"layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
-                  "grouping": args.grouping, "rules": len(rules), "profile_lengths": profile,
-                  "constraint_lengths": constraint, "budget": args.budget, "lo": args.lo,
-                  "max_rules_per_layer": args.max_rules,
-                  "x_binaries": args.layers * problem.units_per_layer * len(rules)},
-      "solver": {"backend": f"HiGHS via scipy.optimize.milp/linprog (scipy {scipy.__version__})",
-                 **dataclasses.asdict(options), "intervals": args.intervals,
-                 "workers": args.workers},
-      "loss_delta_seconds": round(dl_seconds, 2),
-      "single_solve_seconds": round(single_seconds, 2),
-      "single_solve_gap": round(single.mip_gap, 6),
-      "pareto_seconds": round(front_seconds, 2),
-      "pareto_solves": front.solves,
-      "pareto_no_solution": front.no_solution,
-      "pareto_plans": len(front.solutions),
-      "pareto_gap": {"median": round(float(np.median(gaps)), 6), "max": round(float(gaps.max()), 6),
-                     "within_mip_rel_gap": int((gaps <= args.mip_rel_gap).sum())},
-      "every_plan_in_band_and_k_limit": plans_ok,
-      "objectives": [{str(n): round(z, 4) for n, z in s.objectives.items()}
-                     for s in front.solutions],
-      "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(),
-                  "python": platform.python_version(), "platform": platform.platform()},
+    "command": " ".join(["python", os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+    "problem": {
+      "layers": args.layers,
+      "heads": args.heads,
+      "kv_heads": args.kv_heads,
+      "grouping": args.grouping,
+      "rules": len(rules),
+      "profile_lengths": profile,
+      "constraint_lengths": constraint,
+      "budget": args.budget,
+      "lo": args.lo,
+      "max_rules_per_layer": args.max_rules,
+      "x_binaries": args.layers * problem.units_per_layer * len(rules),
+    },
+    "solver": {
+      "backend": f"HiGHS via scipy.optimize.milp/linprog (scipy {scipy.__version__})",
+      **dataclasses.asdict(options),
+      "intervals": args.intervals,
+      "workers": args.workers,
+    },
+    "loss_delta_seconds": round(dl_seconds, 2),
+    "single_solve_seconds": round(single_seconds, 2),
+    "single_solve_gap": round(single.mip_gap, 6),
+    "pareto_seconds": round(front_seconds, 2),
+    "pareto_solves": front.solves,
+    "pareto_no_solution": front.no_solution,
+    "pareto_plans": len(front.solutions),
+    "pareto_gap": {
+      "median": round(float(np.median(gaps)), 6),
+      "max": round(float(gaps.max()), 6),
+      "within_mip_rel_gap": int((gaps <= args.mip_rel_gap).sum()),
+    },
+    "every_plan_in_band_and_k_limit": plans_ok,
+    "objectives": [{str(n): round(z, 4) for n, z in s.objectives.items()} for s in front.solutions],
+    "machine": {
+      "cpu": _cpu_name(),
+      "cores": os.cpu_count(),
+      "python": platform.python_version(),
+      "platform": platform.platform(),
+    },
   }
   runs = {}
   if os.path.exists(args.out):
@@ -135,10 +172,12 @@ def main(argv) -> None:
       runs = json.load(f)
   runs[args.name] = result
   atomic_write_text(args.out, json.dumps(runs, indent=1))
-  print(f"{args.name}: dL {dl_seconds:.1f} s | one solve {single_seconds:.1f} s "
-        f"(gap {single.mip_gap:.1e}) | front {front_seconds:.1f} s: {front.solves} solves, "
-        f"{len(front.solutions)} plans, gap median {np.median(gaps):.1e} max {gaps.max():.1e}, "
-        f"all in band and K limit: {plans_ok} -> {args.out}")
+  print(
+    f"{args.name}: dL {dl_seconds:.1f} s | one solve {single_seconds:.1f} s "
+    f"(gap {single.mip_gap:.1e}) | front {front_seconds:.1f} s: {front.solves} solves, "
+    f"{len(front.solutions)} plans, gap median {np.median(gaps):.1e} max {gaps.max():.1e}, "
+    f"all in band and K limit: {plans_ok} -> {args.out}"
+  )
 
 
 def _cpu_name() -> str:

@@ -34,13 +34,13 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast (shared ho
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 if "--smoke" in sys.argv:  # before JAX starts: 8 fake CPU devices
   os.environ["JAX_PLATFORMS"] = "cpu"
-  os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
-                                      "--xla_force_host_platform_device_count=8"]).strip()
+  os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
+  ).strip()
 
 import jax
 import numpy as np
 from absl import app, flags
-from flax import nnx
 
 from moa_jax.attention.moa import MoAAttention
 from moa_jax.attention.sharded import ShardedMoAAttention
@@ -67,11 +67,28 @@ def sizes() -> SimpleNamespace:
   """Shapes and lengths of every phase (tiny ones for --smoke)."""
   if FLAGS.smoke:
     small = LlamaConfig.tiny(num_heads=16, num_kv_heads=8, intermediate_size=128, num_layers=1)
-    return SimpleNamespace(small=small, large=small, logits_length=64, profile_length=128,
-                           generate_length=256, new_tokens=8, response=16, block=32, tile=64)
-  return SimpleNamespace(small=LlamaConfig.llama3_8b(), large=LlamaConfig.llama3_70b(),
-                         logits_length=512, profile_length=8192, generate_length=16384,
-                         new_tokens=256, response=RESPONSE, block=64, tile=512)
+    return SimpleNamespace(
+      small=small,
+      large=small,
+      logits_length=64,
+      profile_length=128,
+      generate_length=256,
+      new_tokens=8,
+      response=16,
+      block=32,
+      tile=64,
+    )
+  return SimpleNamespace(
+    small=LlamaConfig.llama3_8b(),
+    large=LlamaConfig.llama3_70b(),
+    logits_length=512,
+    profile_length=8192,
+    generate_length=16384,
+    new_tokens=256,
+    response=RESPONSE,
+    block=64,
+    tile=512,
+  )
 
 
 def mesh_of(count: int, shape=None):
@@ -92,8 +109,7 @@ def timed(fn, reps: int, setup=lambda: ()) -> dict:
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
-  return {"median_s": statistics.median(times[1:]), "times_s": times[1:],
-          "first_call_s": times[0]}
+  return {"median_s": statistics.median(times[1:]), "times_s": times[1:], "first_call_s": times[0]}
 
 
 def two_rule_windows(config: LlamaConfig, length: int, seed: int = 0) -> np.ndarray:
@@ -124,12 +140,27 @@ def dry_run(preset_config: LlamaConfig, task: str, length: int, shape) -> dict:
   if FLAGS.smoke:  # the tiny shapes are no preset: the plan is of its own kind, skip it
     return {}
   config = SimpleNamespace(
-      task=task, length=length, batch_size=1, new_tokens=s.new_tokens, prefill_chunk=0,
-      density=0.5, plan="", sink=SINK, response_tokens=s.response, loss="nll", block=s.block,
-      tile=s.tile, device_memory_gb=141.0, usable_fraction=0.95,
-      mesh=SimpleNamespace(shape=tuple(shape)),
-      model=SimpleNamespace(preset="llama-3-70b" if preset_config.num_layers == 80
-                            else "llama-3-8b", path="", dtype="bfloat16"))
+    task=task,
+    length=length,
+    batch_size=1,
+    new_tokens=s.new_tokens,
+    prefill_chunk=0,
+    density=0.5,
+    plan="",
+    sink=SINK,
+    response_tokens=s.response,
+    loss="nll",
+    block=s.block,
+    tile=s.tile,
+    device_memory_gb=141.0,
+    usable_fraction=0.95,
+    mesh=SimpleNamespace(shape=tuple(shape)),
+    model=SimpleNamespace(
+      preset="llama-3-70b" if preset_config.num_layers == 80 else "llama-3-8b",
+      path="",
+      dtype="bfloat16",
+    ),
+  )
   plan = plan_memory(config)
   return {key: getattr(plan, key) for key in ("weights", "cache", "activations", "peak")}
 
@@ -152,13 +183,19 @@ def correctness() -> dict:
   want_tokens = generate(one, prompts, s.new_tokens, attention=moa, eos_id=())
   attention = ShardedMoAAttention(moa, mesh_of(2))
   got_tokens = generate(two, prompts, s.new_tokens, attention=attention, eos_id=())
-  first = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
-           for x, y in zip(got_tokens, want_tokens)]
-  return {"devices": 2, "logits_relative_error": logits_error,
-          "logits_within_bf16": logits_error < BF16_LOGITS,
-          "greedy_tokens_equal": got_tokens == want_tokens,
-          "first_different_token": first, "new_tokens": s.new_tokens,
-          "cache_balance": attention.balance_report(config, length)}
+  first = [
+    next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
+    for x, y in zip(got_tokens, want_tokens)
+  ]
+  return {
+    "devices": 2,
+    "logits_relative_error": logits_error,
+    "logits_within_bf16": logits_error < BF16_LOGITS,
+    "greedy_tokens_equal": got_tokens == want_tokens,
+    "first_different_token": first,
+    "new_tokens": s.new_tokens,
+    "cache_balance": attention.balance_report(config, length),
+  }
 
 
 def profile_70b() -> dict:
@@ -166,9 +203,12 @@ def profile_70b() -> dict:
   count = len(jax.devices())
   model = sharding.init_model(s.large, mesh_of(count))
   batch = profile_batch(s.large, s.profile_length, s.response)
-  result = {"devices": count, "length": s.profile_length,
-            **timed(lambda: profile_once(model, batch, s), FLAGS.reps),
-            "peak_bytes_per_device": peak_bytes(jax.devices())}
+  result = {
+    "devices": count,
+    "length": s.profile_length,
+    **timed(lambda m=model: profile_once(m, batch, s), FLAGS.reps),
+    "peak_bytes_per_device": peak_bytes(jax.devices()),
+  }
   result["dry_run"] = dry_run(s.large, "profile", s.profile_length, (1, 1, count))
   return result
 
@@ -179,24 +219,30 @@ def generate_70b() -> dict:
   mesh = mesh_of(count)
   model = sharding.init_model(s.large, mesh)
   length = s.generate_length
-  attention = ShardedMoAAttention(MoAAttention(two_rule_windows(s.large, length), sink=SINK),
-                                  mesh)
+  attention = ShardedMoAAttention(MoAAttention(two_rule_windows(s.large, length), sink=SINK), mesh)
   rng = np.random.default_rng(2)
   prompt = length - s.new_tokens
   tokens = rng.integers(3, s.large.vocab_size, (1, prompt)).astype(np.int32)
   positions = np.arange(prompt, dtype=np.int32)[None]
   empty = lambda: (attention.init_cache(s.large, 1, length),)
   run_prefill = lambda caches: prefill(model, tokens, positions, caches, attention=attention)
-  run_decode = lambda logits, caches: decode(model, logits, [prompt], caches, s.new_tokens,
-                                             attention=attention, eos_id=())[0]
+  run_decode = lambda logits, caches: decode(
+    model, logits, [prompt], caches, s.new_tokens, attention=attention, eos_id=()
+  )[0]
   prefill_time = timed(run_prefill, FLAGS.reps, empty)
   decode_time = timed(run_decode, FLAGS.reps, lambda: run_prefill(*empty()))
-  return {"devices": count, "length": length, "prompt_tokens": prompt, "prefill": prefill_time,
-          "decode": decode_time, "decode_per_token_s": decode_time["median_s"] / s.new_tokens,
-          "median_s": prefill_time["median_s"] + decode_time["median_s"],
-          "peak_bytes_per_device": peak_bytes(jax.devices()),
-          "cache_balance": attention.balance_report(s.large, length),
-          "dry_run": dry_run(s.large, "generate", length, (1, 1, count))}
+  return {
+    "devices": count,
+    "length": length,
+    "prompt_tokens": prompt,
+    "prefill": prefill_time,
+    "decode": decode_time,
+    "decode_per_token_s": decode_time["median_s"] / s.new_tokens,
+    "median_s": prefill_time["median_s"] + decode_time["median_s"],
+    "peak_bytes_per_device": peak_bytes(jax.devices()),
+    "cache_balance": attention.balance_report(s.large, length),
+    "dry_run": dry_run(s.large, "generate", length, (1, 1, count)),
+  }
 
 
 def scaling() -> dict:
@@ -207,7 +253,7 @@ def scaling() -> dict:
     if count > len(jax.devices()):
       break
     model = sharding.init_model(s.small, mesh_of(count))
-    rows.append({"devices": count, **timed(lambda: profile_once(model, batch, s), FLAGS.reps)})
+    rows.append({"devices": count, **timed(lambda m=model: profile_once(m, batch, s), FLAGS.reps)})
     del model
   return {"length": s.profile_length, "rows": rows}
 
@@ -219,10 +265,14 @@ def run_child(phase: str) -> dict:
   start = time.perf_counter()
   done = subprocess.run(args, capture_output=True, text=True)
   if done.returncode != 0:
-    return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed",
-            "seconds": time.perf_counter() - start}
-  return {**json.loads(done.stdout.strip().splitlines()[-1]),
-          "seconds": time.perf_counter() - start}
+    return {
+      "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed",
+      "seconds": time.perf_counter() - start,
+    }
+  return {
+    **json.loads(done.stdout.strip().splitlines()[-1]),
+    "seconds": time.perf_counter() - start,
+  }
 
 
 def main(_):
@@ -232,8 +282,13 @@ def main(_):
   unknown = [p for p in FLAGS.phases if p not in PHASES]
   if unknown:
     raise app.UsageError(f"unknown phases {unknown}; choose from {PHASES}")
-  results = {"command": " ".join(["python", *sys.argv]), "device": str(jax.devices()[0]),
-             "device_count": len(jax.devices()), "smoke": FLAGS.smoke, "phases": {}}
+  results = {
+    "command": " ".join(["python", *sys.argv]),
+    "device": str(jax.devices()[0]),
+    "device_count": len(jax.devices()),
+    "smoke": FLAGS.smoke,
+    "phases": {},
+  }
   for phase in FLAGS.phases:
     print(f"{phase} ...", flush=True)
     results["phases"][phase] = run_child(phase)
@@ -242,17 +297,23 @@ def main(_):
     if "error" in r:
       print(f"{phase:14s} error: {r['error']}")
     elif phase == "correctness":
-      print(f"{phase:14s} logits rel. error {r['logits_relative_error']:.2e}, greedy tokens "
-            f"equal {r['greedy_tokens_equal']} (first difference {r['first_different_token']})")
+      print(
+        f"{phase:14s} logits rel. error {r['logits_relative_error']:.2e}, greedy tokens "
+        f"equal {r['greedy_tokens_equal']} (first difference {r['first_different_token']})"
+      )
     elif phase == "scaling":
-      print(f"{phase:14s} " + ", ".join(f"{row['devices']} dev {row['median_s']:.3f} s"
-                                        for row in r["rows"]))
+      print(
+        f"{phase:14s} "
+        + ", ".join(f"{row['devices']} dev {row['median_s']:.3f} s" for row in r["rows"])
+      )
     else:
       peak = r["peak_bytes_per_device"]
       predicted = r["dry_run"].get("peak")
-      print(f"{phase:14s} {r['median_s']:.3f} s, "
-            f"peak {'-' if peak is None else f'{peak / GB:.1f} GB'} per device, dry run "
-            f"{'-' if predicted is None else f'{predicted / GB:.1f} GB'}")
+      print(
+        f"{phase:14s} {r['median_s']:.3f} s, "
+        f"peak {'-' if peak is None else f'{peak / GB:.1f} GB'} per device, dry run "
+        f"{'-' if predicted is None else f'{predicted / GB:.1f} GB'}"
+      )
 
 
 if __name__ == "__main__":

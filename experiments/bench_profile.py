@@ -35,21 +35,27 @@ import time
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 if "--autotune" not in sys.argv:
   os.environ["XLA_FLAGS"] = " ".join(
-      [os.environ.get("XLA_FLAGS", ""), "--xla_gpu_autotune_level=0"]).strip()
+    [os.environ.get("XLA_FLAGS", ""), "--xla_gpu_autotune_level=0"]
+  ).strip()
 import jax
-from absl import app, flags
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from flax import nnx
 
-from moa_jax.models import Llama, LlamaConfig
-from moa_jax.workdir import atomic_write_text
 from moa_jax.attention.fused import FusedCausalAttention
+from moa_jax.models import Llama, LlamaConfig
 from moa_jax.profile.probes import OutputProbeAttention
-from moa_jax.profile.profiler import (batch_influence, default_implementation,
-                                      output_grads, response_loss, response_targets)
+from moa_jax.profile.profiler import (
+  batch_influence,
+  default_implementation,
+  output_grads,
+  response_loss,
+  response_targets,
+)
+from moa_jax.workdir import atomic_write_text
 
-GIB = 2 ** 30
+GIB = 2**30
 RESPONSE = 128
 BLOCK = 64
 
@@ -69,7 +75,7 @@ def sample(config: LlamaConfig, length: int, seed: int = 0, padding: int = 0):
   tokens = rng.integers(3, config.vocab_size, (1, length)).astype(np.int32)
   valid = length - padding
   loss_mask = np.zeros((1, length), bool)
-  loss_mask[:, valid - RESPONSE:valid] = True
+  loss_mask[:, valid - RESPONSE : valid] = True
   hidden_index, weight = response_targets(loss_mask)
   positions = np.where(np.arange(length) < valid, np.arange(length), -1).astype(np.int32)[None]
   return tuple(jnp.asarray(x) for x in (tokens, positions, hidden_index, weight))
@@ -110,14 +116,17 @@ def check(config: LlamaConfig, length: int) -> dict:
     run = lambda m, **kw: np.asarray(batch_influence(m, *batch, block=BLOCK, **kw))
     reference = run(model, path="direct")
     result[f"bf16_{implementation}_vs_direct_pad{padding}"] = relative_error(
-        run(model, implementation=implementation), reference)
+      run(model, implementation=implementation), reference
+    )
     if padding == 0:
       if implementation != "xla":
-        result["bf16_xla_vs_direct_pad0"] = relative_error(run(model, implementation="xla"),
-                                                           reference)
+        result["bf16_xla_vs_direct_pad0"] = relative_error(
+          run(model, implementation="xla"), reference
+        )
       with jax.default_matmul_precision("highest"):
-        result["f32_lean_vs_direct_pad0"] = relative_error(run(f32, implementation="xla"),
-                                                           run(f32, path="direct"))
+        result["f32_lean_vs_direct_pad0"] = relative_error(
+          run(f32, implementation="xla"), run(f32, path="direct")
+        )
   return result
 
 
@@ -128,22 +137,41 @@ def bench(config: LlamaConfig, length: int, reps: int, deadline: float, report) 
   batch = sample(config, length)
   graphdef, state = nnx.split(model)
   implementation = default_implementation(config.dtype)
-  report("profile_setup", {"implementation": implementation, "params_gib": sum(
-      x.nbytes for x in jax.tree.leaves(state)) / GIB, "peak_gib_after_init": peak_gib()})
+  report(
+    "profile_setup",
+    {
+      "implementation": implementation,
+      "params_gib": sum(x.nbytes for x in jax.tree.leaves(state)) / GIB,
+      "peak_gib_after_init": peak_gib(),
+    },
+  )
 
-  report("profile", {**timed(lambda: batch_influence(model, *batch, block=BLOCK,
-                                                     implementation=implementation), reps),
-                     "peak_gib": peak_gib()})
-  report("profile_stage1", timed(lambda: output_grads(
-      graphdef, state, *batch, implementation=implementation, padded=False), reps))
+  report(
+    "profile",
+    {
+      **timed(
+        lambda: batch_influence(model, *batch, block=BLOCK, implementation=implementation), reps
+      ),
+      "peak_gib": peak_gib(),
+    },
+  )
+  report(
+    "profile_stage1",
+    timed(
+      lambda: output_grads(graphdef, state, *batch, implementation=implementation, padded=False),
+      reps,
+    ),
+  )
   probe_shape = (1, length, config.num_heads, config.head_dim)
 
   @jax.jit
   def forward_backward_activations(state):
     """Loss and dL/dO of every layer: all activation gradients, no weight gradients."""
+
     def loss_fn(probes):
       attention = OutputProbeAttention(probes, implementation, padded=False)
       return response_loss(nnx.merge(graphdef, state), *batch, attention)
+
     probes = [jnp.zeros(probe_shape, config.dtype) for _ in range(config.num_layers)]
     return jax.value_and_grad(loss_fn)(probes)
 
@@ -152,13 +180,17 @@ def bench(config: LlamaConfig, length: int, reps: int, deadline: float, report) 
   @jax.jit
   def forward_backward_weights(params):
     """Loss and the gradient w.r.t. every weight: a plain training forward + backward."""
+
     def loss_fn(params):
       model = nnx.merge(param_graphdef, params, rest)
       return response_loss(model, *batch, FusedCausalAttention(implementation, padded=False))
+
     return jax.value_and_grad(loss_fn)(params)
 
-  for name, fn, arg in (("baseline_fwd_bwd_activations", forward_backward_activations, state),
-                        ("baseline_fwd_bwd_weights", forward_backward_weights, params)):
+  for name, fn, arg in (
+    ("baseline_fwd_bwd_activations", forward_backward_activations, state),
+    ("baseline_fwd_bwd_weights", forward_backward_weights, params),
+  ):
     if time.perf_counter() > deadline:
       report(name, {"skipped": "device-time budget spent"})
       continue
@@ -185,13 +217,26 @@ def main(argv) -> None:
   start = time.perf_counter()
   config = LlamaConfig.llama3_8b()
   if args.small:
-    config = config.replace(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=4,
-                            num_heads=8, num_kv_heads=2, head_dim=32)
+    config = config.replace(
+      vocab_size=512,
+      hidden_size=256,
+      intermediate_size=512,
+      num_layers=4,
+      num_heads=8,
+      num_kv_heads=2,
+      head_dim=32,
+    )
   results = {
-      "command": "python " + " ".join(sys.argv), "device": str(jax.devices()[0].device_kind),
-      "jax": jax.__version__, "host": platform.node(), "config": config.to_hf_dict(),
-      "length": args.length, "response_tokens": RESPONSE, "block": BLOCK, "batch": 1,
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "command": "python " + " ".join(sys.argv),
+    "device": str(jax.devices()[0].device_kind),
+    "jax": jax.__version__,
+    "host": platform.node(),
+    "config": config.to_hf_dict(),
+    "length": args.length,
+    "response_tokens": RESPONSE,
+    "block": BLOCK,
+    "batch": 1,
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
 
   def report(name, value):
@@ -200,8 +245,7 @@ def main(argv) -> None:
     print(f"[{results['elapsed_s']:7.1f}s] {name}: {json.dumps(value, default=float)}", flush=True)
     atomic_write_text(args.out, json.dumps(results, indent=1, default=float))
 
-  phases = [("bench", lambda: bench(config, args.length, args.reps, start + args.budget_s,
-                                     report))]
+  phases = [("bench", lambda: bench(config, args.length, args.reps, start + args.budget_s, report))]
   if args.check:
     phases.append(("check", lambda: report("check", check(config, args.check_length))))
   for name, phase in phases:
@@ -213,13 +257,16 @@ def main(argv) -> None:
   if "median_s" not in results.get("profile", {}):
     return
   profile = results["profile"]["median_s"]
-  rows = [("profile (lean, total)", profile), ("  stage 1: fwd + bwd for dO, q, k, v",
-                                                results["profile_stage1"]["median_s"])]
+  rows = [
+    ("profile (lean, total)", profile),
+    ("  stage 1: fwd + bwd for dO, q, k, v", results["profile_stage1"]["median_s"]),
+  ]
   for name in ("baseline_fwd_bwd_activations", "baseline_fwd_bwd_weights"):
     if "median_s" in results.get(name, {}):
       rows.append((name, results[name]["median_s"]))
-      results[f"ratio_profile_to_{name.removeprefix('baseline_')}"] = profile / results[name][
-          "median_s"]
+      results[f"ratio_profile_to_{name.removeprefix('baseline_')}"] = (
+        profile / results[name]["median_s"]
+      )
   report("summary", {name: t for name, t in rows})
   print(f"\n{config.num_layers} layers, T={args.length}, {results['device']}")
   for name, t in rows:

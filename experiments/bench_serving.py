@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import subprocess
 import sys
@@ -52,22 +51,37 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--smoke", action="store_true", help="tiny model on the CPU, every code path")
   p.add_argument("--models", default="llama-3-8b,llama-3.2-1b")
-  p.add_argument("--lengths", default="16384,8192,32768", help="prompt lengths, in run order "
-                 "(each for every model)")
+  p.add_argument(
+    "--lengths",
+    default="16384,8192,32768",
+    help="prompt lengths, in run order (each for every model)",
+  )
   p.add_argument("--new_tokens", type=int, default=128)
   p.add_argument("--budgets_gb", default="60", help="memory budgets in GB (1e9), 'card': all")
   p.add_argument("--methods", default=",".join(METHODS))
   p.add_argument("--prefill_chunk", type=int, default=4096)
-  p.add_argument("--chunked_lengths", default="16384", help="prompt lengths also prefilled "
-                 "in chunks")
+  p.add_argument(
+    "--chunked_lengths", default="16384", help="prompt lengths also prefilled in chunks"
+  )
   p.add_argument("--max_batch", type=int, default=512)
-  p.add_argument("--time_limit_s", type=float, default=510, help="for the whole run: later "
-                 "cells are recorded as skipped")
+  p.add_argument(
+    "--time_limit_s",
+    type=float,
+    default=510,
+    help="for the whole run: later cells are recorded as skipped",
+  )
   p.add_argument("--cell_timeout_s", type=float, default=200)
-  p.add_argument("--torch_python", default=os.environ.get("MOA_TORCH_PYTHON", sys.executable),
-                 help="interpreter for the hf cells (needs torch and transformers)")
-  p.add_argument("--accounting", action="store_true", help="memory accounting only, from "
-                 "shapes (no device work): KV bytes per token, MoA / dense, the batch per budget")
+  p.add_argument(
+    "--torch_python",
+    default=os.environ.get("MOA_TORCH_PYTHON", sys.executable),
+    help="interpreter for the hf cells (needs torch and transformers)",
+  )
+  p.add_argument(
+    "--accounting",
+    action="store_true",
+    help="memory accounting only, from "
+    "shapes (no device work): KV bytes per token, MoA / dense, the batch per budget",
+  )
   p.add_argument("--out", default="benchmarks/serving.json")
   p.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell (JSON), print it
   args = p.parse_args(argv)
@@ -82,8 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- planning
 
 
-def mixed_windows(num_layers: int, num_kv_heads: int, n: int, density: float, sink: int,
-                  multiple: int):
+def mixed_windows(
+  num_layers: int, num_kv_heads: int, n: int, density: float, sink: int, multiple: int
+):
   """[L, K] windows: KV groups alternate a long and a short window, multiples of `multiple`,
   so that the mean cached span min(sink + W, n) is density * n (the short one a quarter of the
   budget's span, the long one the rest)."""
@@ -112,12 +127,21 @@ def plan_cells(args) -> list[dict]:
       config = LlamaConfig.tiny() if model == "tiny" else LlamaConfig.preset(model)
       for budget in budgets:
         for method in args.methods.split(","):
-          cells.append(dict(
-              model=model, prompt=length, new_tokens=new_tokens, method=method,
-              budget_gb=budget, chunk=chunk if length in chunked else None,
-              max_batch=16 if args.smoke else args.max_batch, smoke=args.smoke,
-              sink=16 if args.smoke else 64, slot_multiple=16 if args.smoke else 64,
-              hf_config=config.to_hf_dict()))
+          cells.append(
+            dict(
+              model=model,
+              prompt=length,
+              new_tokens=new_tokens,
+              method=method,
+              budget_gb=budget,
+              chunk=chunk if length in chunked else None,
+              max_batch=16 if args.smoke else args.max_batch,
+              smoke=args.smoke,
+              sink=16 if args.smoke else 64,
+              slot_multiple=16 if args.smoke else 64,
+              hf_config=config.to_hf_dict(),
+            )
+          )
   return cells
 
 
@@ -141,12 +165,16 @@ def random_weights(config):
   from moa_jax.models import Llama
 
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
-  draw = jax.jit(lambda key, shape, dtype: (0.02 * jax.random.normal(key, shape)).astype(dtype),
-                 static_argnums=(1, 2))
+  draw = jax.jit(
+    lambda key, shape, dtype: (0.02 * jax.random.normal(key, shape)).astype(dtype),
+    static_argnums=(1, 2),
+  )
   leaves, treedef = jax.tree.flatten(abstract)
   keys = jax.random.split(jax.random.key(0), len(leaves))
-  drawn = [draw(key, x.shape, x.dtype) if x.ndim > 1 else jnp.ones(x.shape, x.dtype)
-           for key, x in zip(keys, leaves)]
+  drawn = [
+    draw(key, x.shape, x.dtype) if x.ndim > 1 else jnp.ones(x.shape, x.dtype)
+    for key, x in zip(keys, leaves)
+  ]
   return graphdef, jax.block_until_ready(jax.tree.unflatten(treedef, drawn))
 
 
@@ -165,8 +193,13 @@ def run_jax_cell(cell: dict) -> dict:
   gpu = jax.default_backend() == "gpu"
   device = jax.devices()[0]
   attention, facts = make_attention(cell, config, n, gpu)
-  result = dict(device=device.device_kind, backend=jax.default_backend(), jax=jax.__version__,
-                planned_length=n, **facts)
+  result = dict(
+    device=device.device_kind,
+    backend=jax.default_backend(),
+    jax=jax.__version__,
+    planned_length=n,
+    **facts,
+  )
 
   t0 = time.perf_counter()
   graphdef, state = random_weights(config)
@@ -175,26 +208,44 @@ def run_jax_cell(cell: dict) -> dict:
   nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
   row_cache = nbytes(jax.eval_shape(lambda: attention.init_cache(config, 1, n)))
   dense_row = nbytes(jax.eval_shape(lambda: DenseAttention().init_cache(config, 1, n)))
-  result.update(weights_gb=weights / GB, kv_bytes_per_token=row_cache / n,
-                dense_kv_bytes_per_token=dense_row / n, kv_ratio_vs_dense=row_cache / dense_row)
+  result.update(
+    weights_gb=weights / GB,
+    kv_bytes_per_token=row_cache / n,
+    dense_kv_bytes_per_token=dense_row / n,
+    kv_ratio_vs_dense=row_cache / dense_row,
+  )
 
   def prefill_fn(chunk):
-    return jax.jit(lambda state, tokens, positions, caches: gen.prefill(
-        nnx.merge(graphdef, state), tokens, positions, caches, attention=attention,
-        chunk=chunk), donate_argnums=3)
+    return jax.jit(
+      lambda state, tokens, positions, caches: gen.prefill(
+        nnx.merge(graphdef, state), tokens, positions, caches, attention=attention, chunk=chunk
+      ),
+      donate_argnums=3,
+    )
 
-  decode_fn = jax.jit(lambda state, logits, lengths, caches: gen.decode(
-      nnx.merge(graphdef, state), logits, lengths, caches, m, attention=attention, eos_id=()),
-      donate_argnums=3)
+  decode_fn = jax.jit(
+    lambda state, logits, lengths, caches: gen.decode(
+      nnx.merge(graphdef, state), logits, lengths, caches, m, attention=attention, eos_id=()
+    ),
+    donate_argnums=3,
+  )
 
   def decode_program(batch):
     t = time.perf_counter()
     # The caches as a prefill of P tokens leaves them (shapes only, nothing runs).
     prompt = jax.ShapeDtypeStruct((batch, p), jnp.int32)
-    filled = jax.eval_shape(prefill_fn(None), state, prompt, prompt,
-                            jax.eval_shape(lambda: attention.init_cache(config, batch, n)))[1]
-    abstract = (jax.ShapeDtypeStruct((batch, config.vocab_size), jnp.float32),
-                jax.ShapeDtypeStruct((batch,), jnp.int32), filled)
+    filled = jax.eval_shape(
+      prefill_fn(None),
+      state,
+      prompt,
+      prompt,
+      jax.eval_shape(lambda: attention.init_cache(config, batch, n)),
+    )[1]
+    abstract = (
+      jax.ShapeDtypeStruct((batch, config.vocab_size), jnp.float32),
+      jax.ShapeDtypeStruct((batch,), jnp.int32),
+      filled,
+    )
     compiled = decode_fn.lower(state, *abstract).compile()
     return compiled, temp_bytes(compiled), time.perf_counter() - t
 
@@ -203,8 +254,11 @@ def run_jax_cell(cell: dict) -> dict:
   usable = budget * (1 - RESERVE) - weights - row_cache  # the prefilled row stays until copied
   batch = min(cell["max_batch"], int(usable // row_cache))
   if batch < 1:
-    return {**result, "error": f"no row fits: weights {weights / GB:.1f} GB, one row's cache "
-                               f"{row_cache / GB:.2f} GB, budget {budget / GB:.1f} GB"}
+    return {
+      **result,
+      "error": f"no row fits: weights {weights / GB:.1f} GB, one row's cache "
+      f"{row_cache / GB:.2f} GB, budget {budget / GB:.1f} GB",
+    }
   decode, decode_temp, compile_s = decode_program(batch)
   fitted = min(batch, int((usable - decode_temp) // row_cache))
   if fitted < batch:
@@ -238,22 +292,30 @@ def run_jax_cell(cell: dict) -> dict:
     try:
       chunked, chunked_caches, seconds, compile_s, temp = timed_prefill(cell["chunk"])
       del chunked_caches  # (kept alive, this row's cache was beyond the budget's accounting)
-      result.update(chunk=cell["chunk"], chunked_prefill_s=seconds,
-                    chunked_prefill_compile_s=compile_s, chunked_prefill_temp_gb=temp / GB,
-                    chunked_logits_max_abs_diff=float(jnp.abs(chunked - logits).max()),
-                    logits_max_abs=float(jnp.abs(logits).max()))
+      result.update(
+        chunk=cell["chunk"],
+        chunked_prefill_s=seconds,
+        chunked_prefill_compile_s=compile_s,
+        chunked_prefill_temp_gb=temp / GB,
+        chunked_logits_max_abs_diff=float(jnp.abs(chunked - logits).max()),
+        logits_max_abs=float(jnp.abs(logits).max()),
+      )
       del chunked
     except Exception as error:  # recorded; the decode measurement goes on
       result["chunked_error"] = error_head(error)
 
-  replicate = jax.jit(lambda caches, logits, b: (
+  replicate = jax.jit(
+    lambda caches, logits, b: (
       jax.tree.map(lambda x: jnp.repeat(x, b, axis=0) if x.ndim else x, caches),
-      jnp.repeat(logits, b, axis=0)), static_argnums=2)
+      jnp.repeat(logits, b, axis=0),
+    ),
+    static_argnums=2,
+  )
   while True:
     try:
       big, big_logits = replicate(caches, logits, batch)
       lengths = jnp.full((batch,), p, jnp.int32)
-      for run in ("warm-up", "timed"):
+      for _ in ("warm-up", "timed"):
         jax.block_until_ready(big)
         t = time.perf_counter()
         out, big, lengths = decode(state, big_logits, lengths, big)
@@ -269,12 +331,17 @@ def run_jax_cell(cell: dict) -> dict:
       decode, decode_temp, _ = decode_program(batch)
   steps = m - 1
   stats = device.memory_stats() or {}
-  result.update(batch=batch, decode_s=seconds, decode_tokens_per_s=batch * steps / seconds,
-                tpot_ms=1e3 * seconds / steps, decode_temp_gb=decode_temp / GB,
-                cache_gb=batch * row_cache / GB,
-                peak_gb=stats["peak_bytes_in_use"] / GB if "peak_bytes_in_use" in stats else None,
-                pool_gb=stats["bytes_limit"] / GB if "bytes_limit" in stats else None,
-                first_tokens=[int(x) for x in out[0, :4]])
+  result.update(
+    batch=batch,
+    decode_s=seconds,
+    decode_tokens_per_s=batch * steps / seconds,
+    tpot_ms=1e3 * seconds / steps,
+    decode_temp_gb=decode_temp / GB,
+    cache_gb=batch * row_cache / GB,
+    peak_gb=stats["peak_bytes_in_use"] / GB if "peak_bytes_in_use" in stats else None,
+    pool_gb=stats["bytes_limit"] / GB if "bytes_limit" in stats else None,
+    first_tokens=[int(x) for x in out[0, :4]],
+  )
   return result
 
 
@@ -287,11 +354,13 @@ def make_attention(cell: dict, config, n: int, gpu: bool):
   if cell["method"] in ("dense", "hf"):
     return DenseAttention("cudnn" if gpu else "xla"), {}
   density = float(cell["method"].split("-")[1])
-  windows = mixed_windows(config.num_layers, config.num_kv_heads, n, density, cell["sink"],
-                          cell["slot_multiple"])
+  windows = mixed_windows(
+    config.num_layers, config.num_kv_heads, n, density, cell["sink"], cell["slot_multiple"]
+  )
   attention = MoAAttention(windows, sink=cell["sink"], slot_multiple=cell["slot_multiple"])
-  return attention, dict(windows=sorted(set(windows[0])),
-                         planned_kv_density=kv_density(windows, cell["sink"], n))
+  return attention, dict(
+    windows=sorted(set(windows[0])), planned_kv_density=kv_density(windows, cell["sink"], n)
+  )
 
 
 def accounting(cell: dict) -> dict:
@@ -312,10 +381,15 @@ def accounting(cell: dict) -> dict:
   row = nbytes(jax.eval_shape(lambda: attention.init_cache(config, 1, n)))
   dense_row = nbytes(jax.eval_shape(lambda: DenseAttention().init_cache(config, 1, n)))
   budget = cell["budget_bytes"]
-  return dict(planned_length=n, weights_gb=weights / GB, kv_bytes_per_token=row / n,
-              dense_kv_bytes_per_token=dense_row / n, kv_ratio_vs_dense=row / dense_row,
-              batch_before_temporaries=int((budget * (1 - RESERVE) - weights - row) // row),
-              **facts)
+  return dict(
+    planned_length=n,
+    weights_gb=weights / GB,
+    kv_bytes_per_token=row / n,
+    dense_kv_bytes_per_token=dense_row / n,
+    kv_ratio_vs_dense=row / dense_row,
+    batch_before_temporaries=int((budget * (1 - RESERVE) - weights - row) // row),
+    **facts,
+  )
 
 
 # ----------------------------------------------------------------------------- HF cells
@@ -333,8 +407,12 @@ def run_hf_cell(cell: dict) -> dict:
   hf = dict(cell["hf_config"])
   hf.pop("torch_dtype", None)
   config = transformers.LlamaConfig(**hf)
-  result = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
-                transformers=transformers.__version__, planned_length=p + 2 * m)
+  result = dict(
+    device=torch.cuda.get_device_name() if cuda else "cpu",
+    torch=torch.__version__,
+    transformers=transformers.__version__,
+    planned_length=p + 2 * m,
+  )
   budget = cell["budget_bytes"]
   if cuda:
     total = torch.cuda.get_device_properties(0).total_memory
@@ -343,20 +421,29 @@ def run_hf_cell(cell: dict) -> dict:
   t0 = time.perf_counter()
   torch.manual_seed(0)
   with torch.device(device):  # random init on the device
-    model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa",
-                                                       dtype=dtype)
+    model = transformers.LlamaForCausalLM._from_config(
+      config, attn_implementation="sdpa", dtype=dtype
+    )
   model.eval()
   sync()
   result["init_s"] = time.perf_counter() - t0
   weights = sum(x.numel() * x.element_size() for x in model.parameters())
-  per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * (
-      torch.finfo(dtype).bits // 8)
+  per_token = (
+    config.num_hidden_layers
+    * 2
+    * config.num_key_value_heads
+    * config.head_dim
+    * (torch.finfo(dtype).bits // 8)
+  )
   row = per_token * (p + m)  # the DynamicCache holds exactly the tokens fed
   growth = 1 + 1 / config.num_hidden_layers  # torch.cat copies one layer's cache per step
-  batch = min(cell["max_batch"],
-              int((budget * (1 - RESERVE) - weights - row) // (row * growth)))
-  result.update(weights_gb=weights / GB, kv_bytes_per_token=per_token,
-                dense_kv_bytes_per_token=per_token, kv_ratio_vs_dense=1.0)
+  batch = min(cell["max_batch"], int((budget * (1 - RESERVE) - weights - row) // (row * growth)))
+  result.update(
+    weights_gb=weights / GB,
+    kv_bytes_per_token=per_token,
+    dense_kv_bytes_per_token=per_token,
+    kv_ratio_vs_dense=1.0,
+  )
   if batch < 1:
     return {**result, "error": "no row fits the budget"}
 
@@ -378,13 +465,20 @@ def run_hf_cell(cell: dict) -> dict:
         cache = copy.deepcopy(row_cache)
         cache.batch_repeat_interleave(batch)  # the prefilled row, B times
         inputs = following.repeat(batch, 1)
-        for run in ("warm-up", "timed"):
+        for _ in ("warm-up", "timed"):
           if cache.get_seq_length() > p:
             cache.crop(p - cache.get_seq_length())  # drop the warm-up's tokens
           sync()
           t = time.perf_counter()
-          new = model.generate(inputs, past_key_values=cache, attention_mask=torch.ones_like(
-              inputs), max_new_tokens=m, min_new_tokens=m, do_sample=False, pad_token_id=0)
+          new = model.generate(
+            inputs,
+            past_key_values=cache,
+            attention_mask=torch.ones_like(inputs),
+            max_new_tokens=m,
+            min_new_tokens=m,
+            do_sample=False,
+            pad_token_id=0,
+          )
           sync()
           seconds = time.perf_counter() - t
         break
@@ -395,10 +489,15 @@ def run_hf_cell(cell: dict) -> dict:
           raise
         batch = max(1, int(batch * 0.9))
         result["oom_retries"] = result.get("oom_retries", 0) + 1
-  result.update(batch=batch, decode_s=seconds, decode_tokens_per_s=batch * m / seconds,
-                tpot_ms=1e3 * seconds / m, cache_gb=batch * per_token * (p + m) / GB,
-                peak_gb=torch.cuda.max_memory_allocated() / GB if cuda else None,
-                first_tokens=[int(x) for x in new[0, p + 1:p + 5]])
+  result.update(
+    batch=batch,
+    decode_s=seconds,
+    decode_tokens_per_s=batch * m / seconds,
+    tpot_ms=1e3 * seconds / m,
+    cache_gb=batch * per_token * (p + m) / GB,
+    peak_gb=torch.cuda.max_memory_allocated() / GB if cuda else None,
+    first_tokens=[int(x) for x in new[0, p + 1 : p + 5]],
+  )
   return result
 
 
@@ -414,8 +513,13 @@ def error_head(error: Exception) -> str:
 def gpu_memory_bytes() -> int | None:
   """The first GPU's memory from nvidia-smi (never initialise a framework in the driver)."""
   try:
-    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,"
-                          "nounits"], capture_output=True, text=True, timeout=30, check=True)
+    out = subprocess.run(
+      ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+      capture_output=True,
+      text=True,
+      timeout=30,
+      check=True,
+    )
     return int(out.stdout.split()[0]) * 2**20
   except (OSError, subprocess.SubprocessError, ValueError, IndexError):
     return None
@@ -450,7 +554,7 @@ def run_cell(cell: dict, args, total: int | None, timeout: float) -> dict:
   if proc.returncode or not lines:
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
     return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
-  return json.loads(lines[-1][len("RESULT "):])
+  return json.loads(lines[-1][len("RESULT ") :])
 
 
 def write_results(path: Path, payload: dict) -> None:
@@ -465,36 +569,45 @@ def fmt(value, spec=".2f", missing="-"):
 
 
 def table(records: list[dict]) -> str:
-  rows = ["| model | prompt | budget GB | method | batch | prefill s (1 row) | chunked s "
-          "| decode tok/s | TPOT ms | peak GB | KV B/token | KV vs dense | weights GB "
-          "| decode temp GB | note |",
-          "|" + "---|" * 15]
+  rows = [
+    "| model | prompt | budget GB | method | batch | prefill s (1 row) | chunked s "
+    "| decode tok/s | TPOT ms | peak GB | KV B/token | KV vs dense | weights GB "
+    "| decode temp GB | note |",
+    "|" + "---|" * 15,
+  ]
   for r in records:
     note = r.get("error") or r.get("skipped") or r.get("chunked_error") or ""
     if r.get("chunked_logits_max_abs_diff") is not None:
-      note = (note + f" chunked vs one call: max abs logit diff "
-              f"{r['chunked_logits_max_abs_diff']:.2g} of {r['logits_max_abs']:.3g}").strip()
+      note = (
+        note + f" chunked vs one call: max abs logit diff "
+        f"{r['chunked_logits_max_abs_diff']:.2g} of {r['logits_max_abs']:.3g}"
+      ).strip()
     rows.append(
-        f"| {r['model']} | {r['prompt']} | {r['budget_gb']} | {r['method']} "
-        f"| {r.get('batch', '-')} | {fmt(r.get('prefill_s'), '.3f')} "
-        f"| {fmt(r.get('chunked_prefill_s'), '.3f')} | {fmt(r.get('decode_tokens_per_s'), '.0f')} "
-        f"| {fmt(r.get('tpot_ms'), '.1f')} | {fmt(r.get('peak_gb'), '.1f')} "
-        f"| {fmt(r.get('kv_bytes_per_token'), '.0f')} | {fmt(r.get('kv_ratio_vs_dense'), '.3f')} "
-        f"| {fmt(r.get('weights_gb'), '.1f')} | {fmt(r.get('decode_temp_gb'), '.2f')} "
-        f"| {note} |")
+      f"| {r['model']} | {r['prompt']} | {r['budget_gb']} | {r['method']} "
+      f"| {r.get('batch', '-')} | {fmt(r.get('prefill_s'), '.3f')} "
+      f"| {fmt(r.get('chunked_prefill_s'), '.3f')} | {fmt(r.get('decode_tokens_per_s'), '.0f')} "
+      f"| {fmt(r.get('tpot_ms'), '.1f')} | {fmt(r.get('peak_gb'), '.1f')} "
+      f"| {fmt(r.get('kv_bytes_per_token'), '.0f')} | {fmt(r.get('kv_ratio_vs_dense'), '.3f')} "
+      f"| {fmt(r.get('weights_gb'), '.1f')} | {fmt(r.get('decode_temp_gb'), '.2f')} "
+      f"| {note} |"
+    )
   return "\n".join(rows)
 
 
 def accounting_table(records: list[dict]) -> str:
-  rows = ["| model | prompt | N | budget GB | method | KV B/token | KV vs dense | vs dense / rho "
-          "| weights GB | batch (bytes) |", "|" + "---|" * 10]
+  rows = [
+    "| model | prompt | N | budget GB | method | KV B/token | KV vs dense | vs dense / rho "
+    "| weights GB | batch (bytes) |",
+    "|" + "---|" * 10,
+  ]
   for r in records:
     rho = r.get("planned_kv_density")
     rows.append(
-        f"| {r['model']} | {r['prompt']} | {r['planned_length']} | {r['budget_gb']} "
-        f"| {r['method']} | {r['kv_bytes_per_token']:.0f} | {r['kv_ratio_vs_dense']:.4f} "
-        f"| {fmt(None if rho is None else r['kv_ratio_vs_dense'] / rho, '.4f')} "
-        f"| {r['weights_gb']:.2f} | {r['batch_before_temporaries']} |")
+      f"| {r['model']} | {r['prompt']} | {r['planned_length']} | {r['budget_gb']} "
+      f"| {r['method']} | {r['kv_bytes_per_token']:.0f} | {r['kv_ratio_vs_dense']:.4f} "
+      f"| {fmt(None if rho is None else r['kv_ratio_vs_dense'] / rho, '.4f')} "
+      f"| {r['weights_gb']:.2f} | {r['batch_before_temporaries']} |"
+    )
   return "\n".join(rows)
 
 
@@ -509,14 +622,18 @@ def targets(records: list[dict]) -> list[str]:
     for base, goal in (("dense", 2.0), ("hf", 6.6)):
       other = cells.get(base, {}).get("decode_tokens_per_s")
       if moa and other:
-        lines.append(f"{model} {prompt} @ {budget} GB: moa-0.5 / {base} decode tokens/s = "
-                     f"{moa / other:.2f}x (target >= {goal}x)")
+        lines.append(
+          f"{model} {prompt} @ {budget} GB: moa-0.5 / {base} decode tokens/s = "
+          f"{moa / other:.2f}x (target >= {goal}x)"
+        )
     for method in ("moa-0.5", "moa-0.25"):
       r = cells.get(method, {})
       if r.get("kv_ratio_vs_dense") is not None and r.get("planned_kv_density") is not None:
         ratio = r["kv_ratio_vs_dense"] / float(method.split("-")[1])
-        lines.append(f"{model} {prompt}: {method} cache bytes = {r['kv_ratio_vs_dense']:.3f} x "
-                     f"dense GQA = {ratio:.3f} x rho (target <= 1.05)")
+        lines.append(
+          f"{model} {prompt}: {method} cache bytes = {r['kv_ratio_vs_dense']:.3f} x "
+          f"dense GQA = {ratio:.3f} x rho (target <= 1.05)"
+        )
   return lines
 
 
@@ -540,13 +657,18 @@ def main(argv=None) -> int:
       keep = {k: cell[k] for k in ("model", "prompt", "new_tokens", "method", "budget_gb")}
       if cell["method"] != "hf" and with_budget(cell, total) is not None:
         records.append({**keep, **accounting(with_budget(cell, total))})
-    write_results(out, dict(command="python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
-                            records=records))
+    write_results(
+      out,
+      dict(command="python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]), records=records),
+    )
     print(accounting_table(records))
     return 0
   records = []
-  meta = dict(command="python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
-              gpu_memory_gb=None if total is None else total / GB, started=time.time())
+  meta = dict(
+    command="python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+    gpu_memory_gb=None if total is None else total / GB,
+    started=time.time(),
+  )
   for cell in cells:
     left = args.time_limit_s - (time.perf_counter() - start)
     keep = {k: cell[k] for k in ("model", "prompt", "new_tokens", "method", "budget_gb")}
@@ -554,16 +676,27 @@ def main(argv=None) -> int:
       record = {**keep, "skipped": "time limit of the run reached"}
     else:
       t = time.perf_counter()
-      record = {**keep, **run_cell(cell, args, total, min(args.cell_timeout_s, left)),
-                "cell_s": time.perf_counter() - t}
+      record = {
+        **keep,
+        **run_cell(cell, args, total, min(args.cell_timeout_s, left)),
+        "cell_s": time.perf_counter() - t,
+      }
     records.append(record)
-    summary = record.get("error") or record.get("skipped") or (
+    summary = (
+      record.get("error")
+      or record.get("skipped")
+      or (
         f"batch {record.get('batch')}, {fmt(record.get('decode_tokens_per_s'), '.0f')} tok/s, "
         f"compile s: prefill {fmt(record.get('prefill_compile_s'), '.0f')} chunked "
         f"{fmt(record.get('chunked_prefill_compile_s'), '.0f')} decode "
-        f"{fmt(record.get('decode_compile_s'), '.0f')}, cell {record['cell_s']:.0f} s")
-    print(f"[{time.perf_counter() - start:6.0f} s] {keep['model']} P={keep['prompt']} "
-          f"{keep['budget_gb']} GB {keep['method']}: {summary}", flush=True)
+        f"{fmt(record.get('decode_compile_s'), '.0f')}, cell {record['cell_s']:.0f} s"
+      )
+    )
+    print(
+      f"[{time.perf_counter() - start:6.0f} s] {keep['model']} P={keep['prompt']} "
+      f"{keep['budget_gb']} GB {keep['method']}: {summary}",
+      flush=True,
+    )
     write_results(out, {**meta, "records": records})
   print("\n" + table(records))
   for line in targets(records):

@@ -36,13 +36,19 @@ from moa_jax.workdir import atomic_write_text
 REPO = Path(__file__).resolve().parents[1]
 SIDE_SCRIPT = REPO / "tests" / "torch_side" / "gguf_reference.py"
 MODEL = "smollm2-135m-instruct"
-TEXTS = ("Hello world <|im_start|> é 123", "def f(x):\n    return x  # 2024",
-         "<|im_start|>user\nHi<|im_end|>\n")
+TEXTS = (
+  "Hello world <|im_start|> é 123",
+  "def f(x):\n    return x  # 2024",
+  "<|im_start|>user\nHi<|im_end|>\n",
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "benchmarks/gguf_parity.json", "JSON file to write")
-flags.DEFINE_string("torch_python", str(REPO / ".venv-torch" / "bin" / "python"),
-                    "python of the torch side environment")
+flags.DEFINE_string(
+  "torch_python",
+  str(REPO / ".venv-torch" / "bin" / "python"),
+  "python of the torch side environment",
+)
 flags.DEFINE_string("question", "What is the capital of France?", "the ChatML prompt's question")
 flags.DEFINE_string("text", "The three primary colours are", "the plain prompt")
 flags.DEFINE_integer("new_tokens", 16, "greedy tokens per prompt")
@@ -54,10 +60,12 @@ def logits_of(model, tokens):
 
 
 def compare(ours: np.ndarray, theirs: np.ndarray) -> dict:
-  return {"relative_error": float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)),
-          "max_abs_diff": float(np.abs(ours - theirs).max()),
-          "argmax_agree": int((ours.argmax(-1) == theirs.argmax(-1)).sum()),
-          "positions": int(ours.shape[0])}
+  return {
+    "relative_error": float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)),
+    "max_abs_diff": float(np.abs(ours - theirs).max()),
+    "argmax_agree": int((ours.argmax(-1) == theirs.argmax(-1)).sum()),
+    "positions": int(ours.shape[0]),
+  }
 
 
 def main(_):
@@ -73,18 +81,34 @@ def main(_):
   lap("load_gguf_s")
   tokenizer = load_gguf_tokenizer(file)
   lap("load_gguf_tokenizer_s")
-  chat = list(tokenizer.apply_chat_template([{"role": "user", "content": FLAGS.question}],
-                                            add_generation_prompt=True)["input_ids"])
+  chat = list(
+    tokenizer.apply_chat_template(
+      [{"role": "user", "content": FLAGS.question}], add_generation_prompt=True
+    )["input_ids"]
+  )
   prompts = [chat, tokenizer(FLAGS.text)["input_ids"]]
   with tempfile.TemporaryDirectory() as scratch:
     root = Path(scratch)
     converted = convert_gguf(file, root / "converted", "float32")
     lap("convert_float32_s")
-    request = {"gguf": str(file), "converted": str(converted), "prompts": prompts,
-               "max_new_tokens": FLAGS.new_tokens, "texts": list(TEXTS)}
+    request = {
+      "gguf": str(file),
+      "converted": str(converted),
+      "prompts": prompts,
+      "max_new_tokens": FLAGS.new_tokens,
+      "texts": list(TEXTS),
+    }
     (root / "request.json").write_text(json.dumps(request))
-    result = subprocess.run([FLAGS.torch_python, str(SIDE_SCRIPT), str(root / "request.json"),
-                             str(root / "reference.npz")], capture_output=True, text=True)
+    result = subprocess.run(
+      [
+        FLAGS.torch_python,
+        str(SIDE_SCRIPT),
+        str(root / "request.json"),
+        str(root / "reference.npz"),
+      ],
+      capture_output=True,
+      text=True,
+    )
     if result.returncode:
       sys.exit(f"{SIDE_SCRIPT.name} failed:\n{result.stderr[-3000:]}")
     reference = dict(np.load(root / "reference.npz"))
@@ -98,39 +122,54 @@ def main(_):
     ours = np.asarray(logits_of(model, jnp.asarray([ids], jnp.int32))[0])
     converted_ours = np.asarray(logits_of(again, jnp.asarray([ids], jnp.int32))[0])
     theirs_greedy = reference[f"gguf/generated/{i}"].tolist()
-    records.append({
+    records.append(
+      {
         "prompt_tokens": len(ids),
         "ours_vs_transformers_gguf": compare(ours, reference[f"gguf/logits/{i}"]),
-        "converted_ours_vs_transformers": compare(converted_ours,
-                                                  reference[f"converted/logits/{i}"]),
+        "converted_ours_vs_transformers": compare(
+          converted_ours, reference[f"converted/logits/{i}"]
+        ),
         "greedy_ours": tokenizer.decode(ours_greedy[i]),
         "greedy_transformers": tokenizer.decode(theirs_greedy),
         "greedy_identical_tokens": sum(a == b for a, b in zip(ours_greedy[i], theirs_greedy)),
         "greedy_min_top2_margin": float(reference[f"gguf/margin/{i}"].min()),
-    })
+      }
+    )
   lap("our_logits_s")
-  tokens = [{"text": text, "ours": tokenizer(text)["input_ids"],
-             "ours_saved_directory": saved_tokenizer(text)["input_ids"],
-             "transformers_gguf": reference[f"gguf/ids/{j}"].tolist(),
-             "transformers_converted": reference[f"converted/ids/{j}"].tolist()}
-            for j, text in enumerate(TEXTS)]
+  tokens = [
+    {
+      "text": text,
+      "ours": tokenizer(text)["input_ids"],
+      "ours_saved_directory": saved_tokenizer(text)["input_ids"],
+      "transformers_gguf": reference[f"gguf/ids/{j}"].tolist(),
+      "transformers_converted": reference[f"converted/ids/{j}"].tolist(),
+    }
+    for j, text in enumerate(TEXTS)
+  ]
   out = {
-      "command": "python experiments/gguf_parity.py --out " + FLAGS.out,
-      "model": MODEL, "file": file.name, "config": config.to_hf_dict(),
-      "new_tokens": FLAGS.new_tokens, "prompts": records, "tokenizers": tokens,
-      "special_ids_bos_eos_pad": {
-          "ours": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
-          "transformers_gguf": reference["gguf/special"].tolist(),
-          "transformers_converted": reference["converted/special"].tolist()},
-      "timings": timings,
+    "command": "python experiments/gguf_parity.py --out " + FLAGS.out,
+    "model": MODEL,
+    "file": file.name,
+    "config": config.to_hf_dict(),
+    "new_tokens": FLAGS.new_tokens,
+    "prompts": records,
+    "tokenizers": tokens,
+    "special_ids_bos_eos_pad": {
+      "ours": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
+      "transformers_gguf": reference["gguf/special"].tolist(),
+      "transformers_converted": reference["converted/special"].tolist(),
+    },
+    "timings": timings,
   }
   atomic_write_text(Path(FLAGS.out), json.dumps(out, indent=2) + "\n")
   for i, record in enumerate(records):
-    print(f"prompt {i} ({record['prompt_tokens']} tokens): relative logit error "
-          f"{record['ours_vs_transformers_gguf']['relative_error']:.2e} (GGUF), "
-          f"{record['converted_ours_vs_transformers']['relative_error']:.2e} (converted); greedy "
-          f"{record['greedy_identical_tokens']}/{FLAGS.new_tokens} identical: "
-          f"{record['greedy_ours']!r}")
+    print(
+      f"prompt {i} ({record['prompt_tokens']} tokens): relative logit error "
+      f"{record['ours_vs_transformers_gguf']['relative_error']:.2e} (GGUF), "
+      f"{record['converted_ours_vs_transformers']['relative_error']:.2e} (converted); greedy "
+      f"{record['greedy_identical_tokens']}/{FLAGS.new_tokens} identical: "
+      f"{record['greedy_ours']!r}"
+    )
 
 
 if __name__ == "__main__":

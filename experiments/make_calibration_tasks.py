@@ -1,6 +1,7 @@
 """Write the reference model's calibration source: {context, question} JSONL from the task suite.
 
-  python experiments/make_calibration_tasks.py   # -> moa_jax/assets/calibration/reference_tasks.jsonl
+  python experiments/make_calibration_tasks.py
+    # -> moa_jax/assets/calibration/reference_tasks.jsonl
   python experiments/make_calibration_tasks.py --tasks passkey niah vt uuid lines \
       --out moa_jax/assets/calibration/reference_tasks_with_lines.jsonl
 
@@ -23,7 +24,6 @@ from moa_jax.models.hf import load_tokenizer
 from moa_jax.models.loading import reference_model_dir
 from moa_jax.workdir import atomic_write_text
 
-
 FLAGS = flags.FLAGS
 flags.DEFINE_list("tasks", ["passkey", "niah", "vt", "uuid"], "task names")
 flags.DEFINE_list("lengths", ["1024", "2048", "3072", "4096"], "target lengths (tokens)")
@@ -40,12 +40,20 @@ def main(argv):
   for length in map(int, args.lengths):
     for task in args.tasks:
       depths = np.linspace(0.05, 0.95, args.per_task).tolist()
-      for sample in tasks.make_samples(task, tokenizer, int(0.9 * length), args.per_task,
-                                       seed=args.seed, depths=depths):
+      for sample in tasks.make_samples(
+        task, tokenizer, int(0.9 * length), args.per_task, seed=args.seed, depths=depths
+      ):
         context, _, question = sample.prompt.rstrip("\n").rpartition("\n\n")
-        records.append({"context": context, "question": question, "task": task,
-                        "target_length": length, "depth": round(sample.depth, 3),
-                        "answer": sample.answer})
+        records.append(
+          {
+            "context": context,
+            "question": question,
+            "task": task,
+            "target_length": length,
+            "depth": round(sample.depth, 3),
+            "answer": sample.answer,
+          }
+        )
   atomic_write_text(args.out, "".join(json.dumps(record) + "\n" for record in records))
   print(f"wrote {len(records)} records to {args.out}")
 

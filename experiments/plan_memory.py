@@ -18,9 +18,8 @@ import math
 import time
 
 import jax
-from absl import app, flags
-
 import numpy as np
+from absl import app, flags
 
 from moa_jax.attention.moa import MoAAttention
 from moa_jax.attention.sharded import ShardedMoAAttention
@@ -31,13 +30,13 @@ from moa_jax.models.config import LlamaConfig
 from moa_jax.workdir import atomic_write_text
 
 CASES = (
-    "llama-3-8b:generate:16384:1x1x1",
-    "llama-3-8b:profile:8192:1x1x1",
-    "llama-3-8b:generate:16384:1x1x8",
-    "llama-3-70b:generate:16384:1x1x8",
-    "llama-3-70b:profile:8192:1x1x8",
-    "llama-3-70b:generate:16384:1x2x4",
-    "llama-3-70b:generate:16384:1x1x1",
+  "llama-3-8b:generate:16384:1x1x1",
+  "llama-3-8b:profile:8192:1x1x1",
+  "llama-3-8b:generate:16384:1x1x8",
+  "llama-3-70b:generate:16384:1x1x8",
+  "llama-3-70b:profile:8192:1x1x8",
+  "llama-3-70b:generate:16384:1x2x4",
+  "llama-3-70b:generate:16384:1x1x1",
 )
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "benchmarks/memory_plan.json", "results file")
@@ -48,8 +47,13 @@ flags.DEFINE_float("density", 0.5, "KV density of the uniform stand-in plan (gen
 def overrides(case: str) -> list[str]:
   preset, task, length, mesh = case.split(":")
   shape = tuple(int(s) for s in mesh.split("x"))
-  return [f"model.preset={preset}", f"task={task}", f"length={length}",
-          f"mesh.shape={shape}".replace(" ", ""), f"density={FLAGS.density}"]
+  return [
+    f"model.preset={preset}",
+    f"task={task}",
+    f"length={length}",
+    f"mesh.shape={shape}".replace(" ", ""),
+    f"density={FLAGS.density}",
+  ]
 
 
 def balance(preset: str, length: int, tensor: int, seed: int = 0) -> dict:
@@ -65,28 +69,43 @@ def balance(preset: str, length: int, tensor: int, seed: int = 0) -> dict:
 def main(_):
   sizes = [math.prod(int(s) for s in case.split(":")[3].split("x")) for case in FLAGS.cases]
   jax.config.update("jax_num_cpu_devices", max(sizes))  # before JAX starts its CPU backend
-  results = {"cases": [], "balance": [balance(preset, 16384, tensor)
-                                       for preset in ("llama-3-8b", "llama-3-70b")
-                                       for tensor in (2, 4, 8)]}
+  results = {
+    "cases": [],
+    "balance": [
+      balance(preset, 16384, tensor)
+      for preset in ("llama-3-8b", "llama-3-70b")
+      for tensor in (2, 4, 8)
+    ],
+  }
   for case in FLAGS.cases:
     start = time.perf_counter()
     args = overrides(case)
     plan = plan_memory(load_config("configs/memory.py:llama-3-8b", args))
-    record = {"case": case, "command": "python -m moa_jax plan-memory "
-              "--config=configs/memory.py " + " ".join(f"--config.{a}" for a in args),
-              "seconds": round(time.perf_counter() - start, 1), **plan.to_json()}
+    record = {
+      "case": case,
+      "command": "python -m moa_jax plan-memory "
+      "--config=configs/memory.py " + " ".join(f"--config.{a}" for a in args),
+      "seconds": round(time.perf_counter() - start, 1),
+      **plan.to_json(),
+    }
     results["cases"].append(record)
     print(plan.table(), flush=True)
     atomic_write_text(FLAGS.out, json.dumps(results, indent=1) + "\n")
-  print(f"\n{'case':36s} {'weights':>8s} {'cache':>8s} {'activ.':>8s} {'peak':>8s}  fits  (GB "
-        "per device)")
+  print(
+    f"\n{'case':36s} {'weights':>8s} {'cache':>8s} {'activ.':>8s} {'peak':>8s}  fits  (GB "
+    "per device)"
+  )
   for r in results["cases"]:
-    print(f"{r['case']:36s} {r['weights'] / GB:8.2f} {r['cache'] / GB:8.2f} "
-          f"{r['activations'] / GB:8.2f} {r['peak'] / GB:8.2f}  {r['fits']}")
+    print(
+      f"{r['case']:36s} {r['weights'] / GB:8.2f} {r['cache'] / GB:8.2f} "
+      f"{r['activations'] / GB:8.2f} {r['peak'] / GB:8.2f}  {r['fits']}"
+    )
   print(f"\n{'two-rule plan at 16k':24s} {'tensor':>6s} {'fill dealt':>10s} {'fill kept':>10s}")
   for r in results["balance"]:
-    print(f"{r['preset']:24s} {r['tensor']:6d} {r['balanced']['fill']:10.3f} "
-          f"{r['contiguous']['fill']:10.3f}")
+    print(
+      f"{r['preset']:24s} {r['tensor']:6d} {r['balanced']['fill']:10.3f} "
+      f"{r['contiguous']['fill']:10.3f}"
+    )
 
 
 if __name__ == "__main__":

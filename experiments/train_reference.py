@@ -26,13 +26,22 @@ from ml_collections import config_flags
 from moa_jax.train import data as train_data
 from moa_jax.train import tokenizer as tok_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/train_reference.py",
-                                          "configs/train_reference.py[:tiny]")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", "configs/train_reference.py", "configs/train_reference.py[:tiny]"
+)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/train_reference", "checkpoints and logs")
 _EXPORT = flags.DEFINE_string("export", None, "write the HF-format model here after training")
 
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tokenizers", "transformers",
-            "numpy")
+PACKAGES = (
+  "jax",
+  "jaxlib",
+  "flax",
+  "optax",
+  "orbax-checkpoint",
+  "tokenizers",
+  "transformers",
+  "numpy",
+)
 
 
 def versions() -> dict[str, str]:
@@ -61,21 +70,25 @@ def prepare(cfg) -> None:
   out.mkdir(parents=True, exist_ok=True)
   files = tok_lib.stdlib_sources()
   if cfg.stdlib_files:
-    files = files[:cfg.stdlib_files]
+    files = files[: cfg.stdlib_files]
   texts = tok_lib.read_sources(files)
   tokenizer = tok_lib.train_tokenizer(tokenizer_texts(cfg, texts), cfg.vocab_size)
   tokenizer.save_pretrained(out / "tokenizer")
   encoded = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
-  natural = np.concatenate([np.asarray([tok_lib.BOS_ID] + e.ids + [tok_lib.EOS_ID], np.uint16)
-                            for e in encoded])
+  natural = np.concatenate(
+    [np.asarray([tok_lib.BOS_ID] + e.ids + [tok_lib.EOS_ID], np.uint16) for e in encoded]
+  )
   np.save(out / "natural.npy", natural)
   record = {
-      "corpus": tok_lib.corpus_record(files, texts),
-      "natural_tokens": int(natural.size),
-      "natural_sha256": hashlib.sha256(natural.tobytes()).hexdigest(),
-      "tokenizer": {"vocab_size": len(tokenizer), "task_docs_per_task": cfg.tokenizer_task_docs,
-                    "pre_tokenizer": "Digits(individual_digits=True) + ByteLevel"},
-      "prepared_with": versions(),
+    "corpus": tok_lib.corpus_record(files, texts),
+    "natural_tokens": int(natural.size),
+    "natural_sha256": hashlib.sha256(natural.tobytes()).hexdigest(),
+    "tokenizer": {
+      "vocab_size": len(tokenizer),
+      "task_docs_per_task": cfg.tokenizer_task_docs,
+      "pre_tokenizer": "Digits(individual_digits=True) + ByteLevel",
+    },
+    "prepared_with": versions(),
   }
   (out / "record.json").write_text(json.dumps(record, indent=2) + "\n")
   print(json.dumps(record, indent=2))
@@ -84,8 +97,12 @@ def prepare(cfg) -> None:
 def model_config(cfg, vocab_size: int):
   from moa_jax.models.config import LlamaConfig
 
-  return LlamaConfig(vocab_size=vocab_size, bos_token_id=tok_lib.BOS_ID,
-                     eos_token_ids=(tok_lib.EOS_ID,), **cfg.model.to_dict())
+  return LlamaConfig(
+    vocab_size=vocab_size,
+    bos_token_id=tok_lib.BOS_ID,
+    eos_token_ids=(tok_lib.EOS_ID,),
+    **cfg.model.to_dict(),
+  )
 
 
 def training_md(cfg, model_cfg, record: dict, log: list[dict], argv: list[str]) -> str:
@@ -109,20 +126,20 @@ SwiGLU {model_cfg.intermediate_size}, tied embeddings, RoPE theta {model_cfg.rop
 vocab {model_cfg.vocab_size}; weights stored in bfloat16.
 
 ## Data (nothing downloaded)
-- Natural text: {record['corpus']['source']}; Python {record['corpus']['python_version']}, \
-{record['corpus']['files']} files, {record['corpus']['bytes']} bytes, sha256 \
-`{record['corpus']['sha256']}`, {record['natural_tokens']} tokens (sha256 \
-`{record['natural_sha256']}`).
+- Natural text: {record["corpus"]["source"]}; Python {record["corpus"]["python_version"]}, \
+{record["corpus"]["files"]} files, {record["corpus"]["bytes"]} bytes, sha256 \
+`{record["corpus"]["sha256"]}`, {record["natural_tokens"]} tokens (sha256 \
+`{record["natural_sha256"]}`).
 - Synthetic tasks rendered fresh at every step by moa_jax.data.tasks: LongEval line retrieval \
 (plus extra question/answer turns about other lines of the same record), passkey, multi-key \
 NIAH, variable tracking, UUID key-value; chat-formatted (`<s>USER: ... ASSISTANT: answer</s>`). \
 Mix {dict(sorted(cfg.train.mix.items()))}; answer tokens weigh {cfg.train.answer_weight} in the \
 loss.
-- Tokenizer: byte-level BPE ({record['tokenizer']['pre_tokenizer']}), \
-{record['tokenizer']['vocab_size']} tokens, trained on the same stdlib text plus \
-{record['tokenizer']['task_docs_per_task']} rendered documents per task; `<pad>`=0, `<s>`=1, \
+- Tokenizer: byte-level BPE ({record["tokenizer"]["pre_tokenizer"]}), \
+{record["tokenizer"]["vocab_size"]} tokens, trained on the same stdlib text plus \
+{record["tokenizer"]["task_docs_per_task"]} rendered documents per task; `<pad>`=0, `<s>`=1, \
 `</s>`=2; Vicuna-style chat template.
-- Prepared with {record['prepared_with']}.
+- Prepared with {record["prepared_with"]}.
 
 ## Training
 Curriculum over progress p (documents packed into full rows):
@@ -135,17 +152,17 @@ AdamW (b1 {cfg.train.b1}, b2 {cfg.train.b2}, weight decay {cfg.train.weight_deca
 {cfg.train.clip_norm}), peak lr {cfg.train.lr} after {cfg.train.warmup_steps} warmup steps, cosine \
 to {cfg.train.final_lr_ratio}x; {model_cfg.dtype} compute, {attention} attention (training only). \
 Progress is \
-{'step-based' if cfg.train.steps else f'time-based (a {cfg.train.time_budget_s:.0f} s budget)'}: \
-{steps} steps, {final['mtokens']:.0f}M tokens, {final['seconds']} s. Last logged: loss \
-{last['loss']}, text loss {last['text_loss']}, answer-token accuracy {last['answer_acc']}; \
+{"step-based" if cfg.train.steps else f"time-based (a {cfg.train.time_budget_s:.0f} s budget)"}: \
+{steps} steps, {final["mtokens"]:.0f}M tokens, {final["seconds"]} s. Last logged: loss \
+{last["loss"]}, text loss {last["text_loss"]}, answer-token accuracy {last["answer_acc"]}; \
 held-out line-retrieval probe (teacher-forced exact answers at {list(cfg.train.probe_lengths)} \
-tokens): {final['probe_acc']:.3f}.
+tokens): {final["probe_acc"]:.3f}.
 
 Trained on {jax.devices()[0].device_kind} with {versions()}.
 
 ## Reproduce
-    python experiments/train_reference.py prepare {' '.join(prepare_args)}
-    python3 experiments/train_reference.py {' '.join(argv)}
+    python experiments/train_reference.py prepare {" ".join(prepare_args)}
+    python3 experiments/train_reference.py {" ".join(argv)}
 
 Evaluation: python -m moa_jax eval --config=configs/eval.py:reference_model
   --config.model.path=DIR -> benchmarks/reference_model.json.

@@ -1,4 +1,5 @@
-"""python -m moa_jax <command> --config=configs/<file>.py[:arg] [--config.key=value ...] [--workdir=DIR]
+"""`python -m moa_jax <command> --config=configs/<file>.py[:arg] [--config.key=value ...]
+[--workdir=DIR]`.
 
 Thin entry point: parse the command line, import the command's library function lazily and call
 it with (config, workdir).
@@ -15,13 +16,13 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 # command -> "module:function"; each function takes (config: ConfigDict, workdir: Path | None).
 COMMANDS = {
-    "generate": "moa_jax.generate:generate_command",
-    "compress": "moa_jax.pipeline:compress_command",
-    "demo": "moa_jax.demo:demo_command",
-    "sweep": "moa_jax.sweep.command:sweep_command",
-    "eval": "moa_jax.eval.command:eval_command",
-    "convert": "moa_jax.models.convert:convert_command",
-    "plan-memory": "moa_jax.memory:plan_memory_command",
+  "generate": "moa_jax.generate:generate_command",
+  "compress": "moa_jax.pipeline:compress_command",
+  "demo": "moa_jax.demo:demo_command",
+  "sweep": "moa_jax.sweep.command:sweep_command",
+  "eval": "moa_jax.eval.command:eval_command",
+  "convert": "moa_jax.models.convert:convert_command",
+  "plan-memory": "moa_jax.memory:plan_memory_command",
 }
 
 

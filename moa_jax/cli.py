@@ -15,8 +15,10 @@ from pathlib import Path
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
-USAGE = ("usage: python -m moa_jax <command> --config=configs/<file>.py[:arg] "
-         "[--config.key=value ...] [--workdir=DIR]")
+USAGE = (
+  "usage: python -m moa_jax <command> --config=configs/<file>.py[:arg] "
+  "[--config.key=value ...] [--workdir=DIR]"
+)
 
 
 class UsageError(ValueError):
@@ -54,21 +56,30 @@ def _parse_flags(argv: Sequence[str]) -> tuple[list[str], ConfigDict | None, str
   _importable_config_package(_config_spec(argv))
   registry = flags.FlagValues()
   config_flag = config_flags.DEFINE_config_file(
-      "config", None, "ml_collections config file[:arg]", flag_values=registry,
-      lock_config=True, sys_argv=list(argv))
+    "config",
+    None,
+    "ml_collections config file[:arg]",
+    flag_values=registry,
+    lock_config=True,
+    sys_argv=list(argv),
+  )
   workdir_flag = flags.DEFINE_string("workdir", None, "directory for outputs", flag_values=registry)
   with warnings.catch_warnings():
     # ml_collections 1.1 loads config files with importlib's deprecated load_module(); only this.
-    warnings.filterwarnings("ignore", r"the load_module\(\) method is deprecated",
-                            DeprecationWarning)
+    warnings.filterwarnings(
+      "ignore", r"the load_module\(\) method is deprecated", DeprecationWarning
+    )
     positional = registry(list(argv))
   config = config_flag.value
   if config is not None and not isinstance(config, ConfigDict):
     try:
       config.lock()  # a config file that failed to load raises its IOError on any access
     except OSError as error:
-      raise UsageError(_last_line(error).replace(
-          "Configuration is not available because of an earlier failure to load: ", "")) from None
+      raise UsageError(
+        _last_line(error).replace(
+          "Configuration is not available because of an earlier failure to load: ", ""
+        )
+      ) from None
   return positional[1:], config, workdir_flag.value
 
 
@@ -81,8 +92,9 @@ def _config_spec(argv: Sequence[str]) -> str | None:
   return None
 
 
-def parse_command_line(argv: Sequence[str], commands: Iterable[str]
-                       ) -> tuple[str, ConfigDict, Path | None]:
+def parse_command_line(
+  argv: Sequence[str], commands: Iterable[str]
+) -> tuple[str, ConfigDict, Path | None]:
   """['prog', command, flags...] -> (command, locked config, workdir or None).
 
   Raises UsageError (one line) for a missing/unknown command, a missing or unloadable config,
@@ -93,13 +105,15 @@ def parse_command_line(argv: Sequence[str], commands: Iterable[str]
     positional, config, workdir = _parse_flags(argv)
   except (AttributeError, KeyError) as error:  # a locked config has no such field
     valid = field_names(_parse_flags([argv[0], f"--config={_config_spec(argv)}"])[1])
-    overrides = [a.split("=", 1)[0].removeprefix("--config.") for a in argv
-                 if a.startswith("--config.")]
+    overrides = [
+      a.split("=", 1)[0].removeprefix("--config.") for a in argv if a.startswith("--config.")
+    ]
     unknown = next((name for name in overrides if name not in valid), None)
     if unknown is None:
       raise UsageError(_last_line(error)) from None
-    raise UsageError(f"unknown config field --config.{unknown}; valid names: "
-                     f"{', '.join(valid)}") from None
+    raise UsageError(
+      f"unknown config field --config.{unknown}; valid names: {', '.join(valid)}"
+    ) from None
   except (flags.Error, TypeError, ValueError) as error:
     raise UsageError(_last_line(error)) from None
   if len(positional) != 1 or positional[0] not in commands:

@@ -43,11 +43,16 @@ def initialize(config=None) -> bool:
   kwargs = {}
   if section is not None and section.coordinator:
     if section.num_processes < 1 or not 0 <= section.process_id < section.num_processes:
-      raise ValueError(f"mesh.coordinator={section.coordinator!r} needs mesh.num_processes >= 1 "
-                       f"and 0 <= mesh.process_id < num_processes, got {section.num_processes} "
-                       f"and {section.process_id}")
-    kwargs = dict(coordinator_address=section.coordinator,
-                  num_processes=section.num_processes, process_id=section.process_id)
+      raise ValueError(
+        f"mesh.coordinator={section.coordinator!r} needs mesh.num_processes >= 1 "
+        f"and 0 <= mesh.process_id < num_processes, got {section.num_processes} "
+        f"and {section.process_id}"
+      )
+    kwargs = dict(
+      coordinator_address=section.coordinator,
+      num_processes=section.num_processes,
+      process_id=section.process_id,
+    )
   jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices only
   jax.distributed.initialize(**kwargs)
   return True
@@ -62,4 +67,5 @@ def barrier(name: str) -> None:
   """Wait until every process reaches the barrier `name` (nothing to wait for alone)."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)

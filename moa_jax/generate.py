@@ -29,8 +29,9 @@ from moa_jax.models.llama import Llama
 from moa_jax.workdir import atomic_write_text
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1
-             ) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(
+  prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
   """Left-pad prompts to one length.
 
   Returns:
@@ -44,13 +45,14 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 
   tokens = np.full((len(prompts), t), pad_id, np.int32)
   positions = np.full((len(prompts), t), -1, np.int32)
   for row, prompt in enumerate(prompts):
-    tokens[row, t - len(prompt):] = prompt
-    positions[row, t - len(prompt):] = np.arange(len(prompt))
+    tokens[row, t - len(prompt) :] = prompt
+    positions[row, t - len(prompt) :] = np.arange(len(prompt))
   return tokens, positions
 
 
-def _choose(logits: jax.Array, key: jax.Array, temperature: jax.Array, greedy: bool,
-            top_k: int | None) -> jax.Array:
+def _choose(
+  logits: jax.Array, key: jax.Array, temperature: jax.Array, greedy: bool, top_k: int | None
+) -> jax.Array:
   """Next tokens [B] from float32 logits [B, V]: argmax, or a sample at `temperature` (top_k)."""
   if greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -72,13 +74,14 @@ def chunk_sizes(length: int, chunk: int | None) -> list[int]:
   return [first] + [chunk] * ((length - first) // chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "attention", "chunk"),
-                   donate_argnames=("caches",))
+@functools.partial(
+  jax.jit, static_argnames=("graphdef", "attention", "chunk"), donate_argnames=("caches",)
+)
 def _prefill_jit(graphdef, state, tokens, positions, caches, *, attention, chunk):
   model = nnx.merge(graphdef, state)
   forward = lambda t, p, c: model.hidden_states(t, p, attention=attention, caches=c)
   sizes = chunk_sizes(tokens.shape[1], chunk)
-  hidden, caches = forward(tokens[:, :sizes[0]], positions[:, :sizes[0]], caches)
+  hidden, caches = forward(tokens[:, : sizes[0]], positions[:, : sizes[0]], caches)
   last = hidden[:, -1]  # [B, D]
 
   def step(i, carry):
@@ -90,13 +93,15 @@ def _prefill_jit(graphdef, state, tokens, positions, caches, *, attention, chunk
 
   if len(sizes) > 1:
     caches, last = jax.lax.fori_loop(0, len(sizes) - 1, step, (caches, last))
-  logits = jnp.einsum("bd,vd->bv", last, model.output_embedding(),
-                      preferred_element_type=jnp.float32)  # [B, V]
+  logits = jnp.einsum(
+    "bd,vd->bv", last, model.output_embedding(), preferred_element_type=jnp.float32
+  )  # [B, V]
   return logits, caches
 
 
-def prefill(model: Llama, tokens, positions, caches: list, *, attention: Attention,
-            chunk: int | None = None) -> tuple[jax.Array, list]:
+def prefill(
+  model: Llama, tokens, positions, caches: list, *, attention: Attention, chunk: int | None = None
+) -> tuple[jax.Array, list]:
   """Feed tokens [B, T] at positions [B, T] into the caches (on top of what they hold).
 
   Each row's real tokens are contiguous, end at index T - 1 and continue its cached positions
@@ -105,15 +110,38 @@ def prefill(model: Llama, tokens, positions, caches: list, *, attention: Attenti
   Returns float32 logits [B, V] of each row's last token and the updated caches.
   """
   graphdef, state = nnx.split(model)
-  return _prefill_jit(graphdef, state, jnp.asarray(tokens, jnp.int32),
-                      jnp.asarray(positions, jnp.int32), caches, attention=attention,
-                      chunk=chunk)
+  return _prefill_jit(
+    graphdef,
+    state,
+    jnp.asarray(tokens, jnp.int32),
+    jnp.asarray(positions, jnp.int32),
+    caches,
+    attention=attention,
+    chunk=chunk,
+  )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "attention", "max_new_tokens", "greedy",
-                                             "top_k"), donate_argnames=("caches",))
-def _decode_jit(graphdef, state, logits, lengths, caches, rng, temperature, eos_ids, pad_id, *,
-                attention, max_new_tokens, greedy, top_k):
+@functools.partial(
+  jax.jit,
+  static_argnames=("graphdef", "attention", "max_new_tokens", "greedy", "top_k"),
+  donate_argnames=("caches",),
+)
+def _decode_jit(
+  graphdef,
+  state,
+  logits,
+  lengths,
+  caches,
+  rng,
+  temperature,
+  eos_ids,
+  pad_id,
+  *,
+  attention,
+  max_new_tokens,
+  greedy,
+  top_k,
+):
   model = nnx.merge(graphdef, state)
   rng, key = jax.random.split(rng)
   token = _choose(logits, key, temperature, greedy, top_k)  # [B]
@@ -159,10 +187,20 @@ def _eos_array(model: Llama, eos_id) -> np.ndarray:
   return np.asarray([eos] if isinstance(eos, int) else list(eos), np.int32)
 
 
-def decode(model: Llama, logits, lengths, caches: list, max_new_tokens: int, *,
-           attention: Attention, temperature: float = 0.0, top_k: int | None = None,
-           rng: jax.Array | None = None, eos_id: int | Sequence[int] | None = None,
-           pad_id: int = 0) -> tuple[jax.Array, list, jax.Array]:
+def decode(
+  model: Llama,
+  logits,
+  lengths,
+  caches: list,
+  max_new_tokens: int,
+  *,
+  attention: Attention,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  rng: jax.Array | None = None,
+  eos_id: int | Sequence[int] | None = None,
+  pad_id: int = 0,
+) -> tuple[jax.Array, list, jax.Array]:
   """Sample from logits [B, V], feed each new token at position lengths [B], repeat.
 
   Runs until every row emitted eos or `max_new_tokens` tokens exist; a finished row feeds
@@ -176,10 +214,20 @@ def decode(model: Llama, logits, lengths, caches: list, max_new_tokens: int, *,
   rng = jax.random.key(0) if rng is None else rng
   graphdef, state = nnx.split(model)
   return _decode_jit(
-      graphdef, state, logits, jnp.asarray(lengths, jnp.int32), caches, rng,
-      jnp.float32(max(temperature, 1e-6)), _eos_array(model, eos_id), jnp.int32(pad_id),
-      attention=attention, max_new_tokens=max_new_tokens, greedy=temperature == 0,
-      top_k=top_k)
+    graphdef,
+    state,
+    logits,
+    jnp.asarray(lengths, jnp.int32),
+    caches,
+    rng,
+    jnp.float32(max(temperature, 1e-6)),
+    _eos_array(model, eos_id),
+    jnp.int32(pad_id),
+    attention=attention,
+    max_new_tokens=max_new_tokens,
+    greedy=temperature == 0,
+    top_k=top_k,
+  )
 
 
 def _cut_at_eos(rows: np.ndarray, eos_ids: np.ndarray) -> list[list[int]]:
@@ -187,7 +235,7 @@ def _cut_at_eos(rows: np.ndarray, eos_ids: np.ndarray) -> list[list[int]]:
   results = []
   for row in rows.tolist():
     stops = [i for i, token in enumerate(row) if token in set(eos_ids.tolist())]
-    results.append(row[:stops[0] + 1] if stops else row)
+    results.append(row[: stops[0] + 1] if stops else row)
   return results
 
 
@@ -205,9 +253,17 @@ class Conversation:
     pad_id: token fed for padding; pad_multiple: turns are left-padded to a multiple of this.
   """
 
-  def __init__(self, model: Llama, batch_size: int, max_length: int, *,
-               attention: Attention | None = None, prefill_chunk: int | None = None,
-               pad_id: int = 0, pad_multiple: int = 64):
+  def __init__(
+    self,
+    model: Llama,
+    batch_size: int,
+    max_length: int,
+    *,
+    attention: Attention | None = None,
+    prefill_chunk: int | None = None,
+    pad_id: int = 0,
+    pad_multiple: int = 64,
+  ):
     if batch_size < 1 or max_length < 1:
       raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size}, {max_length}")
     if prefill_chunk is not None and prefill_chunk < 1:
@@ -230,8 +286,10 @@ class Conversation:
 
   def _reserve(self, tokens: int) -> None:
     if self.slots + tokens > self.max_length:
-      raise ValueError(f"the conversation needs {self.slots + tokens} cache slots, more than "
-                       f"max_length={self.max_length}")
+      raise ValueError(
+        f"the conversation needs {self.slots + tokens} cache slots, more than "
+        f"max_length={self.max_length}"
+      )
     self.slots += tokens
 
   def append(self, turns: Sequence[Sequence[int]]) -> jax.Array:
@@ -241,28 +299,41 @@ class Conversation:
     """
     if len(turns) != self.batch_size:
       raise ValueError(f"append needs one turn per row ({self.batch_size}), got {len(turns)}")
-    return self._feed([pending + list(turn) for pending, turn in zip(self.pending, turns)],
-                      self.pad_multiple)
+    return self._feed(
+      [pending + list(turn) for pending, turn in zip(self.pending, turns)], self.pad_multiple
+    )
 
   def _feed(self, rows: list[list[int]], multiple: int) -> jax.Array:
     tokens, positions = left_pad(rows, self.pad_id, multiple)
     _check_tokens(tokens, self.model.config.vocab_size)
     fused = isinstance(self.attention, DenseAttention) and self.attention.impl != "reference"
-    if fused and (len({len(r) for r in rows}) > 1 or len(set(self.lengths.tolist())) > 1
-                  or tokens.shape[1] != len(rows[0])):
-      raise ValueError(f"DenseAttention(impl={self.attention.impl!r}) needs rows without "
-                       "padding: equal lengths, a multiple of pad_multiple")
+    if fused and (
+      len({len(r) for r in rows}) > 1
+      or len(set(self.lengths.tolist())) > 1
+      or tokens.shape[1] != len(rows[0])
+    ):
+      raise ValueError(
+        f"DenseAttention(impl={self.attention.impl!r}) needs rows without "
+        "padding: equal lengths, a multiple of pad_multiple"
+      )
     self._reserve(tokens.shape[1])
     positions = np.where(positions >= 0, positions + self.lengths[:, None], -1)
-    self.logits, self.caches = prefill(self.model, tokens, positions, self.caches,
-                                       attention=self.attention, chunk=self.prefill_chunk)
+    self.logits, self.caches = prefill(
+      self.model, tokens, positions, self.caches, attention=self.attention, chunk=self.prefill_chunk
+    )
     self.lengths = self.lengths + np.asarray([len(r) for r in rows], np.int32)
     self.pending = [[] for _ in rows]
     return self.logits
 
-  def reply(self, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
-            rng: jax.Array | None = None, eos_id: int | Sequence[int] | None = None
-            ) -> list[list[int]]:
+  def reply(
+    self,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    rng: jax.Array | None = None,
+    eos_id: int | Sequence[int] | None = None,
+  ) -> list[list[int]]:
     """Decode up to `max_new_tokens` per row (see `decode`); right after another reply this
     continues it. Returns B lists of new tokens, each ending at (and including) its first eos."""
     _check_sampling(self.model, max_new_tokens, temperature, top_k)
@@ -272,21 +343,39 @@ class Conversation:
       self._feed(self.pending, 1)
     self._reserve(max_new_tokens - 1)
     out, self.caches, self.lengths = decode(
-        self.model, self.logits, self.lengths, self.caches, max_new_tokens,
-        attention=self.attention, temperature=temperature, top_k=top_k, rng=rng, eos_id=eos_id,
-        pad_id=self.pad_id)
+      self.model,
+      self.logits,
+      self.lengths,
+      self.caches,
+      max_new_tokens,
+      attention=self.attention,
+      temperature=temperature,
+      top_k=top_k,
+      rng=rng,
+      eos_id=eos_id,
+      pad_id=self.pad_id,
+    )
     self.logits, self.lengths = None, np.asarray(self.lengths)
     replies = _cut_at_eos(np.asarray(out), _eos_array(self.model, eos_id))
     self.pending = [[reply[-1]] for reply in replies]
     return replies
 
 
-def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-             attention: Attention | None = None, temperature: float = 0.0,
-             top_k: int | None = None, rng: jax.Array | None = None,
-             eos_id: int | Sequence[int] | None = None, pad_id: int = 0,
-             pad_multiple: int = 64, prefill_chunk: int | None = None,
-             max_length: int | None = None) -> list[list[int]]:
+def generate(
+  model: Llama,
+  prompts: Sequence[Sequence[int]],
+  max_new_tokens: int,
+  *,
+  attention: Attention | None = None,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  rng: jax.Array | None = None,
+  eos_id: int | Sequence[int] | None = None,
+  pad_id: int = 0,
+  pad_multiple: int = 64,
+  prefill_chunk: int | None = None,
+  max_length: int | None = None,
+) -> list[list[int]]:
   """New tokens for each prompt, decoded as one left-padded batch.
 
   Args:
@@ -311,11 +400,18 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int
   _check_tokens(tokens, model.config.vocab_size)
   padded = tokens.shape[1]
   conversation = Conversation(
-      model, len(prompts), padded + max_new_tokens if max_length is None else max_length,
-      attention=attention, prefill_chunk=prefill_chunk, pad_id=pad_id, pad_multiple=pad_multiple)
+    model,
+    len(prompts),
+    padded + max_new_tokens if max_length is None else max_length,
+    attention=attention,
+    prefill_chunk=prefill_chunk,
+    pad_id=pad_id,
+    pad_multiple=pad_multiple,
+  )
   conversation.append(prompts)
-  return conversation.reply(max_new_tokens, temperature=temperature, top_k=top_k, rng=rng,
-                            eos_id=eos_id)
+  return conversation.reply(
+    max_new_tokens, temperature=temperature, top_k=top_k, rng=rng, eos_id=eos_id
+  )
 
 
 def generate_command(config, workdir: Path | None) -> list[dict]:
@@ -340,16 +436,23 @@ def generate_command(config, workdir: Path | None) -> list[dict]:
     attention = MoAAttention.from_plan(Plan.load(config.plan).validate(model.config))
   if mesh is not None:
     attention = shard_attention(attention or DenseAttention(), mesh)
-  prompts = [chat_prompt_ids(tokenizer, text) if config.chat else tokenizer(text)["input_ids"]
-             for text in config.prompts]
-  new_tokens = generate(model, prompts, config.max_new_tokens, attention=attention,
-                        temperature=config.temperature, top_k=config.top_k or None,
-                        rng=jax.random.key(config.seed))
+  prompts = [
+    chat_prompt_ids(tokenizer, text) if config.chat else tokenizer(text)["input_ids"]
+    for text in config.prompts
+  ]
+  new_tokens = generate(
+    model,
+    prompts,
+    config.max_new_tokens,
+    attention=attention,
+    temperature=config.temperature,
+    top_k=config.top_k or None,
+    rng=jax.random.key(config.seed),
+  )
   print(f"{model_id}, {'plan ' + config.plan if config.plan else 'dense attention'}")
   results = []
   for i, (text, prompt, new) in enumerate(zip(config.prompts, prompts, new_tokens)):
-    result = {"prompt": text, "prompt_ids": prompt, "new_ids": new,
-              "text": tokenizer.decode(new)}
+    result = {"prompt": text, "prompt_ids": prompt, "new_ids": new, "text": tokenizer.decode(new)}
     print(f"[{i}] {len(prompt)} prompt tokens -> {len(new)} new: {text!r} -> {result['text']!r}")
     results.append(result)
   if workdir is not None and distributed.is_writer():

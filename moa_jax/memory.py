@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from moa_jax.attention import cache as cache_lib
 from moa_jax.attention.moa import MoAAttention
@@ -99,9 +100,15 @@ def _stats(lowered, scale: float = 1.0) -> dict[str, int]:
   """Per-device bytes of a lowered program once compiled (times `scale`): arguments, outputs,
   aliased, temporaries and peak = arguments + outputs - aliased + temporaries."""
   m = lowered.compile().memory_analysis()
-  stats = {key: int(value * scale) for key, value in dict(
-      arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes,
-      aliased=m.alias_size_in_bytes, temporaries=m.temp_size_in_bytes).items()}
+  stats = {
+    key: int(value * scale)
+    for key, value in dict(
+      arguments=m.argument_size_in_bytes,
+      outputs=m.output_size_in_bytes,
+      aliased=m.alias_size_in_bytes,
+      temporaries=m.temp_size_in_bytes,
+    ).items()
+  }
   stats["peak"] = stats["arguments"] + stats["outputs"] - stats["aliased"] + stats["temporaries"]
   return stats
 
@@ -119,18 +126,22 @@ def _devices(count: int):
   for devices in (jax.devices(), jax.devices("cpu")):
     if len(devices) >= count:
       return devices[:count]
-  raise ValueError(f"the mesh needs {count} devices to compile for; this process has "
-                   f"{len(jax.devices('cpu'))} CPU devices: run it with "
-                   f"XLA_FLAGS=--xla_force_host_platform_device_count={count}")
+  raise ValueError(
+    f"the mesh needs {count} devices to compile for; this process has "
+    f"{len(jax.devices('cpu'))} CPU devices: run it with "
+    f"XLA_FLAGS=--xla_force_host_platform_device_count={count}"
+  )
 
 
 def model_config(section) -> LlamaConfig:
   """The model's shapes: a preset (model.preset) or a checkpoint's config.json (model.path)."""
   dtype = section.dtype or None
   if section.preset:
-    return LlamaConfig.preset(section.preset, **({} if dtype is None else
-                                                  dict(dtype=dtype, param_dtype=dtype)))
+    return LlamaConfig.preset(
+      section.preset, **({} if dtype is None else dict(dtype=dtype, param_dtype=dtype))
+    )
   from moa_jax.models.hf import read_hf_config, resolve_checkpoint_dir
+
   hf = read_hf_config(resolve_checkpoint_dir(section.path))
   return LlamaConfig.from_hf_dict(hf, dtype=dtype, param_dtype=dtype)
 
@@ -140,6 +151,7 @@ def _moa_windows(config, model: LlamaConfig):
   density `density`."""
   if config.plan:
     from moa_jax.plans.plan import Plan
+
     plan = Plan.load(config.plan).validate(model)
     return plan.windows, plan.sink
   window = max(int(config.density * config.length) - config.sink, 1)
@@ -150,8 +162,9 @@ def _abstract(shape, dtype, mesh, spec) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
 
 
-def _generate_programs(config, model: LlamaConfig, mesh, graphdef, state, scale
-                       ) -> tuple[dict, dict]:
+def _generate_programs(
+  config, model: LlamaConfig, mesh, graphdef, state, scale
+) -> tuple[dict, dict]:
   windows, sink = _moa_windows(config, model)
   attention = ShardedMoAAttention(_OpaqueMoA(windows, sink=sink), mesh)
   b, length = config.batch_size, config.length
@@ -160,30 +173,41 @@ def _generate_programs(config, model: LlamaConfig, mesh, graphdef, state, scale
   step = config.prefill_chunk or prompt
   empty = jax.eval_shape(lambda: attention.init_cache(model, b, length))
   caches = lambda fresh: [  # the caches on the mesh, fresh (for prefill) or filled (decode)
-      ShardedCache(tuple(_abstract(x.shape, x.dtype, mesh, specs["cache"]) for x in c.k),
-                   tuple(_abstract(x.shape, x.dtype, mesh, specs["cache"]) for x in c.v),
-                   tuple(_abstract(x.shape, x.dtype, mesh, specs["pos"]) for x in c.pos),
-                   c.shards, fresh) for c in empty]
+    ShardedCache(
+      tuple(_abstract(x.shape, x.dtype, mesh, specs["cache"]) for x in c.k),
+      tuple(_abstract(x.shape, x.dtype, mesh, specs["cache"]) for x in c.v),
+      tuple(_abstract(x.shape, x.dtype, mesh, specs["pos"]) for x in c.pos),
+      c.shards,
+      fresh,
+    )
+    for c in empty
+  ]
 
   def forward(state, tokens, positions, caches):  # last-token logits and the caches
     lm = nnx.merge(graphdef, state)
     hidden, caches = lm.hidden_states(tokens, positions, attention=attention, caches=caches)
-    return jnp.einsum("bd,vd->bv", hidden[:, -1], lm.output_embedding(),
-                      preferred_element_type=jnp.float32), caches
+    return jnp.einsum(
+      "bd,vd->bv", hidden[:, -1], lm.output_embedding(), preferred_element_type=jnp.float32
+    ), caches
 
   program = jax.jit(forward, donate_argnums=3)
   rows = lambda t: _abstract((b, t), jnp.int32, mesh, specs["rows"])
   programs = {
-      "prefill": _stats(program.lower(state, rows(step), rows(step), caches(True)), scale),
-      "decode": _stats(program.lower(state, rows(1), rows(1), caches(False)), scale)}
-  extra = dict(cache=int(sharding.device_bytes(caches(True)) * scale),
-               cache_balance=attention.balance_report(model, length),
-               prompt_tokens=prompt, prefill_tokens_per_call=step)
+    "prefill": _stats(program.lower(state, rows(step), rows(step), caches(True)), scale),
+    "decode": _stats(program.lower(state, rows(1), rows(1), caches(False)), scale),
+  }
+  extra = dict(
+    cache=int(sharding.device_bytes(caches(True)) * scale),
+    cache_balance=attention.balance_report(model, length),
+    prompt_tokens=prompt,
+    prefill_tokens_per_call=step,
+  )
   return programs, extra
 
 
-def _profile_programs(config, model: LlamaConfig, mesh, graphdef, state, scale
-                      ) -> tuple[dict, dict]:
+def _profile_programs(
+  config, model: LlamaConfig, mesh, graphdef, state, scale
+) -> tuple[dict, dict]:
   b, t = config.batch_size, config.length
   rows_axes = sharding.batch_axes(mesh, b)
   rows = lambda *shape: _abstract((b, *shape), jnp.int32, mesh, P(rows_axes, None))
@@ -194,9 +218,9 @@ def _profile_programs(config, model: LlamaConfig, mesh, graphdef, state, scale
       attention = OutputProbeAttention(probes)
       attention.attention = _OpaqueFlash()
       lm = nnx.merge(graphdef, state)
-      value = response_loss(lm, tokens, positions, hidden_index, weight, attention,
-                            config.loss)
+      value = response_loss(lm, tokens, positions, hidden_index, weight, attention, config.loss)
       return value, [attention.records[layer] for layer in range(model.num_layers)]
+
     zeros = [jnp.zeros((b, t, n, h), model.dtype) for _ in range(model.num_layers)]
     return jax.grad(loss_fn, has_aux=True)(zeros)
 
@@ -204,17 +228,23 @@ def _profile_programs(config, model: LlamaConfig, mesh, graphdef, state, scale
   weight = _abstract((b, width), jnp.float32, mesh, P(rows_axes, None))
   grads = jax.jit(backward).lower(state, rows(t), rows(t), rows(width), weight)
   dtype = jnp.bfloat16 if scale < 1 else model.dtype  # the records' dtype in the real run
-  heads = lambda heads: _abstract((b, t, heads, h), dtype, mesh,
-                                  P(rows_axes, None, sharding.TENSOR, None))
-  influence = jax.jit(lambda q, k, v, d_out, lengths: block_influence_tiled(
-      q, k, v, d_out, lengths, block=config.block, tile=config.tile).sum(0))
-  tiled = influence.lower(heads(n), heads(k), heads(k), heads(n),
-                          _abstract((b,), jnp.int32, mesh, P(rows_axes)))
+  heads = lambda heads: _abstract(
+    (b, t, heads, h), dtype, mesh, P(rows_axes, None, sharding.TENSOR, None)
+  )
+  influence = jax.jit(
+    lambda q, k, v, d_out, lengths: block_influence_tiled(
+      q, k, v, d_out, lengths, block=config.block, tile=config.tile
+    ).sum(0)
+  )
+  tiled = influence.lower(
+    heads(n), heads(k), heads(k), heads(n), _abstract((b,), jnp.int32, mesh, P(rows_axes))
+  )
   programs = {"backward": _stats(grads, scale), "influence": _stats(tiled)}
   # The tiled pass runs layer after layer while every layer's records (the backward's
   # outputs) and the weights stay in memory.
-  programs["influence"]["peak"] += (programs["backward"]["outputs"]
-                                    + int(sharding.device_bytes(state) * scale))
+  programs["influence"]["peak"] += programs["backward"]["outputs"] + int(
+    sharding.device_bytes(state) * scale
+  )
   return programs, dict(cache=0, records=programs["backward"]["outputs"])
 
 
@@ -244,14 +274,17 @@ class MemoryPlan:
 
   def table(self) -> str:
     gb = lambda x: f"{x / GB:7.2f} GB" if x >= GB / 10 else f"{x / 1e6:7.2f} MB"
-    lines = [f"{self.model} ({self.params / 1e9:.2f}B params, {self.dtype}), {self.task} at "
-             f"{self.length} tokens x {self.batch_size}, mesh (data, fsdp, tensor) = {self.mesh}",
-             f"  per device: weights {gb(self.weights)}  cache {gb(self.cache)}  "
-             f"activations {gb(self.activations)}  peak {gb(self.peak)}  of "
-             f"{gb(self.usable)} usable ({self.device_memory / GB:.0f} GB device)"]
+    lines = [
+      f"{self.model} ({self.params / 1e9:.2f}B params, {self.dtype}), {self.task} at "
+      f"{self.length} tokens x {self.batch_size}, mesh (data, fsdp, tensor) = {self.mesh}",
+      f"  per device: weights {gb(self.weights)}  cache {gb(self.cache)}  "
+      f"activations {gb(self.activations)}  peak {gb(self.peak)}  of "
+      f"{gb(self.usable)} usable ({self.device_memory / GB:.0f} GB device)",
+    ]
     for name, stats in self.programs.items():
-      lines.append(f"  {name:9s} program: " + "  ".join(f"{key} {gb(value)}"
-                                                       for key, value in stats.items()))
+      lines.append(
+        f"  {name:9s} program: " + "  ".join(f"{key} {gb(value)}" for key, value in stats.items())
+      )
     return "\n".join(lines)
 
   def to_json(self) -> dict:
@@ -282,13 +315,22 @@ def plan_memory(config) -> MemoryPlan:
   details["compiled_dtype"] = compiled.dtype
   device_memory = int(config.device_memory_gb * GB)
   return MemoryPlan(
-      model=config.model.preset or str(config.model.path), params=count_params(model),
-      dtype=model.param_dtype, mesh=shape, task=config.task, batch_size=config.batch_size,
-      length=config.length, weights=sharding.device_bytes(sharding.abstract_model_state(
-          model, mesh)), cache=details.pop("cache"),
-      activations=max(stats["temporaries"] for stats in programs.values()),
-      peak=max(stats["peak"] for stats in programs.values()), device_memory=device_memory,
-      usable=int(device_memory * config.usable_fraction), programs=programs, details=details)
+    model=config.model.preset or str(config.model.path),
+    params=count_params(model),
+    dtype=model.param_dtype,
+    mesh=shape,
+    task=config.task,
+    batch_size=config.batch_size,
+    length=config.length,
+    weights=sharding.device_bytes(sharding.abstract_model_state(model, mesh)),
+    cache=details.pop("cache"),
+    activations=max(stats["temporaries"] for stats in programs.values()),
+    peak=max(stats["peak"] for stats in programs.values()),
+    device_memory=device_memory,
+    usable=int(device_memory * config.usable_fraction),
+    programs=programs,
+    details=details,
+  )
 
 
 def plan_memory_command(config, workdir: Path | None) -> MemoryPlan:
@@ -303,8 +345,10 @@ def plan_memory_command(config, workdir: Path | None) -> MemoryPlan:
     workdir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(workdir / "memory_plan.json", json.dumps(plan.to_json(), indent=1) + "\n")
   if not plan.fits:
-    raise ValueError(f"{plan.model} {plan.task} at {plan.length} tokens x {plan.batch_size} "
-                     f"on mesh {plan.mesh} needs {plan.peak / GB:.1f} GB per device, more than "
-                     f"the {plan.usable / GB:.1f} GB usable: use more devices, a smaller "
-                     f"batch_size or length (or prefill_chunk)")
+    raise ValueError(
+      f"{plan.model} {plan.task} at {plan.length} tokens x {plan.batch_size} "
+      f"on mesh {plan.mesh} needs {plan.peak / GB:.1f} GB per device, more than "
+      f"the {plan.usable / GB:.1f} GB usable: use more devices, a smaller "
+      f"batch_size or length (or prefill_chunk)"
+    )
   return plan

@@ -15,8 +15,8 @@ import dataclasses
 import functools
 import json
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -26,6 +26,13 @@ from flax import nnx
 
 from moa_jax import validate
 from moa_jax.attention.reference import blocked_attention
+from moa_jax.calibration.build import (
+  CalibrationConfig,
+  CalibrationSet,
+  build_calibration,
+  cache_key,
+  cache_key_inputs,
+)
 from moa_jax.models import sharding
 from moa_jax.models.loading import load_model
 from moa_jax.optimize import pareto
@@ -36,8 +43,6 @@ from moa_jax.optimize.select import select_plan
 from moa_jax.plans import plots
 from moa_jax.plans import rules as rules_lib
 from moa_jax.plans.plan import Plan, dense_plan, uniform_plan
-from moa_jax.calibration.build import (CalibrationConfig, CalibrationSet, build_calibration,
-                                         cache_key, cache_key_inputs)
 from moa_jax.profile.profiler import profile_model, response_loss, response_targets
 from moa_jax.workdir import Workdir, atomic_write, atomic_write_text, fingerprint
 
@@ -52,15 +57,15 @@ class MaskedAttention:
 
   def __call__(self, layer, q, k, v, q_pos, cache):
     del cache
-    return blocked_attention(q, k, v, q_pos, windows=self.windows[layer],
-                             sink=self.sink), None
+    return blocked_attention(q, k, v, q_pos, windows=self.windows[layer], sink=self.sink), None
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sink"))
 def _masked_loss(graphdef, state, tokens, positions, hidden_index, weight, windows, *, sink):
   model = nnx.merge(graphdef, state)
-  return response_loss(model, tokens, positions, hidden_index, weight,
-                       MaskedAttention(windows, sink))
+  return response_loss(
+    model, tokens, positions, hidden_index, weight, MaskedAttention(windows, sink)
+  )
 
 
 def validation_loss(model, calibration: CalibrationSet, windows: np.ndarray, sink: int) -> float:
@@ -70,10 +75,19 @@ def validation_loss(model, calibration: CalibrationSet, windows: np.ndarray, sin
   for bucket in calibration.buckets.values():
     positions = bucket.positions()
     for row in range(bucket.num_samples):
-      hidden_index, weight = response_targets(bucket.loss_mask[row:row + 1])
-      total += float(_masked_loss(graphdef, state, jnp.asarray(bucket.tokens[row:row + 1]),
-                                  jnp.asarray(positions[row:row + 1]), jnp.asarray(hidden_index),
-                                  jnp.asarray(weight), jnp.asarray(windows, jnp.int32), sink=sink))
+      hidden_index, weight = response_targets(bucket.loss_mask[row : row + 1])
+      total += float(
+        _masked_loss(
+          graphdef,
+          state,
+          jnp.asarray(bucket.tokens[row : row + 1]),
+          jnp.asarray(positions[row : row + 1]),
+          jnp.asarray(hidden_index),
+          jnp.asarray(weight),
+          jnp.asarray(windows, jnp.int32),
+          sink=sink,
+        )
+      )
       count += 1
   return total / count
 
@@ -114,9 +128,14 @@ class _Run:
 
 
 def _calibration_inputs(run: _Run) -> Any:
-  return cache_key(cache_key_inputs(run.model, run.tokenizer,
-                                    _calibration_config(run.config.calibration, run.config.seed),
-                                    run.model_id))
+  return cache_key(
+    cache_key_inputs(
+      run.model,
+      run.tokenizer,
+      _calibration_config(run.config.calibration, run.config.seed),
+      run.model_id,
+    )
+  )
 
 
 def _calibration_build(run: _Run, out: Path) -> None:
@@ -130,9 +149,17 @@ def _calibration_load(run: _Run, path: Path) -> CalibrationSet:
 
 def _profile_build(run: _Run, out: Path) -> None:
   prof = run.config.profile
-  influence = profile_model(run.model, run.model.config, run.outputs["calibration"],
-                            list(prof.lengths), block=prof.block, path=prof.path,
-                            batch_size=prof.batch_size, magnitude=prof.magnitude, loss=prof.loss)
+  influence = profile_model(
+    run.model,
+    run.model.config,
+    run.outputs["calibration"],
+    list(prof.lengths),
+    block=prof.block,
+    path=prof.path,
+    batch_size=prof.batch_size,
+    magnitude=prof.magnitude,
+    loss=prof.loss,
+  )
   arrays = {str(n): e for n, e in influence.items()}
   atomic_write(out / "influence.npz", lambda f: np.savez(f, **arrays))
 
@@ -143,10 +170,12 @@ def _profile_load(run: _Run, path: Path) -> dict[int, np.ndarray]:
 
 
 def _candidate_rules(config) -> list[rules_lib.ElasticRule]:
-  return rules_lib.candidate_rules(list(config.profile.lengths),
-                                   list(config.optimize.constraint_lengths),
-                                   alpha_step=config.optimize.alpha_step,
-                                   betas=tuple(config.optimize.betas))
+  return rules_lib.candidate_rules(
+    list(config.profile.lengths),
+    list(config.optimize.constraint_lengths),
+    alpha_step=config.optimize.alpha_step,
+    betas=tuple(config.optimize.betas),
+  )
 
 
 def _optimize_build(run: _Run, out: Path) -> None:
@@ -154,20 +183,46 @@ def _optimize_build(run: _Run, out: Path) -> None:
   rules = _candidate_rules(config)
   dl = {n: loss_delta(e, rules, n, opt.sink, block) for n, e in run.outputs["profile"].items()}
   problem = build_problem(
-      dl, rules, list(opt.constraint_lengths), num_kv_heads=run.model.config.num_kv_heads,
-      budget=opt.density, lo=opt.lower, max_rules_per_layer=opt.max_rules_per_layer,
-      grouping=opt.grouping, sink=opt.sink, block=block)
-  front = pareto.pareto_front(problem, intervals=opt.intervals,
-                              options=SolverOptions(time_limit=opt.time_limit),
-                              workers=opt.workers)
-  provenance = {"config": config.to_dict(), "seed": config.seed, "model": run.model_id,
-                "calibration": run.outputs["keys"]["calibration"]}
+    dl,
+    rules,
+    list(opt.constraint_lengths),
+    num_kv_heads=run.model.config.num_kv_heads,
+    budget=opt.density,
+    lo=opt.lower,
+    max_rules_per_layer=opt.max_rules_per_layer,
+    grouping=opt.grouping,
+    sink=opt.sink,
+    block=block,
+  )
+  front = pareto.pareto_front(
+    problem,
+    intervals=opt.intervals,
+    options=SolverOptions(time_limit=opt.time_limit),
+    workers=opt.workers,
+  )
+  provenance = {
+    "config": config.to_dict(),
+    "seed": config.seed,
+    "model": run.model_id,
+    "calibration": run.outputs["keys"]["calibration"],
+  }
   for i, solution in enumerate(front.solutions):
-    problem.to_plan(solution, architecture="LlamaForCausalLM",
-                    provenance=provenance).save(out / f"plan-{i:03d}.json")
-  atomic_write_text(out / "front.json", json.dumps(
-      {"plans": len(front.solutions), "solves": front.solves, "no_solution": front.no_solution,
-       "seconds": front.seconds, "rules": [[r.alpha, r.beta] for r in rules]}, indent=1))
+    problem.to_plan(solution, architecture="LlamaForCausalLM", provenance=provenance).save(
+      out / f"plan-{i:03d}.json"
+    )
+  atomic_write_text(
+    out / "front.json",
+    json.dumps(
+      {
+        "plans": len(front.solutions),
+        "solves": front.solves,
+        "no_solution": front.no_solution,
+        "seconds": front.seconds,
+        "rules": [[r.alpha, r.beta] for r in rules],
+      },
+      indent=1,
+    ),
+  )
 
 
 def _optimize_load(run: _Run, path: Path) -> list[Plan]:
@@ -176,31 +231,41 @@ def _optimize_load(run: _Run, path: Path) -> list[Plan]:
 
 def _validation_config(run: _Run) -> CalibrationConfig:
   sel = run.config.select
-  return _calibration_config(run.config.calibration, run.config.seed + 1, lengths=(sel.length,),
-                             samples_per_length=sel.num_samples, split=sel.split)
+  return _calibration_config(
+    run.config.calibration,
+    run.config.seed + 1,
+    lengths=(sel.length,),
+    samples_per_length=sel.num_samples,
+    split=sel.split,
+  )
 
 
 def _choose_inputs(run: _Run) -> Any:
-  valid = cache_key(cache_key_inputs(run.model, run.tokenizer, _validation_config(run),
-                                     run.model_id))
+  valid = cache_key(
+    cache_key_inputs(run.model, run.tokenizer, _validation_config(run), run.model_id)
+  )
   return [valid, run.config.select.to_dict()]
 
 
 def _choose_build(run: _Run, out: Path) -> None:
   config, model, opt = run.config, run.model, run.config.optimize
-  valid_set = build_calibration(model, run.tokenizer, _validation_config(run),
-                                model_id=run.model_id)
+  valid_set = build_calibration(
+    model, run.tokenizer, _validation_config(run), model_id=run.model_id
+  )
   valid_set.save(out / "validation")
   n, candidates = config.select.length, run.outputs["optimize"]
   loss = lambda plan: validation_loss(model, valid_set, plan.windows(n), plan.sink)
   chosen, table = select_plan(candidates, loss)
-  baselines = {"dense": loss(dense_plan(model.config, sink=opt.sink)),
-               "uniform": loss(uniform_plan(model.config, opt.density, n, sink=opt.sink))}
+  baselines = {
+    "dense": loss(dense_plan(model.config, sink=opt.sink)),
+    "uniform": loss(uniform_plan(model.config, opt.density, n, sink=opt.sink)),
+  }
   chosen.save(out / "plan.json")
   plots.plot_spans(chosen, n, out / "spans.png")
   plots.plot_pareto_front(candidates, out / "pareto_front.png", chosen=chosen)
-  atomic_write_text(out / "report.md",
-                    _report(config, run.model_id, chosen, candidates, table, baselines, n))
+  atomic_write_text(
+    out / "report.md", _report(config, run.model_id, chosen, candidates, table, baselines, n)
+  )
 
 
 def _choose_load(run: _Run, path: Path) -> Plan:
@@ -220,15 +285,20 @@ class Stage:
 
 
 STAGES = (
-    Stage("calibration", _calibration_inputs, _calibration_build, _calibration_load),
-    Stage("profile", lambda run: run.config.profile.to_dict(), _profile_build, _profile_load),
-    Stage("optimize", lambda run: run.config.optimize.to_dict(), _optimize_build, _optimize_load),
-    Stage("choose", _choose_inputs, _choose_build, _choose_load),
+  Stage("calibration", _calibration_inputs, _calibration_build, _calibration_load),
+  Stage("profile", lambda run: run.config.profile.to_dict(), _profile_build, _profile_load),
+  Stage("optimize", lambda run: run.config.optimize.to_dict(), _optimize_build, _optimize_load),
+  Stage("choose", _choose_inputs, _choose_build, _choose_load),
 )
 
 
-def run_stages(config, workdir: str | Path, loaded: tuple[Any, Any, str] | None = None, *,
-               until: str | None = None) -> _Run:
+def run_stages(
+  config,
+  workdir: str | Path,
+  loaded: tuple[Any, Any, str] | None = None,
+  *,
+  until: str | None = None,
+) -> _Run:
   """Run the STAGES in order, up to and including `until` (default: all), in `workdir`,
   skipping every stage already complete for the same inputs; `loaded` is an already loaded
   (model, tokenizer, model id) of `config.model`. Returns the run (model and stage outputs)."""
@@ -236,8 +306,7 @@ def run_stages(config, workdir: str | Path, loaded: tuple[Any, Any, str] | None 
   if until is not None and until not in names:
     raise ValueError(f"unknown stage {until!r}; choose one of {', '.join(names)}")
   work = Workdir(workdir)
-  model, tokenizer, model_id = loaded or load_model(config.model,
-                                                     mesh=sharding.config_mesh(config))
+  model, tokenizer, model_id = loaded or load_model(config.model, mesh=sharding.config_mesh(config))
   run = _Run(config, model, tokenizer, model_id, outputs={"keys": {}})
   key = ""
   for stage in STAGES:
@@ -256,8 +325,7 @@ def run_stages(config, workdir: str | Path, loaded: tuple[Any, Any, str] | None 
   return run
 
 
-def compress(config, workdir: str | Path, loaded: tuple[Any, Any, str] | None = None
-             ) -> Compressed:
+def compress(config, workdir: str | Path, loaded: tuple[Any, Any, str] | None = None) -> Compressed:
   """Run the STAGES (calibration -> profile -> optimize -> choose) in `workdir`, skipping every
   stage already complete for the same inputs; `loaded` is an already loaded (model, tokenizer,
   model id) of `config.model`. Writes DIR/plan.json and DIR/report.md."""
@@ -277,27 +345,51 @@ def compress_command(config, workdir: Path | None) -> Plan:
   return compress(config, workdir).plan
 
 
-def _report(config, model_id: str, chosen: Plan, candidates: list[Plan], table,
-            baselines: dict[str, float], n: int) -> str:
+def _report(
+  config,
+  model_id: str,
+  chosen: Plan,
+  candidates: list[Plan],
+  table,
+  baselines: dict[str, float],
+  n: int,
+) -> str:
   lengths = sorted(chosen.kv_densities)
   lines = [
-      "# MoA compression report", "",
-      f"Model: `{model_id}`; KV-density budget "
-      f"{config.optimize.density} (band [{config.optimize.lower * config.optimize.density:.3f}, "
-      f"{config.optimize.density}]) at lengths {list(config.optimize.constraint_lengths)}; "
-      f"profile lengths {list(config.profile.lengths)}; {len(candidates)} Pareto plans.", "",
-      "## Chosen plan", "",
-      "| length | KV density | attention density |", "|---|---|---|",
-      *[f"| {m} | {chosen.kv_densities[m]:.4f} | {chosen.attention_densities[m]:.4f} |"
-        for m in lengths], "",
-      "Predicted loss increase per profile length: "
-      + ", ".join(f"{m}: {z:.4g}" for m, z in sorted(chosen.objectives.items())), "",
-      f"## Validation loss at length {n} (response-only cross-entropy)", "",
-      "| plan | predicted dL per profile length | validation loss |", "|---|---|---|",
-      *[f"| {row['index']}{' (chosen)' if row['chosen'] else ''} | "
-        f"{', '.join(f'{z:.4g}' for _, z in sorted(row['objectives'].items()))} | "
-        f"{row['loss']:.4f} |" for row in table],
-      *[f"| {name} (baseline) | | {value:.4f} |" for name, value in baselines.items()], "",
-      "![spans](choose/spans.png)", "", "![Pareto front](choose/pareto_front.png)", "",
+    "# MoA compression report",
+    "",
+    f"Model: `{model_id}`; KV-density budget "
+    f"{config.optimize.density} (band [{config.optimize.lower * config.optimize.density:.3f}, "
+    f"{config.optimize.density}]) at lengths {list(config.optimize.constraint_lengths)}; "
+    f"profile lengths {list(config.profile.lengths)}; {len(candidates)} Pareto plans.",
+    "",
+    "## Chosen plan",
+    "",
+    "| length | KV density | attention density |",
+    "|---|---|---|",
+    *[
+      f"| {m} | {chosen.kv_densities[m]:.4f} | {chosen.attention_densities[m]:.4f} |"
+      for m in lengths
+    ],
+    "",
+    "Predicted loss increase per profile length: "
+    + ", ".join(f"{m}: {z:.4g}" for m, z in sorted(chosen.objectives.items())),
+    "",
+    f"## Validation loss at length {n} (response-only cross-entropy)",
+    "",
+    "| plan | predicted dL per profile length | validation loss |",
+    "|---|---|---|",
+    *[
+      f"| {row['index']}{' (chosen)' if row['chosen'] else ''} | "
+      f"{', '.join(f'{z:.4g}' for _, z in sorted(row['objectives'].items()))} | "
+      f"{row['loss']:.4f} |"
+      for row in table
+    ],
+    *[f"| {name} (baseline) | | {value:.4f} |" for name, value in baselines.items()],
+    "",
+    "![spans](choose/spans.png)",
+    "",
+    "![Pareto front](choose/pareto_front.png)",
+    "",
   ]
   return "\n".join(lines)

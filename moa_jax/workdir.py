@@ -62,8 +62,10 @@ def _disk_full(error: BaseException, what: str) -> DiskFullError | None:
     return error
   if not isinstance(error, OSError) or error.errno not in DISK_FULL:
     return None
-  full = DiskFullError(f"{os.strerror(error.errno)} while writing {what}; earlier results are "
-                       "intact: free space (or raise the file-size limit) and run again")
+  full = DiskFullError(
+    f"{os.strerror(error.errno)} while writing {what}; earlier results are "
+    "intact: free space (or raise the file-size limit) and run again"
+  )
   full.errno = error.errno
   return full
 
@@ -131,8 +133,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def _file_sizes(folder: Path) -> dict[str, int]:
-  return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-          if p.is_file() and p.name != COMPLETE}
+  return {
+    str(p.relative_to(folder)): p.stat().st_size
+    for p in sorted(folder.rglob("*"))
+    if p.is_file() and p.name != COMPLETE
+  }
 
 
 class Workdir:

@@ -65,8 +65,10 @@ print(config.model, config.optimize.density, config.eval.lengths)
 compressed = pipeline.compress(config, workdir / "compress")  # loads the model once, hands it on
 plan, model, tokenizer = compressed.plan, compressed.model, compressed.tokenizer
 for n in (*config.profile.lengths, *config.optimize.constraint_lengths):
-  print(f"N={n:5d}  KV density {plan.kv_density(n):.3f}  attention density "
-        f"{plan.attention_density(n):.3f}")
+  print(
+    f"N={n:5d}  KV density {plan.kv_density(n):.3f}  attention density "
+    f"{plan.attention_density(n):.3f}"
+  )
 
 # %% [markdown]
 # The report: densities, predicted loss increases and validation losses of the Pareto plans, the
@@ -84,9 +86,11 @@ for figure in ("spans.png", "pareto_front.png"):
 # %%
 n = max(config.eval.lengths)
 uniform = uniform_plan(model.config, config.optimize.density, n, sink=config.optimize.sink)
-print(f"uniform at N={n}: window {uniform.windows(n)[0, 0]} tokens for every head, "
-      f"KV density {uniform.kv_density(n):.3f}; MoA windows range "
-      f"{plan.windows(n).min()}..{plan.windows(n).max()}")
+print(
+  f"uniform at N={n}: window {uniform.windows(n)[0, 0]} tokens for every head, "
+  f"KV density {uniform.kv_density(n):.3f}; MoA windows range "
+  f"{plan.windows(n).min()}..{plan.windows(n).max()}"
+)
 
 # %% [markdown]
 # ## 5. Evaluate: dense vs uniform vs MoA on line retrieval

@@ -37,17 +37,21 @@ def tiny_checkpoint(tmp_path_factory, tiny_model, tiny_config):
   from transformers import PreTrainedTokenizerFast
 
   directory = save_pretrained(tiny_model, tiny_config, tmp_path_factory.mktemp("tiny") / "ckpt")
-  backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TOKENIZER_WORDS)},
-                                       unk_token="<unk>"))
+  backend = Tokenizer(
+    models.WordLevel({w: i for i, w in enumerate(TOKENIZER_WORDS)}, unk_token="<unk>")
+  )
   backend.pre_tokenizer = pre_tokenizers.Whitespace()
-  PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                          eos_token="</s>").save_pretrained(directory)
+  PreTrainedTokenizerFast(
+    tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+  ).save_pretrained(directory)
   return directory
 
 
 def pytest_collection_modifyitems(items):
-  skip = pytest.mark.skip(reason="needs a GPU: a compiled kernel with no interpret mode here, or "
-                                 "a GPU-sized case (run `pytest -m gpu` on the GPU machine)")
+  skip = pytest.mark.skip(
+    reason="needs a GPU: a compiled kernel with no interpret mode here, or "
+    "a GPU-sized case (run `pytest -m gpu` on the GPU machine)"
+  )
   for item in items:
     if not ON_GPU and item.get_closest_marker("gpu") and "interpret" not in item.fixturenames:
       item.add_marker(skip)

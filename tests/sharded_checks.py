@@ -53,8 +53,9 @@ def config() -> LlamaConfig:
 
 def tokens() -> tuple[np.ndarray, np.ndarray]:
   rng = np.random.default_rng(1)
-  return rng.integers(3, 256, (8, 24)).astype(np.int32), np.tile(np.arange(24, dtype=np.int32),
-                                                                   (8, 1))
+  return rng.integers(3, 256, (8, 24)).astype(np.int32), np.tile(
+    np.arange(24, dtype=np.int32), (8, 1)
+  )
 
 
 def relative_error(got, want) -> float:
@@ -74,13 +75,12 @@ def calibration() -> dict[int, CalibrationBucket]:
   lengths = rng.integers(64, n + 1, s).astype(np.int32)
   mask = np.zeros((s, n), bool)
   for row, length in enumerate(lengths):
-    mask[row, length - 16:length] = True
+    mask[row, length - 16 : length] = True
     toks[row, length:] = 0
   return {n: CalibrationBucket(toks, mask, lengths)}
 
 
-PROFILE = dict(block=32, batch_size=8, tile=64, progress=False, magnitude="blocks",
-               loss="log_odds")
+PROFILE = dict(block=32, batch_size=8, tile=64, progress=False, magnitude="blocks", loss="log_odds")
 
 
 def load_memory(directory) -> dict:
@@ -96,14 +96,23 @@ def load_memory(directory) -> dict:
   params = nnx.state(model, nnx.Param)
   largest = max(x.nbytes for x in jax.tree.leaves(params))
   total = sum(x.nbytes for x in jax.tree.leaves(params))
-  specs = {".".join(map(str, path)): str(var.get_value().sharding.spec)
-           for path, var in nnx.to_flat_state(params)}
+  specs = {
+    ".".join(map(str, path)): str(var.get_value().sharding.spec)
+    for path, var in nnx.to_flat_state(params)
+  }
   whole, _ = load_pretrained(directory)
-  equal = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params),
-                                                   jax.tree.leaves(nnx.state(whole, nnx.Param))))
-  return dict(peak_beyond_held=peak - current, held=current - before, largest_tensor=largest,
-              total_bytes=total, q_proj_spec=specs["model.layers.0.self_attn.q_proj.weight"],
-              equal=equal)
+  equal = all(
+    np.array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(nnx.state(whole, nnx.Param)))
+  )
+  return dict(
+    peak_beyond_held=peak - current,
+    held=current - before,
+    largest_tensor=largest,
+    total_bytes=total,
+    q_proj_spec=specs["model.layers.0.self_attn.q_proj.weight"],
+    equal=equal,
+  )
 
 
 def mesh_checks(out: str) -> None:
@@ -122,28 +131,38 @@ def mesh_checks(out: str) -> None:
     sharded = sharding.shard_model(model, mesh)
     attention = ShardedMoAAttention(moa, mesh)
     results["model"][str(shape)] = dict(
-        logits=relative_error(logits(sharded, toks, pos), want_logits),
-        tokens=generate(sharded, prompts, 8, attention=attention, eos_id=()) == want_tokens,
-        balance=attention.balance_report(cfg, 64 + 8))
+      logits=relative_error(logits(sharded, toks, pos), want_logits),
+      tokens=generate(sharded, prompts, 8, attention=attention, eos_id=()) == want_tokens,
+      balance=attention.balance_report(cfg, 64 + 8),
+    )
   mesh = sharding.make_mesh(MODEL_MESHES[1])
   sharded = sharding.shard_model(model, mesh)
-  results["plain_reference_tokens"] = generate(
-      sharded, prompts, 8, attention=HeadShardedAttention(moa, mesh), eos_id=()) == want_tokens
-  command = lambda *overrides: [r["new_ids"] for r in generate_command(
-      load_config(f"{REPO}/configs/generate.py:tiny", ["max_new_tokens=4", *overrides]), None)]
+  results["plain_reference_tokens"] = (
+    generate(sharded, prompts, 8, attention=HeadShardedAttention(moa, mesh), eos_id=())
+    == want_tokens
+  )
+  command = lambda *overrides: [
+    r["new_ids"]
+    for r in generate_command(
+      load_config(f"{REPO}/configs/generate.py:tiny", ["max_new_tokens=4", *overrides]), None
+    )
+  ]
   results["generate_command"] = command("mesh.shape=(1,4,2)") == command()
   initialised = sharding.init_model(cfg, sharding.make_mesh(MODEL_MESHES[0]), seed=0)
   results["init_model"] = max(
-      float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(nnx.state(initialised)),
-                                                  jax.tree.leaves(nnx.state(model))))
+    float(jnp.abs(a - b).max())
+    for a, b in zip(jax.tree.leaves(nnx.state(initialised)), jax.tree.leaves(nnx.state(model)))
+  )
   for shape in PROFILE_MESHES:
     sharded = sharding.shard_model(model, sharding.make_mesh(shape))
     got = profile_model(sharded, cfg, calibration(), **PROFILE)
-    results["profile"][str(shape)] = max(relative_error(got[n], want_profile[n])
-                                         for n in want_profile)
+    results["profile"][str(shape)] = max(
+      relative_error(got[n], want_profile[n]) for n in want_profile
+    )
   big = cfg.replace(vocab_size=8192, hidden_size=256)  # embeddings 8 MiB, 16 MiB in all layers
-  directory = save_pretrained(Llama(big, rngs=nnx.Rngs(5)), big, f"{out}.checkpoint",
-                              max_shard_bytes=4 << 20)
+  directory = save_pretrained(
+    Llama(big, rngs=nnx.Rngs(5)), big, f"{out}.checkpoint", max_shard_bytes=4 << 20
+  )
   results["load_memory"] = load_memory(directory)
   with open(out, "w") as f:
     json.dump(results, f, indent=1)
@@ -158,14 +177,20 @@ def kernel_check(out: str) -> None:
   moa = lambda impl: MoAAttention(WINDOWS, sink=SINK, impl=impl, interpret=True, slot_multiple=16)
   want = generate(model, prompts, 4, attention=moa("reference"), eos_id=())
   mesh = sharding.make_mesh((1, 2, 4))
-  got = generate(sharding.shard_model(model, mesh), prompts, 4,
-                 attention=ShardedMoAAttention(moa("triton"), mesh), eos_id=())
+  got = generate(
+    sharding.shard_model(model, mesh),
+    prompts,
+    4,
+    attention=ShardedMoAAttention(moa("triton"), mesh),
+    eos_id=(),
+  )
   with open(out, "w") as f:
     json.dump({"tokens": got == want, "got": got, "want": want}, f)
 
 
-def process_check(out: str, checkpoint: str, coordinator: str, num_processes: str,
-                  process_id: str) -> None:
+def process_check(
+  out: str, checkpoint: str, coordinator: str, num_processes: str, process_id: str
+) -> None:
   section = sharding.mesh_section((1, 2, 4))
   section.coordinator = coordinator
   section.num_processes = int(num_processes)
@@ -181,4 +206,5 @@ def process_check(out: str, checkpoint: str, coordinator: str, num_processes: st
 
 if __name__ == "__main__":
   {"mesh": mesh_checks, "kernels": kernel_check, "process": process_check}[sys.argv[1]](
-      *sys.argv[2:])
+    *sys.argv[2:]
+  )

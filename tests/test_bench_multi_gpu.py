@@ -17,8 +17,13 @@ SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "bench_multi_g
 def test_smoke_mode_runs_every_phase(tmp_path):
   out = tmp_path / "multi_gpu.json"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--reps=1", f"--out={out}"],
-                        capture_output=True, text=True, env=env, timeout=600)
+  done = subprocess.run(
+    [sys.executable, str(SCRIPT), "--smoke", "--reps=1", f"--out={out}"],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=600,
+  )
   assert done.returncode == 0, done.stderr[-2000:]
   result = json.loads(out.read_text())
   assert result["smoke"] and result["device_count"] == 8

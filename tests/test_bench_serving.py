@@ -16,9 +16,20 @@ def test_bench_serving_smoke(tmp_path):
   out = tmp_path / "serving.json"
   torch_python = os.environ.get("MOA_TORCH_PYTHON", sys.executable)
   proc = subprocess.run(
-      [sys.executable, str(REPO / "experiments" / "bench_serving.py"), "--smoke", "--out",
-       str(out), "--torch_python", torch_python], capture_output=True, text=True, cwd=REPO,
-      timeout=600)
+    [
+      sys.executable,
+      str(REPO / "experiments" / "bench_serving.py"),
+      "--smoke",
+      "--out",
+      str(out),
+      "--torch_python",
+      torch_python,
+    ],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   records = {r["method"]: r for r in json.loads(out.read_text())["records"]}
   assert set(records) == {"dense", "moa-0.5", "moa-0.25", "hf"}

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from moa_jax.attention import cache as cache_lib
 from moa_jax.attention import decode as decode_lib
@@ -55,49 +55,58 @@ def run_decode(decode_fn, dtype, windows, kv, *, steps, slot_multiple, tolerance
   b, t, h, sink = 3, 50, 16, 4
   total = t + steps
   layout = cache_lib.make_layout(
-      np.asarray(windows).repeat(n // len(windows)), kv, total, sink=sink,
-      slot_multiple=slot_multiple)
+    np.asarray(windows).repeat(n // len(windows)), kv, total, sink=sink, slot_multiple=slot_multiple
+  )
   pads = np.array([0, 13, 41])
   rng = np.random.default_rng(len(windows) + steps)
-  q, k, v = (jnp.asarray(rng.standard_normal((b, total, heads, h)), dtype)
-             for heads in (n, kv, kv))
+  q, k, v = (jnp.asarray(rng.standard_normal((b, total, heads, h)), dtype) for heads in (n, kv, kv))
   pos = jnp.asarray(np.arange(total)[None] - pads[:, None], jnp.int32)
-  cache = cache_lib.write(cache_lib.init_cache(layout, b, h, dtype), k[:, :t], v[:, :t],
-                          pos[:, :t])
+  cache = cache_lib.write(cache_lib.init_cache(layout, b, h, dtype), k[:, :t], v[:, :t], pos[:, :t])
   kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
-  reference = jax.jit(lambda q, q_pos, k_pos: reference_attention(
-      q, kf, vf, q_pos, k_pos, windows=jnp.asarray(windows), sink=sink))
+  reference = jax.jit(
+    lambda q, q_pos, k_pos: reference_attention(
+      q, kf, vf, q_pos, k_pos, windows=jnp.asarray(windows), sink=sink
+    )
+  )
   for i in range(t, total):
-    cache = cache_lib.write(cache, k[:, i:i + 1], v[:, i:i + 1], pos[:, i:i + 1])
+    cache = cache_lib.write(cache, k[:, i : i + 1], v[:, i : i + 1], pos[:, i : i + 1])
     out = decode_fn(q[:, i], pos[:, i], cache)
     assert out.shape == (b, n, h) and out.dtype == dtype and not jnp.isnan(out).any()
     seen = jnp.where(jnp.arange(total) <= i, pos, -1)  # the history so far
-    ref = reference(q[:, i:i + 1].astype(jnp.float32), pos[:, i:i + 1], seen)[:, 0]
+    ref = reference(q[:, i : i + 1].astype(jnp.float32), pos[:, i : i + 1], seen)[:, 0]
     err = float(jnp.abs(out.astype(jnp.float32) - ref).max())
     assert err < tolerance, f"step {i}: max abs error {err}"
 
 
-@pytest.mark.parametrize("windows,kv,dtype", [
+@pytest.mark.parametrize(
+  "windows,kv,dtype",
+  [
     ([1, 9, 30, 70, 5, 5, 200, 12], 2, jnp.float32),  # per query head, prompt > some caches
     ([7, 40], 2, jnp.bfloat16),  # per KV group
-])
+  ],
+)
 def test_xla_decode_matches_reference(windows, kv, dtype):
   tolerance = 1e-5 if dtype == jnp.float32 else 3e-2
-  run_decode(decode_lib.decode_xla, dtype, windows, kv, steps=12, slot_multiple=1,
-             tolerance=tolerance)
+  run_decode(
+    decode_lib.decode_xla, dtype, windows, kv, steps=12, slot_multiple=1, tolerance=tolerance
+  )
 
 
-@pytest.mark.parametrize("windows,kv,n,dtype,min_split_blocks", [
+@pytest.mark.parametrize(
+  "windows,kv,n,dtype,min_split_blocks",
+  [
     ([1, 9, 30, 70, 5, 5, 200, 12], 2, 8, jnp.float32, 16),  # one split: output in the kernel
     ([3, 3, 3, 3, 25, 25, 25, 25], 8, 8, jnp.float16, 1),  # split slots, merged by XLA
     ([5, 40, 5, 40], 4, 16, jnp.float32, 1),  # groups of non-adjacent KV heads, N = 16 rows
     ([40, 5, 5, 40], 4, 16, jnp.float16, 16),
     ([3, 40, 7, 1, 30, 20], 2, 6, jnp.float32, 1),  # G = 3
     ([3, 40, 7, 1, 30, 20, 5], 1, 7, jnp.float32, 16),  # G = 7
-])
+  ],
+)
 def test_triton_decode_matches_reference(windows, kv, n, dtype, min_split_blocks):
   decode = lambda q, q_pos, cache: decode_lib.decode_gpu(
-      q, q_pos, cache, target_programs=64, min_split_blocks=min_split_blocks, interpret=True)
+    q, q_pos, cache, target_programs=64, min_split_blocks=min_split_blocks, interpret=True
+  )
   tolerance = 1e-5 if dtype == jnp.float32 else 4e-3
   run_decode(decode, dtype, windows, kv, steps=6, slot_multiple=16, tolerance=tolerance, n=n)
 
@@ -106,13 +115,14 @@ def test_decode_programs_balance_groups():
   """Splits follow capacity (every program streams about as many blocks), the groups with the
   longest programs come first, and the programs tile the grid without gaps."""
   layout = cache_lib.make_layout(np.repeat([100, 900, 100, 2000], 4), 4, 4096, sink=64)
-  plans = decode_lib.plan_programs(layout, 16, block_k=64, target_programs=528,
-                                   min_split_blocks=4)
+  plans = decode_lib.plan_programs(layout, 16, block_k=64, target_programs=528, min_split_blocks=4)
   per_program = [p.blocks_per_split for p in plans]
   assert per_program == sorted(per_program, reverse=True)
   assert max(per_program) == 4 and plans[0].splits > 1  # min_split_blocks; largest group split
-  assert all(p.splits * p.blocks_per_split >= p.num_blocks > (p.splits - 1) * p.blocks_per_split
-             for p in plans)
+  assert all(
+    p.splits * p.blocks_per_split >= p.num_blocks > (p.splits - 1) * p.blocks_per_split
+    for p in plans
+  )
   assert [p.first for p in plans] == list(np.cumsum([0] + [p.count(16) for p in plans[:-1]]))
   assert sorted(h for p in plans for h in p.heads) == [0, 1, 2, 3]
 
@@ -127,8 +137,10 @@ def test_decode_dispatch():
   pos = jnp.asarray(np.arange(t)[None] - np.array([[0], [30]]), jnp.int32)
   cache = cache_lib.write(cache_lib.init_cache(layout, b, h, jnp.float32), k, v, pos)
   q = jnp.asarray(rng.standard_normal((b, 4, h)), jnp.float32)
-  outs = [dispatch.decode_attention(q, pos[:, -1], cache, impl=impl, interpret=True)
-          for impl in dispatch.IMPLS]
+  outs = [
+    dispatch.decode_attention(q, pos[:, -1], cache, impl=impl, interpret=True)
+    for impl in dispatch.IMPLS
+  ]
   ref = reference_attention(q[:, None], k, v, pos[:, -1:], pos, windows=windows, sink=4)[:, 0]
   for out in outs:
     np.testing.assert_allclose(out, ref, atol=1e-5)

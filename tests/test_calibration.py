@@ -12,11 +12,11 @@ import pytest
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from moa_jax.calibration import sources as multinews
-from moa_jax.generate import generate
 from moa_jax.calibration import build as calibration
 from moa_jax.calibration import prompts
+from moa_jax.calibration import sources as multinews
 from moa_jax.calibration.build import CalibrationConfig, CalibrationSet, build_calibration
+from moa_jax.generate import generate
 
 FIXTURE = Path(__file__).parent / "data" / "multinews_tiny"
 LLAMA3_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -24,18 +24,24 @@ LLAMA3_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 def make_tokenizer(directory: Path, llama3_tokens: bool) -> transformers.PreTrainedTokenizerBase:
   """A small BPE (vocabulary < 256, the tiny model's) trained on the fixture, via AutoTokenizer."""
-  texts = [json.loads(line)["document"]
-           for line in (FIXTURE / "train.jsonl").read_text().splitlines()]
+  texts = [
+    json.loads(line)["document"] for line in (FIXTURE / "train.jsonl").read_text().splitlines()
+  ]
   specials = ["<pad>", "<s>", "</s>", "<unk>"] + (LLAMA3_TOKENS if llama3_tokens else [])
   tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
   tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
   tokenizer.decoder = decoders.Metaspace()
-  trainer = trainers.BpeTrainer(vocab_size=240, special_tokens=specials,
-                                initial_alphabet=list(string.printable))
+  trainer = trainers.BpeTrainer(
+    vocab_size=240, special_tokens=specials, initial_alphabet=list(string.printable)
+  )
   tokenizer.train_from_iterator(texts, trainer)
   wrapped = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-      unk_token="<unk>")
+    tokenizer_object=tokenizer,
+    bos_token="<s>",
+    eos_token="</s>",
+    pad_token="<pad>",
+    unk_token="<unk>",
+  )
   wrapped.save_pretrained(directory)
   return transformers.AutoTokenizer.from_pretrained(directory)
 
@@ -69,8 +75,10 @@ def test_load_multinews_local(tmp_path):
   # The same records from one file, and from parquet.
   assert len(multinews.load_multinews(FIXTURE / "train.jsonl", cache_dir=str(tmp_path))) == 6
   ds.to_parquet(tmp_path / "train.parquet")
-  assert multinews.load_multinews(tmp_path / "train.parquet", cache_dir=str(tmp_path))[
-      "document"] == ds["document"]
+  assert (
+    multinews.load_multinews(tmp_path / "train.parquet", cache_dir=str(tmp_path))["document"]
+    == ds["document"]
+  )
 
 
 def test_load_multinews_errors(tmp_path):
@@ -87,10 +95,13 @@ def test_load_multinews_errors(tmp_path):
 
 def test_context_question_jsonl(tmp_path):
   path = tmp_path / "qa.jsonl"
-  path.write_text("\n".join(json.dumps({"context": f"doc {i}", "question": f"q {i}?", "id": i})
-                            for i in range(3)) + "\n\n")
+  path.write_text(
+    "\n".join(json.dumps({"context": f"doc {i}", "question": f"q {i}?", "id": i}) for i in range(3))
+    + "\n\n"
+  )
   assert multinews.load_context_questions(path) == [
-      multinews.ContextQuestion(f"doc {i}", f"q {i}?") for i in range(3)]
+    multinews.ContextQuestion(f"doc {i}", f"q {i}?") for i in range(3)
+  ]
   path.write_text(json.dumps({"context": "only a context"}) + "\n")
   with pytest.raises(ValueError, match=r"qa.jsonl:1: a record needs"):
     multinews.load_context_questions(path)
@@ -102,8 +113,9 @@ def test_context_question_jsonl(tmp_path):
 
 
 def test_chat_templates(tokenizer, tmp_path):
-  text = lambda template: tokenizer.decode(calibration.render_prompt(
-      tokenizer, "The ferry runs daily.", "How often?", template))
+  text = lambda template: tokenizer.decode(
+    calibration.render_prompt(tokenizer, "The ferry runs daily.", "How often?", template)
+  )
   vicuna = text("vicuna")
   assert vicuna.startswith("<s>") and "<unk>" not in vicuna
   words = " ".join(vicuna[3:].split())  # this BPE decodes with spaces around special tokens
@@ -139,15 +151,34 @@ def test_fit_prompt_cuts_the_middle(tokenizer, tmp_path):
 
 
 def _config(**overrides) -> CalibrationConfig:
-  return CalibrationConfig(**{**dict(
-      source="multinews", path=str(FIXTURE), lengths=(256, 384), samples_per_length=3,
-      max_new_tokens=6, seed=3, template="vicuna", min_fill=0.5, batch_size=3), **overrides})
+  return CalibrationConfig(
+    **{
+      **dict(
+        source="multinews",
+        path=str(FIXTURE),
+        lengths=(256, 384),
+        samples_per_length=3,
+        max_new_tokens=6,
+        seed=3,
+        template="vicuna",
+        min_fill=0.5,
+        batch_size=3,
+      ),
+      **overrides,
+    }
+  )
 
 
 def test_build_calibration_answers_and_caches(tiny_model, tokenizer, tmp_path):
   config = _config()
-  built = build_calibration(tiny_model, tokenizer, config, cache_dir=tmp_path, progress=False,
-                            datasets_cache_dir=str(tmp_path / "hf"))
+  built = build_calibration(
+    tiny_model,
+    tokenizer,
+    config,
+    cache_dir=tmp_path,
+    progress=False,
+    datasets_cache_dir=str(tmp_path / "hf"),
+  )
   assert sorted(built.buckets) == [256, 384]
   stop_ids = (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>"))
   for n, bucket in built.buckets.items():
@@ -159,7 +190,7 @@ def test_build_calibration_answers_and_caches(tiny_model, tokenizer, tmp_path):
       assert 1 <= len(response) <= config.max_new_tokens and length <= n
       assert response[-1] == length - 1 and np.all(np.diff(response) == 1)  # answer at the end
       assert np.all(bucket.tokens[row, length:] == tokenizer.pad_token_id)
-      prompts.append(bucket.tokens[row, :response[0]].tolist())
+      prompts.append(bucket.tokens[row, : response[0]].tolist())
       responses.append(bucket.tokens[row, response].tolist())
       assert prompts[-1][0] == tokenizer.bos_token_id
       assert tokenizer.decode(prompts[-1]).endswith("ASSISTANT:")
@@ -174,29 +205,53 @@ def test_build_calibration_answers_and_caches(tiny_model, tokenizer, tmp_path):
     np.testing.assert_array_equal(again.buckets[n].loss_mask, built.buckets[n].loss_mask)
   # Any input that decides the content gives another key; the generation batch does not.
   key_of = lambda **o: calibration.cache_key(
-      calibration.cache_key_inputs(tiny_model, tokenizer, _config(**o)))
+    calibration.cache_key_inputs(tiny_model, tokenizer, _config(**o))
+  )
   assert key_of(batch_size=1) == built.metadata["key"]
-  assert len({key_of(), key_of(max_new_tokens=5), key_of(seed=4), key_of(lengths=(256,)),
-              key_of(template="llama3")}) == 5
+  assert (
+    len(
+      {
+        key_of(),
+        key_of(max_new_tokens=5),
+        key_of(seed=4),
+        key_of(lengths=(256,)),
+        key_of(template="llama3"),
+      }
+    )
+    == 5
+  )
   assert os.listdir(tmp_path).count(directory.name) == 1
 
 
 def test_jsonl_source_and_empty_errors(tiny_model, tokenizer, tmp_path):
   records = multinews.multinews_examples(multinews.load_multinews(FIXTURE, cache_dir=str(tmp_path)))
   path = tmp_path / "qa.jsonl"
-  path.write_text("".join(json.dumps({"context": r.context, "question": "Which town is it about?"})
-                          + "\n" for r in records[:2]))
-  built = build_calibration(tiny_model, tokenizer,
-                            _config(source="jsonl", path=str(path), lengths=(256,),
-                                    template="llama3"), progress=False)
+  path.write_text(
+    "".join(
+      json.dumps({"context": r.context, "question": "Which town is it about?"}) + "\n"
+      for r in records[:2]
+    )
+  )
+  built = build_calibration(
+    tiny_model,
+    tokenizer,
+    _config(source="jsonl", path=str(path), lengths=(256,), template="llama3"),
+    progress=False,
+  )
   assert built.buckets[256].num_samples == 2 and built.metadata["template"] == "llama3"
   path.write_text("")
   with pytest.raises(ValueError, match="has no records"):
-    build_calibration(tiny_model, tokenizer, _config(source="jsonl", path=str(path)),
-                      progress=False)
+    build_calibration(
+      tiny_model, tokenizer, _config(source="jsonl", path=str(path)), progress=False
+    )
   with pytest.raises(ValueError, match="no calibration record fills length 4096"):
-    build_calibration(tiny_model, tokenizer, _config(lengths=(256, 4096), min_fill=0.9),
-                      cache_dir=tmp_path, progress=False)
+    build_calibration(
+      tiny_model,
+      tokenizer,
+      _config(lengths=(256, 4096), min_fill=0.9),
+      cache_dir=tmp_path,
+      progress=False,
+    )
   with pytest.raises(FileNotFoundError, match="no complete calibration set"):
     CalibrationSet.load(tmp_path / "nothing")
   with pytest.raises(ValueError, match="unknown calibration source"):

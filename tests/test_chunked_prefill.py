@@ -39,30 +39,36 @@ def history_case(seed, n, kv, windows, sink, prefix, chunk_real, t, dtype, h=16)
   q = jnp.asarray(rng.standard_normal((b, t, n, h)), dtype)
   old_pos, pos = np.full((b, p), -1, np.int32), np.full((b, t), -1, np.int32)
   for row in range(b):
-    old_pos[row, p - prefix[row]:] = np.arange(prefix[row])
-    pos[row, t - chunk_real[row]:] = prefix[row] + np.arange(chunk_real[row])
+    old_pos[row, p - prefix[row] :] = np.arange(prefix[row])
+    pos[row, t - chunk_real[row] :] = prefix[row] + np.arange(chunk_real[row])
   cache = cache_lib.init_cache(layout, b, h, dtype)
   if p:
     cache = jax.jit(cache_lib.write)(cache, k[:, :p], v[:, :p], jnp.asarray(old_pos))
   f32 = lambda x: x.astype(jnp.float32)
   ref = jax.jit(functools.partial(reference_attention, sink=sink))(
-      f32(q), f32(k), f32(v), jnp.asarray(pos), jnp.asarray(np.concatenate([old_pos, pos], 1)),
-      windows=jnp.asarray(windows))
+    f32(q),
+    f32(k),
+    f32(v),
+    jnp.asarray(pos),
+    jnp.asarray(np.concatenate([old_pos, pos], 1)),
+    windows=jnp.asarray(windows),
+  )
   return (q, k[:, p:], v[:, p:], jnp.asarray(pos), cache), ref
 
 
 CHUNK_CASES = [  # N, K, windows per query head, sink, cached per row, chunk tokens per row, T
-    # G = 4; a row with an empty cache, a row whose chunk is all padding, a chunk holding the
-    # sink's last positions (cached 2 < sink 4), a chunk longer than the windows 1, 5, 9, 12.
-    (8, 2, [1, 9, 30, 70, 5, 5, 200, 12], 4, [0, 50, 2, 9], [70, 13, 0, 70], 70),
-    (6, 2, [3, 40, 7, 1, 300, 20], 4, [120, 33, 2], [40, 40, 17], 40),  # G = 3
-    (7, 1, [3, 40, 7, 1, 300, 20, 5], 8, [10, 90], [60, 5], 60),  # G = 7
-    (4, 4, [3, 40, 7, 20], 0, [100, 3], [30, 30], 30),  # G = 1, no sink
+  # G = 4; a row with an empty cache, a row whose chunk is all padding, a chunk holding the
+  # sink's last positions (cached 2 < sink 4), a chunk longer than the windows 1, 5, 9, 12.
+  (8, 2, [1, 9, 30, 70, 5, 5, 200, 12], 4, [0, 50, 2, 9], [70, 13, 0, 70], 70),
+  (6, 2, [3, 40, 7, 1, 300, 20], 4, [120, 33, 2], [40, 40, 17], 40),  # G = 3
+  (7, 1, [3, 40, 7, 1, 300, 20, 5], 8, [10, 90], [60, 5], 60),  # G = 7
+  (4, 4, [3, 40, 7, 20], 0, [100, 3], [30, 30], 30),  # G = 1, no sink
 ]
 
 
-@pytest.mark.parametrize("case,dtype", [(case, jnp.float32) for case in CHUNK_CASES]
-                         + [(CHUNK_CASES[0], jnp.bfloat16)])
+@pytest.mark.parametrize(
+  "case,dtype", [(case, jnp.float32) for case in CHUNK_CASES] + [(CHUNK_CASES[0], jnp.bfloat16)]
+)
 def test_chunk_attention_matches_the_whole_history(case, dtype):
   n, t = case[0], case[-1]
   args, ref = history_case(n + t, *case, dtype)
@@ -103,6 +109,7 @@ MAX_LENGTH = 400
 @functools.cache
 def tiny():
   from moa_jax.models import Llama, LlamaConfig
+
   config = LlamaConfig.tiny()
   return Llama(config, rngs=nnx.Rngs(3)), config
 
@@ -113,8 +120,8 @@ def prompts(lengths=PROMPT_LENGTHS, seed=7):
 
 
 ATTENTIONS = {
-    "dense": DenseAttention(),
-    "moa": MoAAttention(WINDOWS, sink=SINK, impl="reference", slot_multiple=16),
+  "dense": DenseAttention(),
+  "moa": MoAAttention(WINDOWS, sink=SINK, impl="reference", slot_multiple=16),
 }
 
 
@@ -122,8 +129,9 @@ ATTENTIONS = {
 def cached_forward(attention):
   """A jitted model call on caches (one compile per shape and attention for the whole file)."""
   graphdef, _ = nnx.split(tiny()[0])
-  return jax.jit(lambda state, t, p, c: nnx.merge(graphdef, state)(
-      t, p, attention=attention, caches=c))
+  return jax.jit(
+    lambda state, t, p, c: nnx.merge(graphdef, state)(t, p, attention=attention, caches=c)
+  )
 
 
 def chunked_logits(attention, tokens, positions, chunk):
@@ -134,8 +142,9 @@ def chunked_logits(attention, tokens, positions, chunk):
   caches = attention.init_cache(config, tokens.shape[0], MAX_LENGTH)
   logits, start = [], 0
   for size in chunk_sizes(tokens.shape[1], chunk):
-    out, caches = forward(state, tokens[:, start:start + size], positions[:, start:start + size],
-                          caches)
+    out, caches = forward(
+      state, tokens[:, start : start + size], positions[:, start : start + size], caches
+    )
     logits.append(np.asarray(out))
     start += size
   return np.concatenate(logits, axis=1)
@@ -149,8 +158,9 @@ def test_prefill_in_chunks_gives_the_logits_of_one_prefill(name):
   real = positions >= 0
   for chunk in (1, 7, 64, 1000):
     got = chunked_logits(attention, tokens, positions, chunk)
-    np.testing.assert_allclose(got[real], whole[real], atol=1e-5, rtol=0,
-                               err_msg=f"chunks of {chunk}")
+    np.testing.assert_allclose(
+      got[real], whole[real], atol=1e-5, rtol=0, err_msg=f"chunks of {chunk}"
+    )
   # The library's prefill (a loop of chunks inside one jit) returns the last token's logits.
   model, config = tiny()
   caches = attention.init_cache(config, len(tokens), MAX_LENGTH)
@@ -179,14 +189,12 @@ def test_second_turn_on_the_cache_matches_prefilling_both_turns(name):
   chat.append(turn2)
   reply2 = chat.reply(6, eos_id=())
   whole = [a + r + b for a, r, b in zip(turn1, reply1, turn2)]
-  assert reply2 == generate(model, whole, 6, attention=attention, eos_id=(),
-                            max_length=MAX_LENGTH)
+  assert reply2 == generate(model, whole, 6, attention=attention, eos_id=(), max_length=MAX_LENGTH)
   # Continuing a reply decodes on: a reply of 6 and another of 6 are one reply of 12.
   chat = Conversation(model, 3, MAX_LENGTH, attention=attention)
   chat.append(whole)
   both = [a + b for a, b in zip(chat.reply(6, eos_id=()), chat.reply(6, eos_id=()))]
-  assert both == generate(model, whole, 12, attention=attention, eos_id=(),
-                          max_length=MAX_LENGTH)
+  assert both == generate(model, whole, 12, attention=attention, eos_id=(), max_length=MAX_LENGTH)
 
 
 def test_finished_rows_write_nothing_more():
@@ -198,7 +206,7 @@ def test_finished_rows_write_nothing_more():
   chat = Conversation(model, 3, MAX_LENGTH)
   chat.append(turn)
   stopped = chat.reply(6, eos_id=eos)
-  assert stopped[1] == free[1][:free[1].index(eos) + 1]
+  assert stopped[1] == free[1][: free[1].index(eos) + 1]
   held = chat.lengths.copy()
   assert held[1] == 23 + len(stopped[1]) - 1  # the eos itself is fed with the next turn
   chat.append([[5], [6], [7]])
@@ -231,8 +239,9 @@ def test_conversation_errors():
     chat.append([[1] * 65, [2]])
   moa = ATTENTIONS["moa"]
   with pytest.raises(ValueError, match="decode needs caches that hold a prompt"):
-    decode(model, jnp.zeros((2, 256)), np.zeros(2), moa.init_cache(tiny()[1], 2, 100), 2,
-           attention=moa)
+    decode(
+      model, jnp.zeros((2, 256)), np.zeros(2), moa.init_cache(tiny()[1], 2, 100), 2, attention=moa
+    )
 
 
 @pytest.mark.parametrize("dtype,n,kv", [(jnp.bfloat16, 32, 8), (jnp.float32, 6, 2)])
@@ -245,18 +254,28 @@ def test_chunk_kernel_lowers_to_a_valid_triton_module(dtype, n, kv, monkeypatch)
 
   modules = []
   lower = registration.lowering.lower_jaxpr_to_triton_module
-  monkeypatch.setattr(registration.gpu_info_lib, "get_gpu_info", lambda: gpu_info.GpuInfo(
-      gpu_version=None, arch_name="sm_90", compute_capability=90))
-  monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module",
-                      lambda *a, **k: modules.append(lower(*a, **k)) or modules[-1])
+  monkeypatch.setattr(
+    registration.gpu_info_lib,
+    "get_gpu_info",
+    lambda: gpu_info.GpuInfo(gpu_version=None, arch_name="sm_90", compute_capability=90),
+  )
+  monkeypatch.setattr(
+    registration.lowering,
+    "lower_jaxpr_to_triton_module",
+    lambda *a, **k: modules.append(lower(*a, **k)) or modules[-1],
+  )
   b, t, h = 1, 256, 16 if dtype == jnp.float32 else 128
   windows = np.repeat(np.array([300, 60] * (kv // 2)), n // kv)
   layout = cache_lib.make_layout(windows, kv, 1000, sink=64, slot_multiple=64)
   shape = lambda *s: jax.ShapeDtypeStruct(s, dtype)
   cache = jax.eval_shape(lambda: cache_lib.init_cache(layout, b, h, dtype))
-  jax.jit(chunk_gpu).trace(shape(b, t, n, h), shape(b, t, kv, h), shape(b, t, kv, h),
-                           jax.ShapeDtypeStruct((b, t), jnp.int32), cache).lower(
-                               lowering_platforms=("cuda",))
+  jax.jit(chunk_gpu).trace(
+    shape(b, t, n, h),
+    shape(b, t, kv, h),
+    shape(b, t, kv, h),
+    jax.ShapeDtypeStruct((b, t), jnp.int32),
+    cache,
+  ).lower(lowering_platforms=("cuda",))
   assert len(modules) == len(layout.groups)
   for module in modules:
     assert module.module.operation.verify()

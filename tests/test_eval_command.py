@@ -28,9 +28,15 @@ def tiny_config(*overrides):
 
 def write_plans(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
   """One plan for the tiny model (2 layers, 4 heads, 2 KV heads) as our JSON and the official."""
-  plan = Plan(num_layers=2, num_heads=4, num_kv_heads=2,
-              alphas=np.array([[128.0, 0.0], [64.0, 192.0]]),
-              betas=np.array([[0.0, 0.25], [0.5, 0.0]]), sink=64, block=64)
+  plan = Plan(
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    alphas=np.array([[128.0, 0.0], [64.0, 192.0]]),
+    betas=np.array([[0.0, 0.25], [0.5, 0.0]]),
+    sink=64,
+    block=64,
+  )
   ours, official = directory / "plan.json", directory / "official.json"
   plan.save(ours)
   official.write_text(plan.to_official_json())
@@ -39,21 +45,40 @@ def write_plans(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
 
 def cell_files(workdir: pathlib.Path) -> dict[str, tuple[int, int]]:
   """{relative path: (inode, mtime_ns)} of the finished cell files."""
-  return {str(p.relative_to(workdir)): (p.stat().st_ino, p.stat().st_mtime_ns)
-          for p in (workdir / "cells").rglob("*.json")}
+  return {
+    str(p.relative_to(workdir)): (p.stat().st_ino, p.stat().st_mtime_ns)
+    for p in (workdir / "cells").rglob("*.json")
+  }
 
 
 @pytest.mark.slow
 def test_killed_eval_resumes_without_recomputing_and_plans_in_both_formats(tmp_path):
   ours, official = write_plans(tmp_path)
-  overrides = ["eval.tasks=passkey", "eval.lengths=256,", "eval.methods=dense",
-               f"eval.plans=moa={ours},official={official}", "eval.with_ce=False",
-               "eval.depths=0.5,", "eval.batch_size=1"]
+  overrides = [
+    "eval.tasks=passkey",
+    "eval.lengths=256,",
+    "eval.methods=dense",
+    f"eval.plans=moa={ours},official={official}",
+    "eval.with_ce=False",
+    "eval.depths=0.5,",
+    "eval.batch_size=1",
+  ]
   workdir = tmp_path / "run"
   process = subprocess.Popen(
-      [sys.executable, "-m", "moa_jax", "eval", f"--config={CONFIG}:tiny",
-       *(f"--config.{o}" for o in overrides), f"--workdir={workdir}"],
-      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    [
+      sys.executable,
+      "-m",
+      "moa_jax",
+      "eval",
+      f"--config={CONFIG}:tiny",
+      *(f"--config.{o}" for o in overrides),
+      f"--workdir={workdir}",
+    ],
+    cwd=ROOT,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   deadline = time.monotonic() + 300
   while not cell_files(workdir) and process.poll() is None and time.monotonic() < deadline:
     time.sleep(0.02)
@@ -73,8 +98,9 @@ def test_killed_eval_resumes_without_recomputing_and_plans_in_both_formats(tmp_p
 
   records = result["records"]
   assert {r["method"] for r in records} == {"dense", "moa", "official"}
-  strip = lambda method: [{k: v for k, v in r.items() if k != "method"} for r in records
-                          if r["method"] == method]
+  strip = lambda method: [
+    {k: v for k, v in r.items() if k != "method"} for r in records if r["method"] == method
+  ]
   assert strip("moa") == strip("official")  # the official JSON reads back the same rules
   assert result["meta"]["kv_density"]["moa"]["256"] < 1.0
   meta = json.loads((workdir / "results.json").read_text())["meta"]
@@ -87,13 +113,20 @@ def test_killed_eval_resumes_without_recomputing_and_plans_in_both_formats(tmp_p
 
 
 def test_longbench_and_longtext_cells(tmp_path):
-  result = run_eval(tiny_config(
-      "eval.tasks=longbench/hotpotqa,longtext", "eval.lengths=256,",
-      f"eval.longbench.data_dir={LONGBENCH_TINY}", "eval.longbench.num_samples=2",
-      "eval.longtext.num_documents=1"), tmp_path)
+  result = run_eval(
+    tiny_config(
+      "eval.tasks=longbench/hotpotqa,longtext",
+      "eval.lengths=256,",
+      f"eval.longbench.data_dir={LONGBENCH_TINY}",
+      "eval.longbench.num_samples=2",
+      "eval.longtext.num_documents=1",
+    ),
+    tmp_path,
+  )
   by_cell = {(r["task"], r["method"]): r for r in result["records"]}
-  assert set(by_cell) == {(t, m) for t in ("longbench/hotpotqa", "longtext")
-                          for m in ("dense", "uniform")}
+  assert set(by_cell) == {
+    (t, m) for t in ("longbench/hotpotqa", "longtext") for m in ("dense", "uniform")
+  }
   for method in ("dense", "uniform"):
     bench = by_cell[("longbench/hotpotqa", method)]
     assert bench["num_samples"] == 2 and 0 <= bench["score"] <= 100
@@ -109,8 +142,13 @@ def test_longbench_and_longtext_cells(tmp_path):
 
 
 def one_line_error(capsys, *overrides, workdir) -> str:
-  argv = ["moa_jax", "eval", f"--config={CONFIG}:tiny", *(f"--config.{o}" for o in overrides),
-          f"--workdir={workdir}"]
+  argv = [
+    "moa_jax",
+    "eval",
+    f"--config={CONFIG}:tiny",
+    *(f"--config.{o}" for o in overrides),
+    f"--workdir={workdir}",
+  ]
   with pytest.raises(SystemExit) as exit_info:
     entry.main(argv)
   message = str(exit_info.value.code)
@@ -122,13 +160,12 @@ def one_line_error(capsys, *overrides, workdir) -> str:
 def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
   import datasets
 
-  assert "unknown task 'lines2'" in one_line_error(capsys, "eval.tasks=lines2",
-                                                   workdir=tmp_path)
-  other = Plan(num_layers=3, num_heads=4, num_kv_heads=2, alphas=np.zeros((3, 2)),
-               betas=np.ones((3, 2)))
+  assert "unknown task 'lines2'" in one_line_error(capsys, "eval.tasks=lines2", workdir=tmp_path)
+  other = Plan(
+    num_layers=3, num_heads=4, num_kv_heads=2, alphas=np.zeros((3, 2)), betas=np.ones((3, 2))
+  )
   other.save(tmp_path / "other.json")
-  message = one_line_error(capsys, f"eval.plans=moa={tmp_path / 'other.json'}",
-                           workdir=tmp_path)
+  message = one_line_error(capsys, f"eval.plans=moa={tmp_path / 'other.json'}", workdir=tmp_path)
   assert "other.json" in message and "(3, 4, 2)" in message and "(2, 4, 2)" in message
   monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
   monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)

@@ -5,10 +5,8 @@ that every file moa_jax writes goes through write-then-rename."""
 import ast
 import contextlib
 import errno
-import json
 import os
 import random
-import resource
 import signal
 import subprocess
 import sys
@@ -24,8 +22,12 @@ from moa_jax.workdir import DiskFullError, Workdir, atomic_path, atomic_write, a
 REPO = Path(__file__).resolve().parents[1]
 SEED = 15
 # The tiny compress config with one sample per length and one Pareto interval.
-SMALL = ["--config=configs/compress.py:tiny", "--config.calibration.samples_per_length=1",
-         "--config.optimize.intervals=1", "--config.select.num_samples=1"]
+SMALL = [
+  "--config=configs/compress.py:tiny",
+  "--config.calibration.samples_per_length=1",
+  "--config.optimize.intervals=1",
+  "--config.select.num_samples=1",
+]
 STAGES = ("calibration", "profile", "optimize", "choose")
 
 # Runs the CLI with a fault: 'write K' kills the process inside its K-th atomic file write (the
@@ -70,8 +72,13 @@ INJECTOR = textwrap.dedent("""
 
 
 def _cli(args, *, fault=("none", 0), timeout=420):
-  return subprocess.run([sys.executable, "-c", INJECTOR, fault[0], str(fault[1]), *args],
-                        cwd=REPO, capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-c", INJECTOR, fault[0], str(fault[1]), *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def _complete(work: Path) -> list[str]:
@@ -81,13 +88,19 @@ def _complete(work: Path) -> list[str]:
 def _stray_files(work: Path) -> list[str]:
   """Temporary files left where a reader could look: anything hidden that is not inside (or
   is not) a top-level .<name>.partial-* entry, which the next run discards."""
-  return [str(p.relative_to(work)) for p in work.rglob(".*")
-          if ".partial-" not in p.relative_to(work).parts[0]]
+  return [
+    str(p.relative_to(work))
+    for p in work.rglob(".*")
+    if ".partial-" not in p.relative_to(work).parts[0]
+  ]
 
 
 def _snapshot(work: Path) -> dict[str, bytes]:
-  return {str(p.relative_to(work)): p.read_bytes() for p in sorted(work.rglob("*"))
-          if p.is_file() and not any(part.startswith(".") for part in p.relative_to(work).parts)}
+  return {
+    str(p.relative_to(work)): p.read_bytes()
+    for p in sorted(work.rglob("*"))
+    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(work).parts)
+  }
 
 
 @pytest.mark.slow
@@ -125,13 +138,15 @@ def test_compress_killed_in_a_write_and_in_a_stage_resumes_and_survives_a_full_d
   full = _cli(changed, fault=("fsize", 16 * 1024))
   assert full.returncode == 1, full.stderr[-3000:]
   lines = full.stderr.strip().splitlines()
-  assert lines[-1].startswith("error: File too large while writing ") and "Traceback" not in \
-      full.stderr, full.stderr[-3000:]
+  assert (
+    lines[-1].startswith("error: File too large while writing ") and "Traceback" not in full.stderr
+  ), full.stderr[-3000:]
   assert "earlier results are intact" in lines[-1]
   assert _snapshot(work) == before and not _stray_files(work)
 
 
 # --------------------------------------------------------------------------- atomic writes
+
 
 def _kill_mid_write(target: Path, text: str) -> int:
   """A child that writes half of `text` through atomic_write and is SIGKILLed there."""
@@ -139,7 +154,7 @@ def _kill_mid_write(target: Path, text: str) -> int:
       import os, signal, sys
       from moa_jax.workdir import atomic_write
       def write(f):
-        f.write({text[:len(text) // 2]!r}.encode())
+        f.write({text[: len(text) // 2]!r}.encode())
         f.flush()
         os.kill(os.getpid(), signal.SIGKILL)
       atomic_write({str(target)!r}, write)
@@ -180,11 +195,16 @@ def _small_disk(tmp_path: Path, size: int):
   """A directory on a full-able tmpfs of `size` bytes (root and mount(8) needed), else skip."""
   mount = tmp_path / "disk"
   mount.mkdir()
-  result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
+  result = subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+    capture_output=True,
+    text=True,
+  )
   if result.returncode:
-    pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}); the RLIMIT_FSIZE tests "
-                "cover the full-disk path")
+    pytest.skip(
+      f"cannot mount a tmpfs here ({result.stderr.strip()}); the RLIMIT_FSIZE tests "
+      "cover the full-disk path"
+    )
   try:
     yield mount
   finally:
@@ -217,18 +237,20 @@ def test_file_size_limit_is_one_line_and_keeps_the_old_file(tmp_path):
       import resource
       from moa_jax.workdir import atomic_write_text
       resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
-      atomic_write_text({str(tmp_path / 'plan.json')!r}, "x" * 5000)
+      atomic_write_text({str(tmp_path / "plan.json")!r}, "x" * 5000)
       """)
   atomic_write_text(tmp_path / "plan.json", "old")
-  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60)
-  assert result.returncode == 1 and "DiskFullError: File too large while writing" in \
-      result.stderr.strip().splitlines()[-1]
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+  assert (
+    result.returncode == 1
+    and "DiskFullError: File too large while writing" in result.stderr.strip().splitlines()[-1]
+  )
   assert (tmp_path / "plan.json").read_text() == "old"
   assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
 
 
 # ------------------------------------------------------------------------------- workdir
+
 
 def test_a_published_stage_replaces_the_old_one_whole(tmp_path):
   work = Workdir(tmp_path)
@@ -263,7 +285,9 @@ def test_stale_partial_folders_are_discarded(tmp_path):
     (tmp_path / f".plan.json.partial-{2**22 + 1}@{host}~abc").write_text("{")  # no such pid
     Workdir(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        ".choose-old.partial-1@elsewhere~xyz", f".optimize.partial-{live.pid}@{host}~abc"]
+      ".choose-old.partial-1@elsewhere~xyz",
+      f".optimize.partial-{live.pid}@{host}~abc",
+    ]
   finally:
     live.kill()
     live.wait()
@@ -277,9 +301,12 @@ WRITERS = {"write_text", "write_bytes", "savefig", "save_file", "to_csv"}
 NUMPY_WRITERS = {"save", "savez", "savez_compressed", "savetxt"}  # np.<name>(path, ...)
 # (module, function, the file written) allowed without a rename, with the reason.
 ALLOWED = {
-    ("moa_jax/train/trainer.py", "train", "workdir / 'train_log.jsonl'"):
-        "an append-only training log (a crash can tear only its last line)",
-    ("moa_jax/sweep/launchers.py", "run", "log"): "a job's output, streamed while it runs",
+  (
+    "moa_jax/train/trainer.py",
+    "train",
+    "workdir / 'train_log.jsonl'",
+  ): "an append-only training log (a crash can tear only its last line)",
+  ("moa_jax/sweep/launchers.py", "run", "log"): "a job's output, streamed while it runs",
 }
 
 
@@ -292,20 +319,34 @@ def _writes(tree: ast.AST):
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
       function = node.name
     if isinstance(node, ast.Call):
-      name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(
-          node.func, "id", "")
-      numpy = (isinstance(node.func, ast.Attribute) and name in NUMPY_WRITERS
-               and ast.unparse(node.func.value) in ("np", "numpy"))
+      name = (
+        node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+      )
+      numpy = (
+        isinstance(node.func, ast.Attribute)
+        and name in NUMPY_WRITERS
+        and ast.unparse(node.func.value) in ("np", "numpy")
+      )
       if name in ("atomic_write", "atomic_path"):
         protected = True
-      elif not protected and (name in WRITERS or numpy or (name in ("open", "fdopen") and any(
-          isinstance(a, ast.Constant) and isinstance(a.value, str) and set(a.value) & set("wax")
-          for a in [*node.args[1:2], *[k.value for k in node.keywords if k.arg == "mode"]]))):
+      elif not protected and (
+        name in WRITERS
+        or numpy
+        or (
+          name in ("open", "fdopen")
+          and any(
+            isinstance(a, ast.Constant) and isinstance(a.value, str) and set(a.value) & set("wax")
+            for a in [*node.args[1:2], *[k.value for k in node.keywords if k.arg == "mode"]]
+          )
+        )
+      ):
         target = ast.unparse(node.args[0]) if node.args else ""
         found.append((function, node.lineno, ast.unparse(node.func), target))
     if isinstance(node, (ast.With, ast.AsyncWith)) and any(
-        isinstance(item.context_expr, ast.Call) and "atomic_path" in ast.unparse(
-            item.context_expr.func) for item in node.items):
+      isinstance(item.context_expr, ast.Call)
+      and "atomic_path" in ast.unparse(item.context_expr.func)
+      for item in node.items
+    ):
       protected = True
     for child in ast.iter_child_nodes(node):
       visit(child, function, protected)
@@ -321,8 +362,10 @@ def test_every_file_written_by_moa_jax_goes_through_write_then_rename():
     for function, line, call, target in _writes(ast.parse(path.read_text())):
       if (module, function, target) not in ALLOWED:
         unsafe.append(f"{module}:{line} {call}() in {function}()")
-  assert not unsafe, ("write these through moa_jax.workdir.atomic_write / atomic_path (or add "
-                      "them to ALLOWED with the reason): " + "; ".join(unsafe))
+  assert not unsafe, (
+    "write these through moa_jax.workdir.atomic_write / atomic_path (or add "
+    "them to ALLOWED with the reason): " + "; ".join(unsafe)
+  )
 
 
 def test_the_write_check_sees_unsafe_writes():

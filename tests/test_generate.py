@@ -1,7 +1,6 @@
 """generate: left-padded batches, the jit-compiled cached decode loop, greedy/sampling, eos."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -31,8 +30,8 @@ def teacher_forced_logits(logits_fn, sequences, length):
   tokens = np.zeros((len(sequences), length), np.int32)
   positions = np.full((len(sequences), length), -1, np.int32)
   for row, seq in enumerate(sequences):
-    tokens[row, :len(seq)] = seq
-    positions[row, :len(seq)] = np.arange(len(seq))
+    tokens[row, : len(seq)] = seq
+    positions[row, : len(seq)] = np.arange(len(seq))
   return logits_fn(tokens, positions)
 
 
@@ -44,7 +43,7 @@ def naive_greedy(model, prompts, new_tokens):
     logits = teacher_forced_logits(logits_fn, sequences, max(map(len, prompts)) + new_tokens)
     for row, seq in enumerate(sequences):
       seq.append(int(logits[row, len(seq) - 1].argmax()))
-  return [seq[len(p):] for seq, p in zip(sequences, prompts)]
+  return [seq[len(p) :] for seq, p in zip(sequences, prompts)]
 
 
 def test_left_pad():
@@ -77,11 +76,11 @@ def test_sampling_top_k_and_temperature(tiny_model, tiny_config, prompts):
   assert generate(tiny_model, prompts, 8, temperature=0.7, top_k=1, eos_id=()) == greedy
   key = jax.random.key(3)
   sampled = generate(tiny_model, prompts, 8, temperature=2.0, top_k=3, rng=key, eos_id=())
-  assert sampled == generate(tiny_model, prompts, 8, temperature=2.0, top_k=3, rng=key,
-                             eos_id=())
+  assert sampled == generate(tiny_model, prompts, 8, temperature=2.0, top_k=3, rng=key, eos_id=())
   assert sampled != greedy
-  assert sampled != generate(tiny_model, prompts, 8, temperature=2.0, top_k=3,
-                             rng=jax.random.key(4), eos_id=())
+  assert sampled != generate(
+    tiny_model, prompts, 8, temperature=2.0, top_k=3, rng=jax.random.key(4), eos_id=()
+  )
   # Every sampled token is among the 3 most likely given the tokens before it.
   sequences = [p + s for p, s in zip(prompts, sampled)]
   logits = teacher_forced_logits(jitted_logits(tiny_model), sequences, max(map(len, sequences)))

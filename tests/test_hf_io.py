@@ -14,16 +14,33 @@ from safetensors.numpy import load_file, save_file
 from moa_jax.models import Llama
 from moa_jax.models.hf import load_pretrained, load_tokenizer, save_pretrained
 
-GPT2_CONFIG = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 64,
-               "n_head": 4, "n_layer": 2, "n_positions": 128, "vocab_size": 256}
-QWEN2_CONFIG = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 64,
-                "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
-                "num_key_value_heads": 2, "vocab_size": 256, "rope_theta": 1e6}
+GPT2_CONFIG = {
+  "architectures": ["GPT2LMHeadModel"],
+  "model_type": "gpt2",
+  "n_embd": 64,
+  "n_head": 4,
+  "n_layer": 2,
+  "n_positions": 128,
+  "vocab_size": 256,
+}
+QWEN2_CONFIG = {
+  "architectures": ["Qwen2ForCausalLM"],
+  "model_type": "qwen2",
+  "hidden_size": 64,
+  "intermediate_size": 160,
+  "num_hidden_layers": 2,
+  "num_attention_heads": 4,
+  "num_key_value_heads": 2,
+  "vocab_size": 256,
+  "rope_theta": 1e6,
+}
 
 
 def params_of(model):
-  return {".".join(map(str, path)): np.asarray(var.get_value())
-          for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  return {
+    ".".join(map(str, path)): np.asarray(var.get_value())
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  }
 
 
 def assert_same_params(a, b):
@@ -70,8 +87,9 @@ def test_sharded_save_round_trips_and_replaces_stale_files(tiny_model, tiny_conf
 def test_bf16_checkpoint_loads_as_bf16(tiny_model, tiny_config, tmp_path):
   config = tiny_config.replace(param_dtype="bfloat16", dtype="bfloat16")
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
-  bf16 = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(jnp.bfloat16),
-                                          nnx.state(tiny_model, nnx.Param)))
+  bf16 = nnx.merge(
+    graphdef, jax.tree.map(lambda p: p.astype(jnp.bfloat16), nnx.state(tiny_model, nnx.Param))
+  )
   save_pretrained(bf16, config, tmp_path)
   assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
   with safe_open(tmp_path / "model.safetensors", framework="numpy") as f:
@@ -91,32 +109,67 @@ def rewrite_weights(directory, edit):
 
 
 BAD_CHECKPOINTS = {
-    "missing config": (lambda d: (d / "config.json").unlink(),
-                       FileNotFoundError, "config.json not found"),
-    "missing weights": (lambda d: (d / "model.safetensors").unlink(),
-                        FileNotFoundError, "no weights in .*: expected model.safetensors"),
-    "only .bin weights": (lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"),
-                          FileNotFoundError, "holds only PyTorch .bin weights"),
-    "missing shard": (lambda d: (d / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}})),
-                      FileNotFoundError, "shard model-00002-of-00002.safetensors named by"),
-    "wrong shape": (lambda d: rewrite_weights(d, lambda t: t.update(
-        {"model.layers.1.self_attn.k_proj.weight": np.ones((16, 64), np.float32)})),
-                    ValueError, r"tensor 'model.layers.1.self_attn.k_proj.weight' has shape "
-                                r"\(16, 64\), but config.json implies \(32, 64\)"),
-    "missing tensor": (lambda d: rewrite_weights(d, lambda t: t.pop("model.norm.weight")),
-                       ValueError, "parameter 'model.norm.weight' is missing"),
-    "extra tensor": (lambda d: rewrite_weights(d, lambda t: t.update(
-        {"model.layers.2.mlp.up_proj.weight": np.ones((160, 64), np.float32)})),
-                     ValueError, "tensor 'model.layers.2.mlp.up_proj.weight' matches no parameter"),
-    "integer tensor": (lambda d: rewrite_weights(d, lambda t: t.update(
-        {"model.norm.weight": np.arange(64, dtype=np.int32)})),
-                       ValueError, "'model.norm.weight' .* has dtype I32"),
-    "GPT-2 config": (lambda d: (d / "config.json").write_text(json.dumps(GPT2_CONFIG)),
-                     ValueError, r"unsupported architecture \(model_type='gpt2', "
-                                 r"architectures=\['GPT2LMHeadModel'\]\)"),
-    "Qwen2 config": (lambda d: (d / "config.json").write_text(json.dumps(QWEN2_CONFIG)),
-                     ValueError, r"unsupported architecture \(model_type='qwen2'"),
+  "missing config": (
+    lambda d: (d / "config.json").unlink(),
+    FileNotFoundError,
+    "config.json not found",
+  ),
+  "missing weights": (
+    lambda d: (d / "model.safetensors").unlink(),
+    FileNotFoundError,
+    "no weights in .*: expected model.safetensors",
+  ),
+  "only .bin weights": (
+    lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"),
+    FileNotFoundError,
+    "holds only PyTorch .bin weights",
+  ),
+  "missing shard": (
+    lambda d: (d / "model.safetensors.index.json").write_text(
+      json.dumps({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}})
+    ),
+    FileNotFoundError,
+    "shard model-00002-of-00002.safetensors named by",
+  ),
+  "wrong shape": (
+    lambda d: rewrite_weights(
+      d,
+      lambda t: t.update({"model.layers.1.self_attn.k_proj.weight": np.ones((16, 64), np.float32)}),
+    ),
+    ValueError,
+    r"tensor 'model.layers.1.self_attn.k_proj.weight' has shape "
+    r"\(16, 64\), but config.json implies \(32, 64\)",
+  ),
+  "missing tensor": (
+    lambda d: rewrite_weights(d, lambda t: t.pop("model.norm.weight")),
+    ValueError,
+    "parameter 'model.norm.weight' is missing",
+  ),
+  "extra tensor": (
+    lambda d: rewrite_weights(
+      d, lambda t: t.update({"model.layers.2.mlp.up_proj.weight": np.ones((160, 64), np.float32)})
+    ),
+    ValueError,
+    "tensor 'model.layers.2.mlp.up_proj.weight' matches no parameter",
+  ),
+  "integer tensor": (
+    lambda d: rewrite_weights(
+      d, lambda t: t.update({"model.norm.weight": np.arange(64, dtype=np.int32)})
+    ),
+    ValueError,
+    "'model.norm.weight' .* has dtype I32",
+  ),
+  "GPT-2 config": (
+    lambda d: (d / "config.json").write_text(json.dumps(GPT2_CONFIG)),
+    ValueError,
+    r"unsupported architecture \(model_type='gpt2', "
+    r"architectures=\['GPT2LMHeadModel'\]\)",
+  ),
+  "Qwen2 config": (
+    lambda d: (d / "config.json").write_text(json.dumps(QWEN2_CONFIG)),
+    ValueError,
+    r"unsupported architecture \(model_type='qwen2'",
+  ),
 }
 
 
@@ -134,8 +187,10 @@ def test_missing_directory_and_unreachable_hub_id(tmp_path):
   with pytest.raises(FileNotFoundError, match="checkpoint directory .*nowhere does not exist"):
     load_pretrained(tmp_path / "nowhere")
   # Offline this fails to connect, online the repository does not exist: one line either way.
-  with pytest.raises(FileNotFoundError, match="'moa-jax-tests/no-such-model' is not a local "
-                                              "directory and could not be downloaded") as info:
+  with pytest.raises(
+    FileNotFoundError,
+    match="'moa-jax-tests/no-such-model' is not a local directory and could not be downloaded",
+  ) as info:
     load_pretrained("moa-jax-tests/no-such-model")
   assert "\n" not in str(info.value)
 

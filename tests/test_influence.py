@@ -9,13 +9,22 @@ from flax import nnx
 from scipy.stats import spearmanr
 
 from moa_jax.attention.dense import DenseAttention
-from moa_jax.models import Llama
 from moa_jax.calibration.build import CalibrationBucket
-from moa_jax.profile.influence import (MAGNITUDES, block_influence_from_grads,
-                                       block_influence_tiled, causal_weights, influence_entries,
-                                       pool_blocks)
-from moa_jax.profile.probes import (BlockMaskedAttention, MapProbeAttention, OutputProbeAttention,
-                                    valid_lengths)
+from moa_jax.models import Llama
+from moa_jax.profile.influence import (
+  MAGNITUDES,
+  block_influence_from_grads,
+  block_influence_tiled,
+  causal_weights,
+  influence_entries,
+  pool_blocks,
+)
+from moa_jax.profile.probes import (
+  BlockMaskedAttention,
+  MapProbeAttention,
+  OutputProbeAttention,
+  valid_lengths,
+)
 from moa_jax.profile.profiler import profile_model, response_loss, response_targets
 
 
@@ -30,8 +39,9 @@ def test_hand_checked_two_tokens():
   #   E_10 = -(1/4)(1 - 7/4)/(3/4) = 1/4;  E_11 = -(3/4)(2 - 7/4)/(1/4) = -3/4.
   weights = jnp.array([[1.0, 0.0], [0.25, 0.75]])
   grads = jnp.array([[3.0, 5.0], [1.0, 2.0]])
-  np.testing.assert_allclose(influence_entries(weights, grads),
-                             [[-3.0, 0.0], [0.25, -0.75]], rtol=1e-6)
+  np.testing.assert_allclose(
+    influence_entries(weights, grads), [[-3.0, 0.0], [0.25, -0.75]], rtol=1e-6
+  )
   pooled = block_influence_from_grads(weights[None, None, None], grads[None, None, None], block=2)
   np.testing.assert_allclose(pooled, [[[[3.0 + 0.25 + 0.75]]]], rtol=1e-6)
 
@@ -44,15 +54,17 @@ def test_entries_equal_masking_for_a_linear_loss():
   weights = np.exp(logits - logits.max(-1, keepdims=True))
   weights /= weights.sum(-1, keepdims=True)
   grads = rng.normal(size=(t, t))
-  entries = np.asarray(influence_entries(jnp.asarray(weights, jnp.float32),
-                                         jnp.asarray(grads, jnp.float32)))
+  entries = np.asarray(
+    influence_entries(jnp.asarray(weights, jnp.float32), jnp.asarray(grads, jnp.float32))
+  )
   for i in range(1, t):
     for j in range(i + 1):
       masked = weights[i].copy()
       masked[j] = 0.0
       masked /= masked.sum()
-      assert entries[i, j] == pytest.approx(grads[i] @ masked - grads[i] @ weights[i], rel=1e-4,
-                                            abs=1e-5)
+      assert entries[i, j] == pytest.approx(
+        grads[i] @ masked - grads[i] @ weights[i], rel=1e-4, abs=1e-5
+      )
   assert entries[0, 0] == pytest.approx(-grads[0, 0])
   assert np.all(entries[np.triu_indices(t, 1)] == 0.0)
 
@@ -79,7 +91,7 @@ def _attention_problem(seed: int, b=2, t=40, n=4, kv_heads=2, h=16):
 
 
 def _downstream_loss(out, readout):
-  return jnp.sum(readout * jnp.tanh(out)) + 0.3 * jnp.sum(out ** 2)
+  return jnp.sum(readout * jnp.tanh(out)) + 0.3 * jnp.sum(out**2)
 
 
 @pytest.mark.parametrize("block,tile", [(8, 16), (4, 12), (8, 64)])
@@ -98,15 +110,16 @@ def test_direct_and_tiled_paths_agree(block, tile):
   direct = {m: block_influence_from_grads(weights, grads, block, m) for m in MAGNITUDES}
 
   def out_loss(probe):
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
-                                       key_value_seq_lengths=lengths)
+    out = jax.nn.dot_product_attention(
+      q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths
+    )
     return _downstream_loss(out + probe, readout)
 
-  out = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
-                                     key_value_seq_lengths=lengths)
   d_out = jax.grad(out_loss)(jnp.zeros_like(q))
-  lean = {m: block_influence_tiled(q, k, v, d_out, lengths, block=block, tile=tile, magnitude=m)
-          for m in MAGNITUDES}
+  lean = {
+    m: block_influence_tiled(q, k, v, d_out, lengths, block=block, tile=tile, magnitude=m)
+    for m in MAGNITUDES
+  }
 
   nb = -(-t // block)
   for magnitude in MAGNITUDES:
@@ -119,7 +132,9 @@ def test_direct_and_tiled_paths_agree(block, tile):
   np.testing.assert_allclose(lean["blocks"], np.abs(lean["signed"]), rtol=1e-6)
   assert np.all(lean["blocks"] <= lean["entries"] * (1 + 1e-5))
   filled = np.asarray(lean["entries"]) > 0
-  assert np.mean(np.asarray(lean["blocks"])[filled] < 0.9 * np.asarray(lean["entries"])[filled]) > 0.5
+  assert (
+    np.mean(np.asarray(lean["blocks"])[filled] < 0.9 * np.asarray(lean["entries"])[filled]) > 0.5
+  )
   # The padded sample's blocks past its length are empty; its real blocks are not.
   first_pad_block = -(-int(lengths[1]) // block)
   assert np.all(np.asarray(lean["entries"])[1, :, first_pad_block:] == 0)
@@ -134,6 +149,7 @@ def test_unknown_magnitude_is_one_line_error():
 
 # ----------------------------------------------------------------------------- model level
 
+
 def _bucket(vocab: int, n: int, lengths, response: int, seed: int = 0) -> CalibrationBucket:
   """Random prompts right padded to n, the last `response` tokens of each row as the response."""
   rng = np.random.default_rng(seed)
@@ -142,7 +158,7 @@ def _bucket(vocab: int, n: int, lengths, response: int, seed: int = 0) -> Calibr
   loss_mask = np.zeros(tokens.shape, bool)
   for row, length in enumerate(lengths):
     tokens[row, length:] = 0
-    loss_mask[row, length - response:length] = True
+    loss_mask[row, length - response : length] = True
   return CalibrationBucket(tokens, loss_mask, lengths)
 
 
@@ -153,22 +169,24 @@ def test_probe_attentions_compute_dense_attention(tiny_model, tiny_config):
   l, n, h = tiny_config.num_layers, tiny_config.num_heads, tiny_config.head_dim
   k, g = tiny_config.num_kv_heads, tiny_config.group_size
   attentions = [
-      MapProbeAttention([jnp.zeros((2, k, g, 24, 24))] * l),
-      OutputProbeAttention([jnp.zeros((2, 24, n, h))] * l, implementation="xla"),
-      BlockMaskedAttention(jnp.ones((l, n, 3, 3), bool), block=8),
+    MapProbeAttention([jnp.zeros((2, k, g, 24, 24))] * l),
+    OutputProbeAttention([jnp.zeros((2, 24, n, h))] * l, implementation="xla"),
+    BlockMaskedAttention(jnp.ones((l, n, 3, 3), bool), block=8),
   ]
   valid = np.asarray(positions) >= 0
   for attention in attentions:
     logits, _ = tiny_model(tokens, positions, attention=attention)
-    np.testing.assert_allclose(np.asarray(logits)[valid], np.asarray(dense)[valid], rtol=2e-5,
-                               atol=2e-5)
+    np.testing.assert_allclose(
+      np.asarray(logits)[valid], np.asarray(dense)[valid], rtol=2e-5, atol=2e-5
+    )
 
 
 def test_profile_paths_agree_on_tiny_model(tiny_model, tiny_config):
   n, block = 40, 8
   buckets = {n: _bucket(tiny_config.vocab_size, n, [40, 33, 27], response=6)}
-  run = lambda **kw: profile_model(tiny_model, tiny_config, buckets, [n], block, progress=False,
-                                   **kw)[n]
+  run = lambda **kw: profile_model(
+    tiny_model, tiny_config, buckets, [n], block, progress=False, **kw
+  )[n]
   direct = run(path="direct", batch_size=2)
   lean = run(path="lean", batch_size=2, tile=16)
   assert direct.shape == lean.shape == (tiny_config.num_layers, tiny_config.num_heads, 5, 5)
@@ -225,8 +243,14 @@ def _masked_losses(model, bucket: CalibrationBucket, block: int, masks) -> np.nd
   @jax.jit
   def loss(state, keep):
     attention = BlockMaskedAttention(keep, block)
-    return response_loss(nnx.merge(graphdef, state), tokens, positions, jnp.asarray(hidden_index),
-                         jnp.asarray(weight), attention)
+    return response_loss(
+      nnx.merge(graphdef, state),
+      tokens,
+      positions,
+      jnp.asarray(hidden_index),
+      jnp.asarray(weight),
+      attention,
+    )
 
   return np.array([float(loss(state, jnp.asarray(keep))) for keep in masks])
 
@@ -251,9 +275,10 @@ def _copy_task(count: int, half: int, rng) -> CalibrationBucket:
   x = rng.integers(3, 40, (count, half))
   tokens = np.concatenate([np.full((count, 1), 1), x, np.full((count, 1), 2), x], 1)
   loss_mask = np.zeros(tokens.shape, bool)
-  loss_mask[:, half + 2:] = True
-  return CalibrationBucket(tokens.astype(np.int32), loss_mask,
-                           np.full((count,), tokens.shape[1], np.int32))
+  loss_mask[:, half + 2 :] = True
+  return CalibrationBucket(
+    tokens.astype(np.int32), loss_mask, np.full((count,), tokens.shape[1], np.int32)
+  )
 
 
 @pytest.mark.slow
@@ -271,8 +296,9 @@ def test_first_order_prediction(tiny_model, tiny_config):
   block = 4
   sample = _copy_task(1, 15, np.random.default_rng(100))
   buckets = {32: sample}
-  signed = profile_model(tiny_model, tiny_config, buckets, block=block, path="direct",
-                         magnitude="signed", progress=False)[32]
+  signed = profile_model(
+    tiny_model, tiny_config, buckets, block=block, path="direct", magnitude="signed", progress=False
+  )[32]
   masks = _random_small_masks(signed.shape, 40, seed=2)
   base, *masked = _masked_losses(tiny_model, sample, block, [np.ones(signed.shape, bool)] + masks)
   predicted = [signed[~keep].sum() for keep in masks]
@@ -287,6 +313,7 @@ def test_first_order_prediction(tiny_model, tiny_config):
   def train_step(model, optimizer, tokens, hidden_index, weight):
     def loss_fn(model):
       return response_loss(model, tokens, positions, hidden_index, weight, DenseAttention()) / 32
+
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     optimizer.update(model, grads)
     return loss
@@ -295,11 +322,13 @@ def test_first_order_prediction(tiny_model, tiny_config):
   for _ in range(60):
     batch = _copy_task(32, 15, rng)
     hidden_index, weight = response_targets(batch.loss_mask)
-    loss = train_step(model, optimizer, jnp.asarray(batch.tokens), jnp.asarray(hidden_index),
-                      jnp.asarray(weight))
+    loss = train_step(
+      model, optimizer, jnp.asarray(batch.tokens), jnp.asarray(hidden_index), jnp.asarray(weight)
+    )
   assert float(loss) < 0.3  # it learned to copy (untrained: ~3.7)
-  e_bar = profile_model(model, config, buckets, block=block, path="lean", tile=16,
-                        progress=False)[32]
+  e_bar = profile_model(model, config, buckets, block=block, path="lean", tile=16, progress=False)[
+    32
+  ]
   base, *masked = _masked_losses(model, sample, block, [np.ones(e_bar.shape, bool)] + masks)
   predicted = [e_bar[~keep].sum() for keep in masks]
   assert spearmanr(predicted, np.abs(np.array(masked) - base))[0] >= 0.8

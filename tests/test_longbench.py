@@ -18,12 +18,25 @@ from moa_jax.eval import longbench as lb
 
 LONGBENCH_TINY = pathlib.Path(__file__).parent / "data" / "longbench_tiny"
 
-WORDS = ("the a an cat sat on mat dog ran big red ball The Cat A sat. mat, dog! Ran? "
-         "it's re-run (red) [ball] 3 42").split()
-ZH = ("我 爱 北京 天安门 今天 天气 很 好 红楼梦 作者 是 曹雪芹 会议 记录 总结 ， 。 《 》 "
-      "“ ” ！ ？ 、").split()
-CODE = ("x = foo(1)", "return a + b", "    total += x", "a / b", "", "   ", "y=2\r",
-        "print('hi')", "if x:", "")
+WORDS = (
+  "the a an cat sat on mat dog ran big red ball The Cat A sat. mat, dog! Ran? "
+  "it's re-run (red) [ball] 3 42"
+).split()
+ZH = (
+  "我 爱 北京 天安门 今天 天气 很 好 红楼梦 作者 是 曹雪芹 会议 记录 总结 ， 。 《 》 “ ” ！ ？ 、"
+).split()
+CODE = (
+  "x = foo(1)",
+  "return a + b",
+  "    total += x",
+  "a / b",
+  "",
+  "   ",
+  "y=2\r",
+  "print('hi')",
+  "if x:",
+  "",
+)
 JUNK = ("`", "#", "//")
 
 
@@ -39,7 +52,13 @@ def _chinese(rng: random.Random) -> str:
 
 def predictions(rng: random.Random, n: int, kind) -> list[tuple[str, str]]:
   return [(kind(rng), kind(rng)) for _ in range(n)] + [
-      ("", ""), ("", "a"), ("a", ""), (".", "."), ("a.", "a"), ("\n\n", "x")]
+    ("", ""),
+    ("", "a"),
+    ("a", ""),
+    (".", "."),
+    ("a.", "a"),
+    ("\n\n", "x"),
+  ]
 
 
 def rouge_package(prediction: str, answer: str) -> float:
@@ -52,11 +71,11 @@ def rouge_package(prediction: str, answer: str) -> float:
 
 # --- metrics against the packages --------------------------------------------------------------
 
+
 def test_rouge_l_is_the_rouge_package():
   pairs = predictions(random.Random(0), 400, _english)
   for prediction, answer in pairs:
-    assert lb.rouge_l(prediction, answer) == rouge_package(prediction, answer), (prediction,
-                                                                                 answer)
+    assert lb.rouge_l(prediction, answer) == rouge_package(prediction, answer), (prediction, answer)
   assert sum(lb.rouge_l(p, a) > 0 for p, a in pairs) > 200  # the set is not all zeros
 
 
@@ -114,6 +133,7 @@ def test_qa_f1_normalisation_by_construction():
   and spaces that LongBench's normalisation removes: F1 of the clean tokens."""
   rng = random.Random(3)
   vocab = ("cat", "sat", "mat", "dog", "ran", "ball", "red", "42", "rerun")
+
   def dress(t):
     return rng.choice([t, t.upper(), t.title()]) + rng.choice(["", ",", ".", "!", "'"])
 
@@ -161,8 +181,9 @@ def test_classification_count_retrieval():
   assert lb.classification("none of them", "negative", classes) == 0.0
   # LongBench drops found names inside the answer while walking the list, so the entry right
   # after a dropped one stays: 'york' survives -> 1 / 2 (not 1).
-  assert lb.classification("new york city", "new york city",
-                           ["new", "york", "new york city"]) == 0.5
+  assert (
+    lb.classification("new york city", "new york city", ["new", "york", "new york city"]) == 0.5
+  )
   assert lb.count("There are 3 paragraphs, not 4", "3") == 0.5
   assert lb.count("none", "3") == 0.0
   assert lb.count("3", "3 ") == 0.0  # compared as strings, unstripped
@@ -176,13 +197,28 @@ def test_classification_count_retrieval():
 # --- per dataset, as LongBench's scorer maps them ----------------------------------------------
 
 LONGBENCH_DATASET2METRIC = {  # LongBench's eval.py, its metric functions in our names
-    "narrativeqa": "qa_f1", "qasper": "qa_f1", "multifieldqa_en": "qa_f1",
-    "multifieldqa_zh": "qa_f1_zh", "hotpotqa": "qa_f1", "2wikimqa": "qa_f1",
-    "musique": "qa_f1", "dureader": "rouge_l_zh", "gov_report": "rouge_l", "qmsum": "rouge_l",
-    "multi_news": "rouge_l", "vcsum": "rouge_l_zh", "trec": "classification",
-    "triviaqa": "qa_f1", "samsum": "rouge_l", "lsht": "classification",
-    "passage_retrieval_en": "retrieval", "passage_count": "count",
-    "passage_retrieval_zh": "retrieval_zh", "lcc": "edit_sim", "repobench-p": "edit_sim"}
+  "narrativeqa": "qa_f1",
+  "qasper": "qa_f1",
+  "multifieldqa_en": "qa_f1",
+  "multifieldqa_zh": "qa_f1_zh",
+  "hotpotqa": "qa_f1",
+  "2wikimqa": "qa_f1",
+  "musique": "qa_f1",
+  "dureader": "rouge_l_zh",
+  "gov_report": "rouge_l",
+  "qmsum": "rouge_l",
+  "multi_news": "rouge_l",
+  "vcsum": "rouge_l_zh",
+  "trec": "classification",
+  "triviaqa": "qa_f1",
+  "samsum": "rouge_l",
+  "lsht": "classification",
+  "passage_retrieval_en": "retrieval",
+  "passage_count": "count",
+  "passage_retrieval_zh": "retrieval_zh",
+  "lcc": "edit_sim",
+  "repobench-p": "edit_sim",
+}
 
 
 def _answer_for(metric: str, rng: random.Random) -> str:
@@ -204,11 +240,15 @@ def test_every_dataset_scores_with_its_metric_first_line_and_best_answer():
     for _ in range(20):
       answers = [_answer_for(metric, rng) for _ in range(rng.randint(1, 3))]
       second = rng.choice([_english(rng), answers[0], "7 City"])
-      prediction = rng.choice(["", "\n\n"]) + rng.choice([answers[-1], _english(rng)]) + (
-          "\n" + second)
+      prediction = (
+        rng.choice(["", "\n\n"]) + rng.choice([answers[-1], _english(rng)]) + ("\n" + second)
+      )
       record = dict(dataset=dataset, answers=answers, all_classes=classes, length=100)
-      scored = (prediction.lstrip("\n").split("\n")[0]
-                if dataset in ("trec", "triviaqa", "samsum", "lsht") else prediction)
+      scored = (
+        prediction.lstrip("\n").split("\n")[0]
+        if dataset in ("trec", "triviaqa", "samsum", "lsht")
+        else prediction
+      )
       options = {"all_classes": classes} if metric == "classification" else {}
       expected = max(lb.METRICS[metric](scored, a, **options) for a in answers)
       assert lb.score_record(record, prediction) == expected, (dataset, prediction, answers)
@@ -232,11 +272,14 @@ def test_score_record_errors():
 
 # --- loader, prompts, buckets on tests/data/longbench_tiny -------------------------------------
 
+
 @pytest.fixture(scope="module")
 def longbench(tmp_path_factory):
   cache = str(tmp_path_factory.mktemp("hf_cache"))
-  return {name: longbench_data.load_longbench(name, data_dir=LONGBENCH_TINY, cache_dir=cache)
-          for name in ("hotpotqa", "gov_report", "lcc", "trec")}
+  return {
+    name: longbench_data.load_longbench(name, data_dir=LONGBENCH_TINY, cache_dir=cache)
+    for name in ("hotpotqa", "gov_report", "lcc", "trec")
+  }
 
 
 def test_longbench_loader_schema_and_prompts(longbench):
@@ -252,11 +295,18 @@ def test_longbench_loader_schema_and_prompts(longbench):
 
 def test_longbench_buckets_and_scores(longbench):
   assert [lb.length_bucket(n) for n in (0, 3999, 4000, 7999, 8000, 20000)] == [
-      "0-4k", "0-4k", "4-8k", "4-8k", "8k+", "8k+"]
+    "0-4k",
+    "0-4k",
+    "4-8k",
+    "4-8k",
+    "8k+",
+    "8k+",
+  ]
   qa = longbench["hotpotqa"]
   perfect = lb.evaluate_predictions(qa, [r["answers"][0] for r in qa])
-  assert perfect == {k: {"score": 100.0, "count": c}
-                     for k, c in (("all", 3), ("0-4k", 1), ("4-8k", 1), ("8k+", 1))}
+  assert perfect == {
+    k: {"score": 100.0, "count": c} for k, c in (("all", 3), ("0-4k", 1), ("4-8k", 1), ("8k+", 1))
+  }
   # "Stour" vs "the river Stour" -> [stour] vs [river, stour]: F1 = 2/3; the others wrong.
   partial = lb.evaluate_predictions(qa, ["Stour", "nobody", "1930"])
   assert partial["0-4k"]["score"] == pytest.approx(200 / 3)
@@ -266,8 +316,10 @@ def test_longbench_buckets_and_scores(longbench):
   assert lb.score_record(trec[1], "City\nDate") == 0.0
   lcc = longbench["lcc"]
   assert lb.score_record(lcc[0], "```\n    return total\n```") == 1.0
-  assert lb.score_record(lcc[0], "    return totals") == fuzz.ratio("    return totals",
-                                                                  "    return total") / 100
+  assert (
+    lb.score_record(lcc[0], "    return totals")
+    == fuzz.ratio("    return totals", "    return total") / 100
+  )
   gov = longbench["gov_report"]
   assert lb.score_record(gov[0], gov[0]["answers"][0]) == pytest.approx(1.0)
   with pytest.raises(ValueError, match="predictions"):
@@ -285,7 +337,9 @@ def test_longbench_loader_errors(tmp_path):
 
 
 def test_data_does_not_import_eval():
-  code = ("import sys, moa_jax.data.longbench; "
-          "print(sorted(m for m in sys.modules if m.startswith('moa_jax.eval')))")
+  code = (
+    "import sys, moa_jax.data.longbench; "
+    "print(sorted(m for m in sys.modules if m.startswith('moa_jax.eval')))"
+  )
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]"

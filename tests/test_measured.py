@@ -25,7 +25,7 @@ def setup():
   loss_mask = np.zeros((2, T), bool)
   for row, n in enumerate(lengths):
     tokens[row, n:] = 0
-    loss_mask[row, n - 9:n] = True
+    loss_mask[row, n - 9 : n] = True
   bucket = CalibrationBucket(tokens, loss_mask, lengths)
   return model, bucket, measured.dense_trace(model, bucket)
 
@@ -34,8 +34,9 @@ def _full(model, bucket, windows):
   """Per-sample losses by the pipeline's full masked forward pass."""
   out = []
   for row in range(bucket.num_samples):
-    one = CalibrationBucket(bucket.tokens[row:row + 1], bucket.loss_mask[row:row + 1],
-                            bucket.lengths[row:row + 1])
+    one = CalibrationBucket(
+      bucket.tokens[row : row + 1], bucket.loss_mask[row : row + 1], bucket.lengths[row : row + 1]
+    )
     out.append(validation_loss(model, CalibrationSet({T: one}, {}), windows, SINK))
   return np.array(out)
 

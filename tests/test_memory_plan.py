@@ -46,8 +46,11 @@ def test_profile_plan_holds_every_layers_records():
 
 def test_a_run_that_does_not_fit_is_refused_in_one_line(capsys):
   config = load_config("configs/memory.py:tiny", ONE_DEVICE + ["device_memory_gb=0.0001"])
-  with pytest.raises(ValueError, match=r"^tiny generate at 512 tokens x 1 on mesh \(1, 1, 1\) "
-                                       r"needs 0\.0 GB per device, more than the 0\.0 GB usable"):
+  with pytest.raises(
+    ValueError,
+    match=r"^tiny generate at 512 tokens x 1 on mesh \(1, 1, 1\) "
+    r"needs 0\.0 GB per device, more than the 0\.0 GB usable",
+  ):
     plan_memory_command(config, None)
   assert "per device: weights" in capsys.readouterr().out
 
@@ -56,9 +59,20 @@ def test_cli_plans_a_mesh_of_fake_cpu_devices(tmp_path):
   """A fresh process: the command asks JAX for 8 CPU devices itself (mesh (2, 2, 2))."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)
-  done = subprocess.run([sys.executable, "-m", "moa_jax", "plan-memory",
-                         "--config=configs/memory.py:tiny", f"--workdir={tmp_path}"],
-                        capture_output=True, text=True, env=env, timeout=300)
+  done = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "moa_jax",
+      "plan-memory",
+      "--config=configs/memory.py:tiny",
+      f"--workdir={tmp_path}",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
   assert done.returncode == 0, done.stderr[-2000:]
   result = json.loads((tmp_path / "memory_plan.json").read_text())
   assert result["mesh"] == [2, 2, 2] and result["fits"]

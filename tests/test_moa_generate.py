@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import nnx
 
 from moa_jax.attention.dense import DenseAttention
@@ -75,8 +75,7 @@ def test_moa_with_dense_windows_samples_like_dense():
   model, config = tiny_model()
   dense_windows = np.full((config.num_layers, config.num_kv_heads), 10_000)
   kwargs = dict(temperature=0.8, top_k=50, rng=jax.random.key(3), eos_id=())
-  got = generate(model, prompts(), 16, attention=MoAAttention(dense_windows, sink=SINK),
-                 **kwargs)
+  got = generate(model, prompts(), 16, attention=MoAAttention(dense_windows, sink=SINK), **kwargs)
   assert got == generate(model, prompts(), 16, attention=DenseAttention(), **kwargs)
 
 
@@ -94,8 +93,9 @@ def test_moa_cache_memory_is_kv_density():
 def test_moa_windows_from_a_function_of_the_planned_length():
   """Windows given as a function of n (like Plan.windows) are fixed at the planned length."""
   _, config = tiny_model()
-  attention = MoAAttention(lambda n: np.full((config.num_layers, config.num_heads), n // 4),
-                           sink=SINK, slot_multiple=1)
+  attention = MoAAttention(
+    lambda n: np.full((config.num_layers, config.num_heads), n // 4), sink=SINK, slot_multiple=1
+  )
   caches = attention.init_cache(config, 1, 400)
   assert all(cache.layout.windows == (100,) * config.num_heads for cache in caches)
   assert caches[0].k[0].shape == (1, config.num_kv_heads, SINK + 100, config.head_dim)

@@ -1,7 +1,6 @@
 """The Colab notebook: its .ipynb is paired with the jupytext text file, and it executes end to
 end on the tiny variant."""
 
-import os
 from pathlib import Path
 
 import jupytext
@@ -20,8 +19,9 @@ def _sources(notebook):
 
 def test_ipynb_is_paired_with_the_text_file():
   assert _sources(jupytext.read(TEXT)) == _sources(nbformat.read(NOTEBOOK, as_version=4)), (
-      "notebooks/moa_demo.ipynb is out of date: run "
-      "`jupytext --to ipynb notebooks/moa_demo.py -o notebooks/moa_demo.ipynb`")
+    "notebooks/moa_demo.ipynb is out of date: run "
+    "`jupytext --to ipynb notebooks/moa_demo.py -o notebooks/moa_demo.ipynb`"
+  )
 
 
 @pytest.mark.slow
@@ -29,11 +29,13 @@ def test_notebook_runs_on_the_tiny_variant(tmp_path, monkeypatch):
   monkeypatch.setenv("MOA_NOTEBOOK_VARIANT", "tiny")
   monkeypatch.setenv("MOA_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
   notebook = jupytext.read(TEXT)
-  client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                                   resources={"metadata": {"path": str(REPO)}})
+  client = nbclient.NotebookClient(
+    notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
+  )
   client.execute()
-  errors = [o for cell in notebook.cells for o in cell.get("outputs", [])
-            if o.get("output_type") == "error"]
+  errors = [
+    o for cell in notebook.cells for o in cell.get("outputs", []) if o.get("output_type") == "error"
+  ]
   assert not errors
   assert (tmp_path / "run" / "results.json").is_file()
   assert (tmp_path / "run" / "compress" / "plan.json").is_file()

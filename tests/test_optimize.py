@@ -6,12 +6,9 @@ import itertools
 import numpy as np
 import pytest
 
-from moa_jax.optimize import decomposition
-from moa_jax.optimize import direct
+from moa_jax.optimize import decomposition, direct, pareto, select
 from moa_jax.optimize import loss_delta as loss_delta_lib
-from moa_jax.optimize import pareto
 from moa_jax.optimize import problem as problem_lib
-from moa_jax.optimize import select
 from moa_jax.plans import rules as rules_lib
 
 
@@ -32,14 +29,17 @@ def _brute_loss_delta(e_bar, rules, n, sink, block):
   return out
 
 
-@pytest.mark.parametrize("n,block,sink", [
-    (96, 8, 8), (101, 8, 5), (64, 16, 0), (77, 16, 40), (6, 8, 3), (40, 8, 100)])
+@pytest.mark.parametrize(
+  "n,block,sink", [(96, 8, 8), (101, 8, 5), (64, 16, 0), (77, 16, 40), (6, 8, 3), (40, 8, 100)]
+)
 def test_loss_delta_matches_brute_force(n, block, sink):
   rng = np.random.default_rng(n + block + sink)
   nb = rules_lib.num_blocks(n, block)
   e_bar = rng.exponential(size=(2, 3, nb, nb))
-  rules = [rules_lib.ElasticRule(float(a), float(b))
-           for a, b in zip(rng.integers(-n, n, 12), rng.choice(np.arange(9) / 8, 12))]
+  rules = [
+    rules_lib.ElasticRule(float(a), float(b))
+    for a, b in zip(rng.integers(-n, n, 12), rng.choice(np.arange(9) / 8, 12))
+  ]
   rules += [rules_lib.ElasticRule(0.0, 1.0), rules_lib.ElasticRule(-10.0 * n, 0.0)]
   got = loss_delta_lib.loss_delta(e_bar, rules, n, sink, block)
   np.testing.assert_allclose(got, _brute_loss_delta(e_bar, rules, n, sink, block), rtol=1e-10)
@@ -59,17 +59,27 @@ def test_loss_delta_rejects_bad_input():
 
 SINK, BLOCK = 8, 8
 LENGTHS = (64, 128)  # profile and constraint lengths of the small instances
-SMALL_RULES = [rules_lib.ElasticRule(a, b) for a, b in
-               ((0.0, 0.25), (16.0, 0.0), (0.0, 0.5), (-32.0, 1.0), (8.0, 0.125))]
+SMALL_RULES = [
+  rules_lib.ElasticRule(a, b)
+  for a, b in ((0.0, 0.25), (16.0, 0.0), (0.0, 0.5), (-32.0, 1.0), (8.0, 0.125))
+]
 
 
-def _small_problem(rng, *, layers, heads, kv_heads, grouping, max_rules, budget, lo,
-                   num_rules=4):
+def _small_problem(rng, *, layers, heads, kv_heads, grouping, max_rules, budget, lo, num_rules=4):
   rules = SMALL_RULES[:num_rules]
   dl = {n: rng.exponential(size=(layers, heads, num_rules)) for n in LENGTHS}
   return problem_lib.build_problem(
-      dl, rules, LENGTHS, num_kv_heads=kv_heads, budget=budget, lo=lo,
-      max_rules_per_layer=max_rules, grouping=grouping, sink=SINK, block=BLOCK)
+    dl,
+    rules,
+    LENGTHS,
+    num_kv_heads=kv_heads,
+    budget=budget,
+    lo=lo,
+    max_rules_per_layer=max_rules,
+    grouping=grouping,
+    sink=SINK,
+    block=BLOCK,
+  )
 
 
 def _enumerate(problem):
@@ -96,10 +106,10 @@ def _check_solution(problem, solution):
 
 
 SMALL_CASES = [  # 4 units x 4 rules (256 assignments) or 4 query heads in 2 groups
-    dict(layers=2, heads=4, kv_heads=2, grouping="kv_group", max_rules=1),
-    dict(layers=1, heads=4, kv_heads=4, grouping="kv_group", max_rules=2),
-    dict(layers=1, heads=4, kv_heads=2, grouping="query_head", max_rules=2),
-    dict(layers=2, heads=2, kv_heads=1, grouping="query_head", max_rules=1),
+  dict(layers=2, heads=4, kv_heads=2, grouping="kv_group", max_rules=1),
+  dict(layers=1, heads=4, kv_heads=4, grouping="kv_group", max_rules=2),
+  dict(layers=1, heads=4, kv_heads=2, grouping="query_head", max_rules=2),
+  dict(layers=2, heads=2, kv_heads=1, grouping="query_head", max_rules=1),
 ]
 
 
@@ -110,19 +120,24 @@ def test_milp_matches_enumeration(case, method):
   options = direct.SolverOptions(method=method, mip_rel_gap=0.0, time_limit=None)
   solved = infeasible = 0
   for trial in range(6):
-    problem = _small_problem(rng, budget=float(rng.uniform(0.3, 0.75)),
-                             lo=float(rng.choice([0.0, 0.7, 0.9])), **case)
+    problem = _small_problem(
+      rng, budget=float(rng.uniform(0.3, 0.75)), lo=float(rng.choice([0.0, 0.7, 0.9])), **case
+    )
     solver = decomposition.solver_for(problem, options)
-    assert isinstance(solver, direct.DirectSolver if method == "direct"
-                      else decomposition.Decomposition)
+    assert isinstance(
+      solver, direct.DirectSolver if method == "direct" else decomposition.Decomposition
+    )
     index, objectives, densities = _enumerate(problem)
-    band = np.all((densities >= problem.lo * problem.budget - 1e-12)
-                  & (densities <= problem.budget + 1e-12), -1)
+    band = np.all(
+      (densities >= problem.lo * problem.budget - 1e-12) & (densities <= problem.budget + 1e-12), -1
+    )
     primary = trial % 2
     bounds = {}
     if trial >= 3 and band.sum() > 1:  # an epsilon bound between two achievable values
       other = np.unique(objectives[band, 1 - primary])
-      bounds = {LENGTHS[1 - primary]: float(other[len(other) // 2 - 1:len(other) // 2 + 1].mean())}
+      bounds = {
+        LENGTHS[1 - primary]: float(other[len(other) // 2 - 1 : len(other) // 2 + 1].mean())
+      }
     feasible = band & (objectives[:, 1 - primary] <= bounds.get(LENGTHS[1 - primary], np.inf))
     if not feasible.any():
       with pytest.raises(problem_lib.InfeasibleError):
@@ -177,8 +192,7 @@ def test_build_problem_rejects_bad_input():
   with pytest.raises(ValueError, match="KV groups"):
     problem_lib.build_problem(dl, SMALL_RULES[:4], LENGTHS, **{**kwargs, "num_kv_heads": 3})
   with pytest.raises(ValueError, match="NaN"):
-    problem_lib.build_problem({64: np.full((2, 4, 4), np.nan)}, SMALL_RULES[:4], LENGTHS,
-                              **kwargs)
+    problem_lib.build_problem({64: np.full((2, 4, 4), np.nan)}, SMALL_RULES[:4], LENGTHS, **kwargs)
   with pytest.raises(ValueError, match="grouping"):
     problem_lib.build_problem(dl, SMALL_RULES[:4], LENGTHS, grouping="heads", **kwargs)
   problem = problem_lib.build_problem(dl, SMALL_RULES[:4], LENGTHS, **kwargs)
@@ -188,10 +202,12 @@ def test_build_problem_rejects_bad_input():
 
 def test_solver_for_and_the_decomposition_pool():
   rng = np.random.default_rng(6)
-  problem = _small_problem(rng, layers=3, heads=4, kv_heads=4, grouping="kv_group", max_rules=2,
-                           budget=0.5, lo=0.7)  # 3 x 4 x 4 = 48 binaries
+  problem = _small_problem(
+    rng, layers=3, heads=4, kv_heads=4, grouping="kv_group", max_rules=2, budget=0.5, lo=0.7
+  )  # 3 x 4 x 4 = 48 binaries
   auto = lambda limit: decomposition.solver_for(
-      problem, direct.SolverOptions(direct_max_binaries=limit))
+    problem, direct.SolverOptions(direct_max_binaries=limit)
+  )
   assert isinstance(auto(48), direct.DirectSolver)
   assert isinstance(auto(47), decomposition.Decomposition)
   options = direct.SolverOptions(method="decomposition", mip_rel_gap=0.0, time_limit=None)
@@ -212,12 +228,22 @@ def test_solver_for_and_the_decomposition_pool():
 
 # ---------------------------------------------------------------------- Pareto and choice
 
+
 def _three_objective_problem(rng, **case):
   rules = SMALL_RULES[:4]
   dl = {n: rng.exponential(size=(case["layers"], case["heads"], 4)) for n in (64, 96, 128)}
   return problem_lib.build_problem(
-      dl, rules, LENGTHS, num_kv_heads=case["kv_heads"], budget=0.6, lo=0.5,
-      max_rules_per_layer=case["max_rules"], grouping=case["grouping"], sink=SINK, block=BLOCK)
+    dl,
+    rules,
+    LENGTHS,
+    num_kv_heads=case["kv_heads"],
+    budget=0.6,
+    lo=0.5,
+    max_rules_per_layer=case["max_rules"],
+    grouping=case["grouping"],
+    sink=SINK,
+    block=BLOCK,
+  )
 
 
 @pytest.mark.parametrize("case", SMALL_CASES[:3])
@@ -241,11 +267,21 @@ def test_pareto_front_is_feasible_distinct_and_non_dominated(case):
 def test_pareto_front_decomposition_threads():
   rng = np.random.default_rng(8)
   layers, heads, num_rules = 6, 8, 5
-  dl = {n: rng.exponential(size=(layers, heads, num_rules)) * rng.uniform(0.2, 2, (1, heads, 1))
-        for n in (64, 96, 128)}
+  dl = {
+    n: rng.exponential(size=(layers, heads, num_rules)) * rng.uniform(0.2, 2, (1, heads, 1))
+    for n in (64, 96, 128)
+  }
   problem = problem_lib.build_problem(
-      dl, SMALL_RULES[:num_rules], LENGTHS, num_kv_heads=4, budget=0.55, lo=0.8,
-      grouping="query_head", sink=SINK, block=BLOCK)
+    dl,
+    SMALL_RULES[:num_rules],
+    LENGTHS,
+    num_kv_heads=4,
+    budget=0.55,
+    lo=0.8,
+    grouping="query_head",
+    sink=SINK,
+    block=BLOCK,
+  )
   options = direct.SolverOptions(method="decomposition", time_limit=10.0)
   front = pareto.pareto_front(problem, intervals=2, options=options, workers=2, progress=False)
   assert front.solutions and all(s.method in ("decomposition", "direct") for s in front.solutions)
@@ -254,7 +290,8 @@ def test_pareto_front_decomposition_threads():
     _check_solution(problem, solution)
     assert not np.any(np.all(values <= row, 1) & np.any(values < row, 1))
   assert [s.rule_index.tobytes() for s in pareto.non_dominated(front.solutions * 2)] == [
-      s.rule_index.tobytes() for s in front.solutions]
+    s.rule_index.tobytes() for s in front.solutions
+  ]
 
 
 def test_select_plan_picks_lowest_validation_loss():

@@ -26,24 +26,53 @@ REPO = Path(__file__).resolve().parents[1]
 TORCH_PYTHON = Path(os.environ.get("MOA_TORCH_PYTHON", REPO / ".venv-torch" / "bin" / "python"))
 SIDE_SCRIPT = REPO / "tests" / "torch_side" / "hf_reference.py"
 
-_COMMON = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 320,
-           "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-           "rms_norm_eps": 1e-5, "max_position_embeddings": 128, "torch_dtype": "float32",
-           "initializer_range": 0.15}  # larger than 0.02 so greedy decoding does not loop at once
+_COMMON = {
+  "architectures": ["LlamaForCausalLM"],
+  "model_type": "llama",
+  "vocab_size": 320,
+  "hidden_size": 64,
+  "intermediate_size": 128,
+  "num_hidden_layers": 2,
+  "rms_norm_eps": 1e-5,
+  "max_position_embeddings": 128,
+  "torch_dtype": "float32",
+  "initializer_range": 0.15,
+}  # larger than 0.02 so greedy decoding does not loop at once
 FAMILIES = {
-    # Vicuna-like: MHA, linear RoPE scaling.
-    "mha_linear": {**_COMMON, "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 16,
-                   "rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 4.0}},
-    # Llama-3.1-like: GQA 8/2, 'llama3' scaling with high, medium and low frequency bands, and a
-    # head_dim that is not hidden_size / heads.
-    "gqa_llama3": {**_COMMON, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 16,
-                   "rope_theta": 500000.0,
-                   "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                    "high_freq_factor": 4.0,
-                                    "original_max_position_embeddings": 64}},
-    # Llama-3.2-like: tied embeddings (and multi-query attention).
-    "tied": {**_COMMON, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16,
-             "rope_theta": 500000.0, "tie_word_embeddings": True},
+  # Vicuna-like: MHA, linear RoPE scaling.
+  "mha_linear": {
+    **_COMMON,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "head_dim": 16,
+    "rope_theta": 10000.0,
+    "rope_scaling": {"type": "linear", "factor": 4.0},
+  },
+  # Llama-3.1-like: GQA 8/2, 'llama3' scaling with high, medium and low frequency bands, and a
+  # head_dim that is not hidden_size / heads.
+  "gqa_llama3": {
+    **_COMMON,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+      "rope_type": "llama3",
+      "factor": 8.0,
+      "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 64,
+    },
+  },
+  # Llama-3.2-like: tied embeddings (and multi-query attention).
+  "tied": {
+    **_COMMON,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 16,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
+  },
 }
 LOGIT_LENGTHS = (16, 100)
 PROMPT_LENGTHS = (5, 12, 9)
@@ -59,16 +88,19 @@ def relative_error(x, reference):
 @nnx.jit
 def logits_of(model, tokens):
   """Compiled full forward of [B, T] tokens at positions 0..T-1 -> float32 [B, T, V]."""
-  return model(tokens, jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
-                                        tokens.shape))[0]
+  return model(
+    tokens, jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  )[0]
 
 
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory, tiny_model, tiny_config):
   """Runs the side script once: (root dir, request dict, reference arrays)."""
   if not TORCH_PYTHON.exists():
-    reason = (f"HF parity side environment {TORCH_PYTHON} not found (run `make torch-venv` or set "
-              f"MOA_TORCH_PYTHON)")
+    reason = (
+      f"HF parity side environment {TORCH_PYTHON} not found (run `make torch-venv` or set "
+      f"MOA_TORCH_PYTHON)"
+    )
     if os.environ.get("CI"):
       pytest.fail(reason)
     pytest.skip(reason)
@@ -80,19 +112,25 @@ def hf(tmp_path_factory, tiny_model, tiny_config):
   save_pretrained(tiny_model, tiny_config, root / "jax_single")
   save_pretrained(tiny_model, tiny_config, root / "jax_sharded", max_shard_bytes=100_000)
   request = {
-      "families": {name: {"dir": str(root / name), "seed": seed}
-                   for seed, name in enumerate(FAMILIES)},
-      "logit_tokens": {str(n): rng.integers(3, 320, (2, n)).tolist() for n in LOGIT_LENGTHS},
-      "prompts": [rng.integers(3, 320, n).tolist() for n in PROMPT_LENGTHS],
-      "max_new_tokens": NEW_TOKENS,
-      "saved_by_jax": {"jax_single": str(root / "jax_single"),
-                       "jax_sharded": str(root / "jax_sharded")},
-      "jax_tokens": rng.integers(3, tiny_config.vocab_size, (2, 23)).tolist(),
+    "families": {
+      name: {"dir": str(root / name), "seed": seed} for seed, name in enumerate(FAMILIES)
+    },
+    "logit_tokens": {str(n): rng.integers(3, 320, (2, n)).tolist() for n in LOGIT_LENGTHS},
+    "prompts": [rng.integers(3, 320, n).tolist() for n in PROMPT_LENGTHS],
+    "max_new_tokens": NEW_TOKENS,
+    "saved_by_jax": {
+      "jax_single": str(root / "jax_single"),
+      "jax_sharded": str(root / "jax_sharded"),
+    },
+    "jax_tokens": rng.integers(3, tiny_config.vocab_size, (2, 23)).tolist(),
   }
   (root / "request.json").write_text(json.dumps(request))
-  result = subprocess.run([str(TORCH_PYTHON), str(SIDE_SCRIPT), str(root / "request.json"),
-                           str(root / "reference.npz")], capture_output=True, text=True,
-                          timeout=600)
+  result = subprocess.run(
+    [str(TORCH_PYTHON), str(SIDE_SCRIPT), str(root / "request.json"), str(root / "reference.npz")],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   if result.returncode:
     pytest.fail(f"{SIDE_SCRIPT.name} failed:\n{result.stderr[-3000:]}")
   return root, request, dict(np.load(root / "reference.npz"))

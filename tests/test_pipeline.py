@@ -20,15 +20,24 @@ COMPRESS = [sys.executable, "-m", "moa_jax", "compress", "--config=configs/compr
 
 
 def _run(workdir, *extra, timeout=300):
-  return subprocess.run([*COMPRESS, f"--workdir={workdir}", *extra], cwd=REPO, text=True,
-                        capture_output=True, timeout=timeout)
+  return subprocess.run(
+    [*COMPRESS, f"--workdir={workdir}", *extra],
+    cwd=REPO,
+    text=True,
+    capture_output=True,
+    timeout=timeout,
+  )
 
 
 @pytest.mark.slow
 def test_compress_resumes_after_kill_and_writes_a_valid_plan(tmp_path):
   workdir = tmp_path / "run"
-  process = subprocess.Popen([*COMPRESS, f"--workdir={workdir}"], cwd=REPO,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  process = subprocess.Popen(
+    [*COMPRESS, f"--workdir={workdir}"],
+    cwd=REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   deadline = time.time() + 240
   while not (workdir / "calibration" / "COMPLETE.json").exists():
     assert process.poll() is None, "compress exited before finishing its calibration stage"

@@ -15,6 +15,7 @@ from moa_jax.plans import rules as rules_lib
 @dataclasses.dataclass(frozen=True)
 class Shape:
   """Any object with these three attributes describes a model to the Plan."""
+
   num_layers: int
   num_heads: int
   num_kv_heads: int
@@ -27,8 +28,16 @@ def _random_plan(rng, shape=GQA, grouping="kv_group", sink=8, block=8) -> plan_l
   width = shape.num_kv_heads if grouping == "kv_group" else shape.num_heads
   alphas = rng.choice([-64.0, 0.0, 16.0, 40.0], size=(shape.num_layers, width))
   betas = rng.choice([0.125, 0.25, 0.5, 1.0], size=(shape.num_layers, width))
-  return plan_lib.Plan(shape.num_layers, shape.num_heads, shape.num_kv_heads, alphas, betas,
-                       sink=sink, block=block, grouping=grouping)
+  return plan_lib.Plan(
+    shape.num_layers,
+    shape.num_heads,
+    shape.num_kv_heads,
+    alphas,
+    betas,
+    sink=sink,
+    block=block,
+    grouping=grouping,
+  )
 
 
 def _brute_windows(plan, n):
@@ -53,10 +62,12 @@ def test_windows_and_densities_match_brute_force(grouping):
     cache = windows.reshape(3, 2, 4).max(-1)
     np.testing.assert_array_equal(plan.cache_windows(n), cache)
     masks = rules_lib.attend_mask(
-        pos[:n, None], pos[None, :n], plan.sink, windows[..., None, None])  # [L, H, n, n]
+      pos[:n, None], pos[None, :n], plan.sink, windows[..., None, None]
+    )  # [L, H, n, n]
     assert plan.attention_density(n) == pytest.approx(masks.mean((0, 1)).sum() / (n * (n + 1) / 2))
     group_masks = rules_lib.attend_mask(
-        pos[:n, None], pos[None, :n], plan.sink, cache[..., None, None])  # [L, K, n, n]
+      pos[:n, None], pos[None, :n], plan.sink, cache[..., None, None]
+    )  # [L, K, n, n]
     assert plan.kv_density(n) == pytest.approx(group_masks[..., n - 1, :].mean((0, 1)).sum() / n)
   measured = plan.with_densities([100, 37])
   assert list(measured.kv_densities) == [37, 100]
@@ -76,10 +87,14 @@ def test_query_head_cache_is_group_max():
 def test_json_round_trip(tmp_path, grouping):
   rng = np.random.default_rng(1)
   plan = dataclasses.replace(
-      _random_plan(rng, grouping=grouping, sink=64).with_densities([64, 128]),
-      objectives={64: 0.25, 128: 1.5},
-      provenance={"config": {"budget": 0.5, "lengths": [64, 128]}, "seed": 3,
-                  "calibration": "multinews-1a2b"})
+    _random_plan(rng, grouping=grouping, sink=64).with_densities([64, 128]),
+    objectives={64: 0.25, 128: 1.5},
+    provenance={
+      "config": {"budget": 0.5, "lengths": [64, 128]},
+      "seed": 3,
+      "calibration": "multinews-1a2b",
+    },
+  )
   path = tmp_path / "sub" / "plan.json"
   plan.save(path)
   back = plan_lib.Plan.load(path)
@@ -171,8 +186,10 @@ def test_plots_write_pngs(tmp_path):
   rng = np.random.default_rng(4)
   plan = _random_plan(rng, grouping="query_head")
   plots.plot_spans(plan, 100, tmp_path / "spans.png")
-  plans = [dataclasses.replace(plan, objectives={64: float(a), 128: float(b), 256: float(c)})
-           for a, b, c in rng.exponential(size=(5, 3))]
+  plans = [
+    dataclasses.replace(plan, objectives={64: float(a), 128: float(b), 256: float(c)})
+    for a, b, c in rng.exponential(size=(5, 3))
+  ]
   plots.plot_pareto_front(plans, tmp_path / "front.png", chosen=plans[2])
   plots.plot_pareto_front(plans[:1], tmp_path / "single.png")
   for name in ("spans.png", "front.png", "single.png"):

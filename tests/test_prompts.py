@@ -32,23 +32,33 @@ def test_none_and_auto_without_template_give_the_raw_prompt(reference_tokenizer)
     tok.chat_template = own
 
 
-@pytest.mark.parametrize("name, head, tail", [
+@pytest.mark.parametrize(
+  "name, head, tail",
+  [
     ("chatml", "<|im_start|>user\nHi?<|im_end|>", "<|im_start|>assistant\n"),
-    ("llama3", "<|start_header_id|>user<|end_header_id|>\n\nHi?<|eot_id|>",
-     "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    (
+      "llama3",
+      "<|start_header_id|>user<|end_header_id|>\n\nHi?<|eot_id|>",
+      "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    ),
     ("vicuna", "A chat between a curious user", " USER: Hi? ASSISTANT:"),
-])
+  ],
+)
 def test_built_in_templates_render(reference_tokenizer, name, head, tail):
   text = reference_tokenizer.apply_chat_template(
-      [{"role": "user", "content": "Hi?"}], chat_template=prompts.CHAT_TEMPLATES[name],
-      add_generation_prompt=True, tokenize=False)
+    [{"role": "user", "content": "Hi?"}],
+    chat_template=prompts.CHAT_TEMPLATES[name],
+    add_generation_prompt=True,
+    tokenize=False,
+  )
   assert head in text and text.endswith(tail)
 
 
 def test_reference_turns_match_the_template(reference_tokenizer):
   tok = reference_tokenizer
-  text = tok.apply_chat_template([{"role": "user", "content": "Q?"},
-                                  {"role": "assistant", "content": "A."}], tokenize=False)
+  text = tok.apply_chat_template(
+    [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}], tokenize=False
+  )
   assert text == tok.bos_token + prompts.user_turn("Q?") + prompts.answer_turn("A.", tok.eos_token)
 
 

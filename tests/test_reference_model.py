@@ -5,8 +5,8 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from moa_jax.data import tasks
 from moa_jax.calibration import prompts
+from moa_jax.data import tasks
 from moa_jax.eval import metrics
 from moa_jax.generate import generate
 from moa_jax.models import hf
@@ -45,8 +45,12 @@ def test_tokenizer_and_chat_template(reference):
 def test_answers_short_line_retrieval_prompts(reference):
   model, _, tokenizer = reference
   samples = tasks.make_samples("lines", tokenizer, 400, 3, seed=123, depths=(0.1, 0.5, 0.9))
-  outputs = generate(model, [prompts.chat_prompt_ids(tokenizer, s.prompt) for s in samples], 8,
-                     eos_id=tokenizer.eos_token_id)
+  outputs = generate(
+    model,
+    [prompts.chat_prompt_ids(tokenizer, s.prompt) for s in samples],
+    8,
+    eos_id=tokenizer.eos_token_id,
+  )
   for sample, out in zip(samples, outputs):
     prediction = tokenizer.decode(out, skip_special_tokens=True)
     assert metrics.score("last_int", prediction, sample.answer) == 1.0, (prediction, sample.answer)

@@ -32,13 +32,15 @@ def setup():
 
 def test_refine_never_raises_the_measured_loss(setup):
   model, config = setup
-  options = refine.RefineOptions(rounds=2, penalties=(0.0, 0.5), budget=0.5,
-                                 constraint_lengths=(T, 2 * T))
+  options = refine.RefineOptions(
+    rounds=2, penalties=(0.0, 0.5), budget=0.5, constraint_lengths=(T, 2 * T)
+  )
   start = uniform_plan(config, 0.5, T, sink=SINK, block=BLOCK)
   rules = rules_lib.candidate_rules([T], [T, 2 * T], alpha_step=64)
   validation = [measured.dense_trace(model, _bucket(1, config))]
-  plan, history = refine.refine_plan(model, start, rules, {T: _bucket(0, config)}, validation,
-                                     options, log=lambda _: None)
+  plan, history = refine.refine_plan(
+    model, start, rules, {T: _bucket(0, config)}, validation, options, log=lambda _: None
+  )
   scores = [row["measured"] for row in history if row["accepted"]]
   assert scores == sorted(scores, reverse=True)  # each accepted step lowers the loss
   assert refine.validation_score(model, plan, validation) == pytest.approx(scores[-1])

@@ -21,7 +21,7 @@ def _brute_layout(window: int, sink: int, n: int, block: int) -> np.ndarray:
   layout = np.empty((nb, nb), np.int8)
   for r in range(nb):
     for c in range(nb):
-      tile = mask[r * block:(r + 1) * block, c * block:(c + 1) * block]
+      tile = mask[r * block : (r + 1) * block, c * block : (c + 1) * block]
       if not tile.any():
         layout[r, c] = rules.SKIP
       elif tile.all() and r > c:
@@ -56,7 +56,8 @@ def test_block_layout_matches_brute_force():
   for window, sink, n, block in _random_cases(rng, 300):
     got = rules.block_layout(window, sink, n, block)
     np.testing.assert_array_equal(
-        got, _brute_layout(window, sink, n, block), err_msg=f"w={window} s={sink} n={n} b={block}")
+      got, _brute_layout(window, sink, n, block), err_msg=f"w={window} s={sink} n={n} b={block}"
+    )
 
 
 def test_block_layout_broadcasts_over_heads():
@@ -139,8 +140,14 @@ def test_key_block_ranges_are_the_rule_layout(sink, block):
   nb = rules.num_blocks(n, block)
   t0 = np.arange(nb) * block
   ranges = rules.key_block_ranges(
-      0, t0[None], np.minimum(t0 + block - 1, n - 1)[None], windows.min(-1)[:, None],
-      windows.max(-1)[:, None], sink=sink, block_k=block)
+    0,
+    t0[None],
+    np.minimum(t0 + block - 1, n - 1)[None],
+    windows.min(-1)[:, None],
+    windows.max(-1)[:, None],
+    sink=sink,
+    block_k=block,
+  )
   sink_lo, sink_hi, lo, f0, f1, hi = (np.broadcast_to(x, (len(windows), nb)) for x in ranges)
   layout = rules.block_layout(windows, sink, n, block)  # [K, G, NB, NB]
   for g in range(windows.shape[0]):
@@ -156,12 +163,14 @@ def test_key_block_ranges_are_the_rule_layout(sink, block):
 
 def test_key_block_ranges_skip_padding():
   """A tile of pure left padding visits nothing; a later tile starts at the first real token."""
-  ranges = rules.key_block_ranges(jnp.int32(300), jnp.int32(0), jnp.int32(127), 50, 50, sink=64,
-                                  block_k=64)
+  ranges = rules.key_block_ranges(
+    jnp.int32(300), jnp.int32(0), jnp.int32(127), 50, 50, sink=64, block_k=64
+  )
   sink_lo, sink_hi, lo, f0, f1, hi = (int(x) for x in ranges)
   assert sink_hi - sink_lo == 0 and hi - lo == 0
-  ranges = rules.key_block_ranges(jnp.int32(300), jnp.int32(1024), jnp.int32(1151), 2000, 2000,
-                                  sink=64, block_k=64)
+  ranges = rules.key_block_ranges(
+    jnp.int32(300), jnp.int32(1024), jnp.int32(1151), 2000, 2000, sink=64, block_k=64
+  )
   sink_lo, sink_hi, lo, f0, f1, hi = (int(x) for x in ranges)
   assert (lo, hi, f0, f1) == (300 // 64, 1151 // 64 + 1, 5, 16)
   assert sink_hi == sink_lo  # the window already covers the sink

@@ -14,9 +14,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import sharded_checks
 from flax import nnx
 
-import sharded_checks
 from moa_jax import distributed
 from moa_jax.attention.cache import make_layout
 from moa_jax.attention.sharded import split_heads
@@ -32,12 +32,19 @@ RELATIVE = 1e-5  # float32: max |sharded - one device| / max |one device|
 def run_checks(*args: str, devices: int) -> subprocess.Popen:
   # On 2 busy cores one fake device's thread can reach a collective minutes after the others:
   # give the CPU collectives' rendezvous 10 minutes before XLA aborts (default: seconds).
-  flags = (f"--xla_force_host_platform_device_count={devices} "
-           "--xla_cpu_collective_call_terminate_timeout_seconds=600 "
-           "--xla_cpu_collective_timeout_seconds=600")
+  flags = (
+    f"--xla_force_host_platform_device_count={devices} "
+    "--xla_cpu_collective_call_terminate_timeout_seconds=600 "
+    "--xla_cpu_collective_timeout_seconds=600"
+  )
   env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
-  return subprocess.Popen([sys.executable, str(CHECKS), *args], env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  return subprocess.Popen(
+    [sys.executable, str(CHECKS), *args],
+    env=env,
+    text=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+  )
 
 
 def finish(process: subprocess.Popen, timeout: int = 600) -> None:
@@ -149,8 +156,10 @@ def test_two_processes_give_one_process_logits(tmp_path):
   checkpoint = save_pretrained(model, config, tmp_path / "ckpt")
   coordinator = f"127.0.0.1:{free_port()}"
   out = tmp_path / "logits.npy"
-  processes = [run_checks("process", str(out), str(checkpoint), coordinator, "2", str(i),
-                          devices=4) for i in range(2)]
+  processes = [
+    run_checks("process", str(out), str(checkpoint), coordinator, "2", str(i), devices=4)
+    for i in range(2)
+  ]
   for process in processes:
     finish(process, timeout=300)
   loaded, _ = load_pretrained(checkpoint)
@@ -158,12 +167,15 @@ def test_two_processes_give_one_process_logits(tmp_path):
   assert sharded_checks.relative_error(np.load(out), want) < RELATIVE
 
 
-@pytest.mark.parametrize("env, expected", [
+@pytest.mark.parametrize(
+  "env, expected",
+  [
     ({}, False),
     ({"SLURM_NTASKS": "2", "SLURM_PROCID": "1"}, True),  # srun -n 2, an older SLURM
     ({"SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}, False),  # sbatch
     ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, False),  # one submitit job
-])
+  ],
+)
 def test_slurm_tasks_ask_for_several_processes(monkeypatch, env, expected):
   for name in ("SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID"):
     monkeypatch.delenv(name, raising=False)

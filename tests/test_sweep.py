@@ -24,6 +24,7 @@ NAMES = [f"density={d}" for d in DENSITIES]
 
 # --- sweep expansion ---------------------------------------------------------------------------
 
+
 def test_sweep_product_zip_chain():
   a = hyper.sweep("config.optimize.density", (0.25, 0.5))
   b = hyper.sweep("seed", (0, 1, 2))
@@ -45,19 +46,29 @@ def _sweep_config(sweep, variant="tiny"):
 
 
 def test_expand_names_configs_and_errors():
-  config = _sweep_config(hyper.product([
-      hyper.sweep("config.optimize.density", (0.5, 0.75)),
-      hyper.sweep("eval.lengths", ((256,), (256, 512)))]))
+  config = _sweep_config(
+    hyper.product(
+      [
+        hyper.sweep("config.optimize.density", (0.5, 0.75)),
+        hyper.sweep("eval.lengths", ((256,), (256, 512))),
+      ]
+    )
+  )
   points = hyper.expand(config)
-  assert [p.name for p in points] == ["density=0.5-lengths=256", "density=0.5-lengths=256,512",
-                                      "density=0.75-lengths=256", "density=0.75-lengths=256,512"]
+  assert [p.name for p in points] == [
+    "density=0.5-lengths=256",
+    "density=0.5-lengths=256,512",
+    "density=0.75-lengths=256",
+    "density=0.75-lengths=256,512",
+  ]
   assert points[3].config.optimize.density == 0.75 and points[3].config.eval.lengths == (256, 512)
   assert config.optimize.density == 0.5 and points[0].config.is_locked
   for run_field in hyper.RUN_FIELDS:
     assert run_field not in points[0].config
   # the same last component in two sections: full names
-  both = hyper.expand(_sweep_config(hyper.zipit([hyper.sweep("seed", (0, 1)),
-                                                 hyper.sweep("eval.seed", (0, 1))])))
+  both = hyper.expand(
+    _sweep_config(hyper.zipit([hyper.sweep("seed", (0, 1)), hyper.sweep("eval.seed", (0, 1))]))
+  )
   assert [p.name for p in both] == ["seed=0-eval.seed=0", "seed=1-eval.seed=1"]
   assert [p.name for p in hyper.expand(_sweep_config(()))] == ["base"]
   with pytest.raises(ValueError, match="'optimize.densty' is not a config field"):
@@ -73,8 +84,14 @@ def test_expand_names_configs_and_errors():
 
 
 def test_groups_share_stages_only_when_their_sections_agree(tmp_path):
-  config = _sweep_config(hyper.product([hyper.sweep("optimize.density", (0.5, 0.75)),
-                                        hyper.sweep("profile.loss", ("nll", "log_odds"))]))
+  config = _sweep_config(
+    hyper.product(
+      [
+        hyper.sweep("optimize.density", (0.5, 0.75)),
+        hyper.sweep("profile.loss", ("nll", "log_odds")),
+      ]
+    )
+  )
   points, tasks = command.plan_tasks(config, tmp_path)
   shared = [t for t in tasks if t.kind == "shared"]
   assert len(points) == 4 and len(shared) == 2  # one per profile loss
@@ -84,7 +101,8 @@ def test_groups_share_stages_only_when_their_sections_agree(tmp_path):
       assert task.after == f"shared/{jobs.group_key(cfg)}"
       assert Path(task.args[2]).name == jobs.group_key(cfg)
   assert json.loads((tmp_path / "sweep.json").read_text())["points"][0]["name"] == (
-      "density=0.5-loss=nll")
+    "density=0.5-loss=nll"
+  )
 
 
 def test_link_stage_is_hard_links_and_replaces_a_different_stage(tmp_path):
@@ -120,24 +138,37 @@ def test_slurm_parameters():
 
 # --- gathering ---------------------------------------------------------------------------------
 
+
 def _fake_results(density: float, moa: float, uniform: float) -> dict:
-  acc = {"dense": {"passkey": {"256": 1.0}}, "uniform": {"passkey": {"256": uniform}},
-         "moa": {"passkey": {"256": moa}}}
-  ppl = {m: {"longtext": {"256": 10 / (v + 0.1)}} for m, v in
-         (("dense", 1.0), ("uniform", uniform), ("moa", moa))}
+  acc = {
+    "dense": {"passkey": {"256": 1.0}},
+    "uniform": {"passkey": {"256": uniform}},
+    "moa": {"passkey": {"256": moa}},
+  }
+  ppl = {
+    m: {"longtext": {"256": 10 / (v + 0.1)}}
+    for m, v in (("dense", 1.0), ("uniform", uniform), ("moa", moa))
+  }
   kv = {"dense": {"256": 1.0}, "uniform": {"256": density}, "moa": {"256": density - 0.01}}
-  return {"summary": {"accuracy": acc, "perplexity": ppl},
-          "meta": {"kv_density": kv, "config": {"eval": {"density": density}}}}
+  return {
+    "summary": {"accuracy": acc, "perplexity": ppl},
+    "meta": {"kv_density": kv, "config": {"eval": {"density": density}}},
+  }
 
 
 def test_gather_table_and_plot(tmp_path):
-  results = {f"density={d}": ({"optimize.density": d}, _fake_results(d, m, u))
-             for d, m, u in ((0.25, 0.5, 0.1), (0.5, 0.9, 0.4))}
+  results = {
+    f"density={d}": ({"optimize.density": d}, _fake_results(d, m, u))
+    for d, m, u in ((0.25, 0.5, 0.1), (0.5, 0.9, 0.4))
+  }
   out = gather.write(tmp_path, results, {"density=0.75": "exit status 1; log: x.log"})
   rows = out["rows"]
   assert len([r for r in rows if r["method"] == "dense"]) == 2  # passkey + longtext, once
-  moa = sorted((r["kv_density"], r["accuracy"]) for r in rows
-               if r["method"] == "moa" and r["task"] == "passkey")
+  moa = sorted(
+    (r["kv_density"], r["accuracy"])
+    for r in rows
+    if r["method"] == "moa" and r["task"] == "passkey"
+  )
   assert moa == [(0.24, 0.5), (0.49, 0.9)]
   table = (tmp_path / "sweep.md").read_text()
   assert "| passkey | 256 | moa | density=0.5 | 0.5 | 0.4900 | 0.900 |" in table
@@ -147,6 +178,7 @@ def test_gather_table_and_plot(tmp_path):
 
 
 # --- the tiny sweep end to end ----------------------------------------------------------------
+
 
 def _plans(workdir: Path) -> dict[str, dict]:
   plans = {}
@@ -170,14 +202,16 @@ def _check_finished(workdir: Path, job_logs: str) -> None:
     assert set(result["meta"]["methods"]) == {"dense", "uniform", "moa"}
     assert result["meta"]["config"]["eval"]["density"] == density
     shared = next((workdir / "shared").iterdir())
-    assert ((folder / "profile" / "influence.npz").stat().st_ino
-            == (shared / "profile" / "influence.npz").stat().st_ino)
+    assert (folder / "profile" / "influence.npz").stat().st_ino == (
+      shared / "profile" / "influence.npz"
+    ).stat().st_ino
   assert len(_logs_with(workdir, job_logs, "profile: done in")) == 1
   assert len(_logs_with(workdir, job_logs, "profile: complete, skipped")) >= len(NAMES)
   gathered = json.loads((workdir / "sweep_results.json").read_text())
   assert gathered["points"] == sorted(NAMES) and not gathered["failed"]
   assert {(r["method"], r["task"]) for r in gathered["rows"]} == {
-      (m, t) for m in ("dense", "uniform", "moa") for t in ("passkey", "longtext")}
+    (m, t) for m in ("dense", "uniform", "moa") for t in ("passkey", "longtext")
+  }
   assert (workdir / "sweep.png").stat().st_size > 10_000
   assert "| longtext | 256 | dense |" in (workdir / "sweep.md").read_text()
 
@@ -210,7 +244,8 @@ def local_sweep(tmp_path_factory, xla_cache):
 def test_tiny_sweep_local(local_sweep):
   workdir, status = local_sweep
   assert status["submitted"] == ["shared/" + next((workdir / "shared").iterdir()).name] + [
-      f"points/{n}" for n in NAMES]
+    f"points/{n}" for n in NAMES
+  ]
   assert status["finished"] == sorted(NAMES) and not status["failed"]
   _check_finished(workdir, "logs/local/*.log")
   again = command.run_sweep(_tiny(""), workdir)
@@ -233,9 +268,11 @@ def test_failed_shared_job_fails_its_points_and_keeps_going(tmp_path, xla_cache)
 def test_sweep_command_bad_input_is_one_line(tmp_path):
   from moa_jax.__main__ import main
 
-  for extra, message in (((f"--workdir={tmp_path}", "--config.launcher=pbs"), "launcher"),
-                         ((f"--workdir={tmp_path}", "--config.slurm.extra=qos"), "slurm.extra"),
-                         ((), "--workdir")):
+  for extra, message in (
+    ((f"--workdir={tmp_path}", "--config.launcher=pbs"), "launcher"),
+    ((f"--workdir={tmp_path}", "--config.slurm.extra=qos"), "slurm.extra"),
+    ((), "--workdir"),
+  ):
     with pytest.raises(SystemExit) as exit_:
       main(["moa_jax", "sweep", f"--config={TINY}", *extra])
     text = str(exit_.value.code)
@@ -245,12 +282,15 @@ def test_sweep_command_bad_input_is_one_line(tmp_path):
 
 # --- through a real SLURM ----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def slurm_cluster(tmp_path_factory):
   """A single-node SLURM (started here unless one already runs; stopped after, also when tests
   fail). Skipped with the script's reason on a machine without root or apt."""
-  was_running = subprocess.run([str(CLUSTER), "status"], capture_output=True, text=True
-                               ).stdout.count("running") == 5
+  was_running = (
+    subprocess.run([str(CLUSTER), "status"], capture_output=True, text=True).stdout.count("running")
+    == 5
+  )
   started = subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True)
   if started.returncode == 2:
     pytest.skip(started.stderr.strip())
@@ -272,8 +312,7 @@ def slurm_cluster(tmp_path_factory):
 
 
 def _slurm_state(job_id: str) -> str:
-  out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
-                       text=True)
+  out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
   return out.stdout.strip()
 
 
@@ -288,22 +327,34 @@ def _wait_for(predicate, seconds: float, what: str):
 
 
 def _start_sweep(workdir: Path, xla_cache: str, output: Path) -> subprocess.Popen:
-  argv = [sys.executable, "-m", "moa_jax", "sweep", f"--config={TINY}", f"--workdir={workdir}",
-          "--config.launcher=slurm", f"--config.compilation_cache={xla_cache}"]
+  argv = [
+    sys.executable,
+    "-m",
+    "moa_jax",
+    "sweep",
+    f"--config={TINY}",
+    f"--workdir={workdir}",
+    "--config.launcher=slurm",
+    f"--config.compilation_cache={xla_cache}",
+  ]
   with open(output, "w") as out:
     return subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
 
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_tiny_sweep_slurm_kill_rerun_and_same_plans(slurm_cluster, local_sweep, xla_cache,
-                                                    tmp_path):
+def test_tiny_sweep_slurm_kill_rerun_and_same_plans(
+  slurm_cluster, local_sweep, xla_cache, tmp_path
+):
   workdir, record = tmp_path / "sweep", tmp_path / "sweep" / "logs" / "slurm" / "jobs.json"
   # The command stops waiting (its jobs go on); the same command again waits for them.
   first = _start_sweep(workdir, xla_cache, tmp_path / "first.out")
   try:
-    ids = _wait_for(lambda: record.is_file() and json.loads(record.read_text()), 300,
-                    "the sweep's jobs to be submitted")
+    ids = _wait_for(
+      lambda: record.is_file() and json.loads(record.read_text()),
+      300,
+      "the sweep's jobs to be submitted",
+    )
   finally:
     first.terminate()
     first.wait(timeout=60)
@@ -312,13 +363,17 @@ def test_tiny_sweep_slurm_kill_rerun_and_same_plans(slurm_cluster, local_sweep, 
   second = _start_sweep(workdir, xla_cache, output)
   victim = f"points/{NAMES[1]}"
   try:
-    _wait_for(lambda: "0 jobs submitted, 4 reattached" in output.read_text(), 300,
-              "the second run to take over the running jobs")
+    _wait_for(
+      lambda: "0 jobs submitted, 4 reattached" in output.read_text(),
+      300,
+      "the second run to take over the running jobs",
+    )
     _wait_for(lambda: _slurm_state(ids[victim]) == "RUNNING", 240, f"{victim} to run")
     subprocess.run(["scancel", ids[victim]], check=True)
     killed = time.monotonic()
-    _wait_for(lambda: f"{victim} FAILED" in output.read_text(), 60,
-              "the killed point to be reported")
+    _wait_for(
+      lambda: f"{victim} FAILED" in output.read_text(), 60, "the killed point to be reported"
+    )
     assert time.monotonic() - killed < 60
     assert second.wait(timeout=300) == 1  # the others finish first
   finally:
@@ -336,7 +391,8 @@ def test_tiny_sweep_slurm_kill_rerun_and_same_plans(slurm_cluster, local_sweep, 
   assert again["submitted"] == [victim] and not again["failed"], again
   after = json.loads(record.read_text())
   assert after[victim] != ids[victim] and {k: v for k, v in after.items() if k != victim} == {
-      k: v for k, v in ids.items() if k != victim}  # the others ran once, in their first jobs
+    k: v for k, v in ids.items() if k != victim
+  }  # the others ran once, in their first jobs
   _check_finished(workdir, "logs/slurm/*/*.out")
   assert command.run_sweep(config, workdir)["submitted"] == []
   assert _plans(workdir) == _plans(local_sweep[0])

@@ -22,13 +22,21 @@ class CharTokenizer:
 @pytest.fixture(scope="module")
 def bpe():
   """A small byte-level BPE trained on task text, in HF's fast-tokenizer wrapper."""
-  corpus = [tasks.training_text(s) for t in tasks.TASKS
-            for s in tasks.make_samples(t, CharTokenizer(), 2000, 3, seed=99)]
+  corpus = [
+    tasks.training_text(s)
+    for t in tasks.TASKS
+    for s in tasks.make_samples(t, CharTokenizer(), 2000, 3, seed=99)
+  ]
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.train_from_iterator(corpus, trainers.BpeTrainer(
-      vocab_size=500, special_tokens=["<s>", "</s>"],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.train_from_iterator(
+    corpus,
+    trainers.BpeTrainer(
+      vocab_size=500,
+      special_tokens=["<s>", "</s>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    ),
+  )
   tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
   return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
@@ -100,7 +108,8 @@ def test_lines_format_and_value_range():
   assert len(values) > 1000 and 1 <= min(values) and max(values) <= 50000
   assert s.depth == 1.0 and s.decile == 9
   assert s.prompt.rstrip().endswith(
-      f"Tell me what is the <REGISTER_CONTENT> in line {solve_key(s)}? I need the number.")
+    f"Tell me what is the <REGISTER_CONTENT> in line {solve_key(s)}? I need the number."
+  )
 
 
 def solve_key(sample):
@@ -141,8 +150,8 @@ def test_longtext_documents_and_scored_windows(bpe, tmp_path):
     context, target = longtext.scored_window(bpe, docs[1], length, 40)
     assert len(context) + len(target) == length and context[0] == bpe.bos_token_id
     assert len(target) == 40
-    tail = bpe.encode(docs[1].text[-20 * length:], add_special_tokens=False)
-    assert context[1:] + target == tail[-(length - 1):]  # the document's very last tokens
+    tail = bpe.encode(docs[1].text[-20 * length :], add_special_tokens=False)
+    assert context[1:] + target == tail[-(length - 1) :]  # the document's very last tokens
   short = longtext.Document("short.py", "x = 1\n", "0" * 64)
   with pytest.raises(ValueError, match="fewer than the length"):
     longtext.scored_window(bpe, short, 300, 40)

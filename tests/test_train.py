@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moa_jax.attention.fused import FusedCausalAttention
 from moa_jax.attention.reference import reference_attention
 from moa_jax.calibration import prompts
 from moa_jax.train import data as train_data
 from moa_jax.train import tokenizer as tok_lib
-from moa_jax.attention.fused import FusedCausalAttention
 from moa_jax.train.trainer import Phase, learning_rate, phase_at, probe_accuracy, train
 
 STDLIB_FILES = 12
@@ -23,12 +23,18 @@ def corpus():
   """A few stdlib files' texts and a 512-token BPE trained on them plus task renders."""
   texts = tok_lib.read_sources(tok_lib.stdlib_sources()[:STDLIB_FILES])
   rng = np.random.default_rng(3)
-  docs = ["".join(train_data.render_doc(rng, task, 6, extra_questions=1).segments)
-          for task in train_data.TASK_NAMES for _ in range(4)]
+  docs = [
+    "".join(train_data.render_doc(rng, task, 6, extra_questions=1).segments)
+    for task in train_data.TASK_NAMES
+    for _ in range(4)
+  ]
   tokenizer = tok_lib.train_tokenizer(texts + docs, vocab_size=512)
-  natural = np.concatenate([[tok_lib.BOS_ID] + e.ids + [tok_lib.EOS_ID] for e in
-                            tokenizer.backend_tokenizer.encode_batch(texts,
-                                                                     add_special_tokens=False)])
+  natural = np.concatenate(
+    [
+      [tok_lib.BOS_ID] + e.ids + [tok_lib.EOS_ID]
+      for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    ]
+  )
   return tokenizer, natural.astype(np.uint16)
 
 
@@ -37,11 +43,18 @@ def test_tokenizer_specials_digits_template_and_reload(corpus, tmp_path):
   assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
   ids = tokenizer.encode("x = 90417", add_special_tokens=False)
   assert [tokenizer.decode([i]) for i in ids[-5:]] == list("90417")
-  messages = [{"role": "user", "content": "What is 3?"}, {"role": "assistant", "content": "3"},
-              {"role": "user", "content": "And 4?"}]
+  messages = [
+    {"role": "user", "content": "What is 3?"},
+    {"role": "assistant", "content": "3"},
+    {"role": "user", "content": "And 4?"},
+  ]
   rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-  assert rendered == (tok_lib.BOS + prompts.user_turn("What is 3?") +
-                      prompts.answer_turn("3", tok_lib.EOS) + prompts.user_turn("And 4?"))
+  assert rendered == (
+    tok_lib.BOS
+    + prompts.user_turn("What is 3?")
+    + prompts.answer_turn("3", tok_lib.EOS)
+    + prompts.user_turn("And 4?")
+  )
   tokenizer.save_pretrained(tmp_path)
   from transformers import AutoTokenizer
 
@@ -61,8 +74,15 @@ def test_stdlib_sources_exclude_site_packages():
 
 def test_mixture_batches_are_packed_weighted_and_deterministic(corpus):
   tokenizer, natural = corpus
-  mix = train_data.Mixture(tokenizer, natural, {"lines": 0.8, "natural": 0.2}, min_doc=256,
-                           answer_weight=3.0, full_row=0.7, seed=5)
+  mix = train_data.Mixture(
+    tokenizer,
+    natural,
+    {"lines": 0.8, "natural": 0.2},
+    min_doc=256,
+    answer_weight=3.0,
+    full_row=0.7,
+    seed=5,
+  )
   batch = mix.batch(7, 4, 1024)
   again = mix.batch(7, 4, 1024)
   other = mix.batch(8, 4, 1024)
@@ -80,8 +100,7 @@ def test_mixture_batches_are_packed_weighted_and_deterministic(corpus):
   for row in range(4):
     text = tokenizer.decode(batch.tokens[row])
     values = dict(re.findall(r"line (\S+): REGISTER_CONTENT is <(\d+)>", text))
-    for key, answer in re.findall(r"in line (\S+)\? I need the number\.\n ASSISTANT: (\d+)",
-                                  text):
+    for key, answer in re.findall(r"in line (\S+)\? I need the number\.\n ASSISTANT: (\d+)", text):
       assert values[key] == answer
       checked += 1
     answer_tokens = batch.targets[row][batch.weights[row] == 3.0]
@@ -105,8 +124,7 @@ def test_fused_causal_attention_matches_reference():
 def test_schedule_phases_and_probe_accuracy():
   phases = [Phase(0.0, 128, 8), Phase(0.5, 256, 4)]
   assert phase_at(phases, 0.0).seq_len == 128 and phase_at(phases, 0.7).seq_len == 256
-  lrs = [learning_rate(s, s / 100, peak=1.0, warmup_steps=10, final_ratio=0.1)
-         for s in range(100)]
+  lrs = [learning_rate(s, s / 100, peak=1.0, warmup_steps=10, final_ratio=0.1) for s in range(100)]
   assert lrs[0] == pytest.approx(0.1, rel=1e-3) and max(lrs) <= 1.0
   assert lrs[9] == pytest.approx(1.0, rel=3e-2)
   assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
@@ -129,8 +147,12 @@ def _model_cfg(vocab):
   from configs import train_reference
   from moa_jax.models.config import LlamaConfig
 
-  return LlamaConfig(vocab_size=vocab, bos_token_id=1, eos_token_ids=(2,),
-                     **train_reference.get_config("tiny").model.to_dict())
+  return LlamaConfig(
+    vocab_size=vocab,
+    bos_token_id=1,
+    eos_token_ids=(2,),
+    **train_reference.get_config("tiny").model.to_dict(),
+  )
 
 
 @pytest.mark.slow

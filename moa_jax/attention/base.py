@@ -34,7 +34,11 @@ class Attention(Protocol):
   """
 
   def __call__(
-      self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
-      cache: LayerCache,
-  ) -> tuple[jax.Array, LayerCache]:
-    ...
+    self,
+    layer: int,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    cache: LayerCache,
+  ) -> tuple[jax.Array, LayerCache]: ...

@@ -32,6 +32,7 @@ def runner(fn, chain: bool = False):
   each other and XLA cannot merge them into one batched matmul over the shared K/V (its dot
   merger does that to independent einsums, which would time one read of K/V for all calls).
   """
+
   def calls(shared, queries, eps):
     outs = []
     for q in queries:
@@ -43,8 +44,16 @@ def runner(fn, chain: bool = False):
   return jax.jit(calls)
 
 
-def time_calls(fn, shared, queries, *, samples: int = 7, warmup: int = 2,
-               chain: bool = False, min_sample_s: float = 5e-3) -> float:
+def time_calls(
+  fn,
+  shared,
+  queries,
+  *,
+  samples: int = 7,
+  warmup: int = 2,
+  chain: bool = False,
+  min_sample_s: float = 5e-3,
+) -> float:
   """Median seconds of one call fn(*shared, q), timed over the calls on all `queries` per sample.
 
   `fn` is a function or a `runner` (reused across calls with same-shaped arguments). One sample
@@ -116,6 +125,7 @@ def full_cache(layout, batch: int, context: int, key) -> cache_lib.MoACache:
     shape = (batch, len(group.heads), group.capacity, HEAD_DIM)
     k.append(normal(key, shape, 2 * i))
     v.append(normal(key, shape, 2 * i + 1))
-    pos.append(jnp.asarray(np.broadcast_to(np.where(held, src, -1), (batch, group.capacity)),
-                           jnp.int32))
+    pos.append(
+      jnp.asarray(np.broadcast_to(np.where(held, src, -1), (batch, group.capacity)), jnp.int32)
+    )
   return cache_lib.MoACache(tuple(k), tuple(v), tuple(pos), layout)

@@ -54,8 +54,9 @@ class CacheLayout:
     return sum(len(g.heads) * g.capacity for g in self.groups)
 
 
-def make_layout(windows, num_kv_heads: int, max_length: int, *, sink: int = DEFAULT_SINK,
-                slot_multiple: int = 64) -> CacheLayout:
+def make_layout(
+  windows, num_kv_heads: int, max_length: int, *, sink: int = DEFAULT_SINK, slot_multiple: int = 64
+) -> CacheLayout:
   """Layout for query-head windows [N] at planned total length `max_length`.
 
   Each KV head caches its group's largest window; capacity = min(sink + W, max_length) rounded
@@ -65,21 +66,30 @@ def make_layout(windows, num_kv_heads: int, max_length: int, *, sink: int = DEFA
   num_heads = windows.shape[-1]
   if windows.ndim != 1 or num_heads % num_kv_heads:
     raise ValueError(
-        f"windows must be [N] with N a multiple of {num_kv_heads}, got {windows.shape}")
+      f"windows must be [N] with N a multiple of {num_kv_heads}, got {windows.shape}"
+    )
   if max_length <= 0 or sink < 0 or slot_multiple <= 0:
-    raise ValueError(f"need max_length > 0, sink >= 0, slot_multiple > 0; got {max_length}, "
-                     f"{sink}, {slot_multiple}")
+    raise ValueError(
+      f"need max_length > 0, sink >= 0, slot_multiple > 0; got {max_length}, "
+      f"{sink}, {slot_multiple}"
+    )
   group_windows = windows.reshape(num_kv_heads, -1).max(-1)  # [K]
   sink_slots = min(sink, max_length)
   round_up = lambda x: -(-x // slot_multiple) * slot_multiple
-  capacity = np.minimum(round_up(np.minimum(sink_slots + group_windows, max_length)),
-                        round_up(max_length))
+  capacity = np.minimum(
+    round_up(np.minimum(sink_slots + group_windows, max_length)), round_up(max_length)
+  )
   groups = tuple(
-      CacheGroup(heads=tuple(int(h) for h in np.flatnonzero(capacity == c)),
-                 sink_slots=sink_slots, ring=int(c) - sink_slots)
-      for c in sorted(set(capacity.tolist())))
-  return CacheLayout(windows=tuple(int(w) for w in windows), sink=sink,
-                     num_kv_heads=num_kv_heads, groups=groups)
+    CacheGroup(
+      heads=tuple(int(h) for h in np.flatnonzero(capacity == c)),
+      sink_slots=sink_slots,
+      ring=int(c) - sink_slots,
+    )
+    for c in sorted(set(capacity.tolist()))
+  )
+  return CacheLayout(
+    windows=tuple(int(w) for w in windows), sink=sink, num_kv_heads=num_kv_heads, groups=groups
+  )
 
 
 @jax.tree_util.register_dataclass
@@ -104,10 +114,12 @@ def init_cache(layout: CacheLayout, batch_size: int, head_dim: int, dtype) -> Mo
   """An empty cache for `layout`."""
   shape = lambda g: (batch_size, len(g.heads), g.capacity, head_dim)
   return MoACache(
-      k=tuple(jnp.zeros(shape(g), dtype) for g in layout.groups),
-      v=tuple(jnp.zeros(shape(g), dtype) for g in layout.groups),
-      pos=tuple(jnp.full((batch_size, g.capacity), -1, jnp.int32) for g in layout.groups),
-      layout=layout, fresh=True)
+    k=tuple(jnp.zeros(shape(g), dtype) for g in layout.groups),
+    v=tuple(jnp.zeros(shape(g), dtype) for g in layout.groups),
+    pos=tuple(jnp.full((batch_size, g.capacity), -1, jnp.int32) for g in layout.groups),
+    layout=layout,
+    fresh=True,
+  )
 
 
 def slot_of(pos: jax.Array, group: CacheGroup) -> jax.Array:
@@ -160,4 +172,3 @@ def _append(cache: MoACache, k: jax.Array, v: jax.Array, pos: jax.Array) -> MoAC
     new_v.append(cv.at[rows, :, slot].set(v[:, heads].astype(cv.dtype), mode="drop"))
     new_pos.append(cpos.at[rows, slot].set(pos.astype(jnp.int32), mode="drop"))
   return MoACache(tuple(new_k), tuple(new_v), tuple(new_pos), cache.layout)
-

@@ -42,8 +42,15 @@ class DenseAttention:
     if self.impl not in IMPLS:
       raise ValueError(f"unknown dense attention impl {self.impl!r}; choose one of {IMPLS}")
 
-  def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
-               cache: DenseCache | None) -> tuple[jax.Array, DenseCache | None]:
+  def __call__(
+    self,
+    layer: int,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    cache: DenseCache | None,
+  ) -> tuple[jax.Array, DenseCache | None]:
     """q [B, T, N, H], k/v [B, T, K, H], q_pos [B, T] -> ([B, T, N, H], updated cache)."""
     del layer  # every layer attends densely
     if self.impl == "reference":
@@ -60,8 +67,9 @@ class DenseAttention:
     new, new_lse = self._fused(q, k, v, is_causal=True, residual=True)  # [B, T, N, H], [B, T, N]
 
     def with_cache():
-      old, old_lse = self._fused(q, cache.k, cache.v, kv_lengths=jnp.full((b,), cache.index),
-                                 residual=True)
+      old, old_lse = self._fused(
+        q, cache.k, cache.v, kv_lengths=jnp.full((b,), cache.index), residual=True
+      )
       top = jnp.maximum(new_lse, old_lse).astype(jnp.float32)
       w_new, w_old = jnp.exp(new_lse - top)[..., None], jnp.exp(old_lse - top)[..., None]
       merged = w_new * new.astype(jnp.float32) + w_old * old.astype(jnp.float32)
@@ -72,17 +80,28 @@ class DenseAttention:
 
   def _fused(self, q, k, v, *, is_causal=False, kv_lengths=None, residual=False):
     return jax.nn.dot_product_attention(
-        q, k, v, is_causal=is_causal, implementation=self.impl, return_residual=residual,
-        key_value_seq_lengths=None if kv_lengths is None else kv_lengths.astype(jnp.int32))
+      q,
+      k,
+      v,
+      is_causal=is_causal,
+      implementation=self.impl,
+      return_residual=residual,
+      key_value_seq_lengths=None if kv_lengths is None else kv_lengths.astype(jnp.int32),
+    )
 
   def init_cache(self, config, batch_size: int, max_length: int, dtype=None) -> list[DenseCache]:
     """Empty caches (one per layer) of `max_length` slots; dtype defaults to config.dtype."""
     dtype = config.dtype if dtype is None else dtype
     shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
-    return [DenseCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                       pos=jnp.full((batch_size, max_length), -1, jnp.int32),
-                       index=jnp.zeros((), jnp.int32))
-            for _ in range(config.num_layers)]
+    return [
+      DenseCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        pos=jnp.full((batch_size, max_length), -1, jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+      )
+      for _ in range(config.num_layers)
+    ]
 
 
 def write_cache(cache: DenseCache, k: jax.Array, v: jax.Array, pos: jax.Array) -> DenseCache:
@@ -92,7 +111,8 @@ def write_cache(cache: DenseCache, k: jax.Array, v: jax.Array, pos: jax.Array) -
     raise ValueError(f"KV cache overflow: writing {t} tokens at slot {int(cache.index)} of {slots}")
   i = cache.index
   return DenseCache(
-      k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, i, 0, 0)),
-      v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, i, 0, 0)),
-      pos=jax.lax.dynamic_update_slice(cache.pos, pos.astype(jnp.int32), (0, i)),
-      index=i + t)
+    k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, i, 0, 0)),
+    v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, i, 0, 0)),
+    pos=jax.lax.dynamic_update_slice(cache.pos, pos.astype(jnp.int32), (0, i)),
+    index=i + t,
+  )

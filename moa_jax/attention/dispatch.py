@@ -26,7 +26,7 @@ _BY_BACKEND = {"gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "mosa
 
 
 def gpu_impl(compute_capability: str | None) -> str:
-  """"mosaic_gpu" on Hopper (sm_90: wgmma and TMA), else "triton"."""
+  """ "mosaic_gpu" on Hopper (sm_90: wgmma and TMA), else "triton"."""
   return "mosaic_gpu" if compute_capability == "9.0" else "triton"
 
 
@@ -53,9 +53,18 @@ def _static_max(windows) -> int | None:
     return None
 
 
-def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, windows, *,
-                      sink: int, scale: float | None = None, impl: str | None = None,
-                      interpret: bool = False) -> jax.Array:
+def prefill_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  q_pos: jax.Array,
+  windows,
+  *,
+  sink: int,
+  scale: float | None = None,
+  impl: str | None = None,
+  interpret: bool = False,
+) -> jax.Array:
   """MoA self-attention of a left-padded prompt: q [B, T, N, H], k/v [B, T, K, H] -> [B, T, N, H].
 
   windows: int [N] (per query head) or [K] (per KV group). See `sparse_prefill_gpu`.
@@ -67,26 +76,32 @@ def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array
       raise ValueError("the Mosaic GPU kernel has no CPU interpret mode; use impl='triton'")
     if max_window is not None and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 64 == 0:
       static = tuple(int(w) for w in np.asarray(windows).reshape(-1))
-      hopper = lambda q, k, v, q_pos: sparse_prefill_hopper(q, k, v, static, sink=sink,
-                                                            scale=scale)
+      hopper = lambda q, k, v, q_pos: sparse_prefill_hopper(q, k, v, static, sink=sink, scale=scale)
       triton = lambda q, k, v, q_pos: sparse_prefill_gpu(
-          q, k, v, q_pos, jnp.asarray(static, jnp.int32), sink=sink, scale=scale)
+        q, k, v, q_pos, jnp.asarray(static, jnp.int32), sink=sink, scale=scale
+      )
       unpadded = jnp.all(q_pos[:, 0] == 0)  # row b's first token has position -pad_b
       return jax.lax.cond(unpadded, hopper, triton, q, k, v, q_pos)
     impl = "triton"
   windows = jnp.asarray(windows, jnp.int32)
   if impl == "triton":
-    return sparse_prefill_gpu(q, k, v, q_pos, windows, sink=sink, scale=scale,
-                              interpret=interpret)
+    return sparse_prefill_gpu(q, k, v, q_pos, windows, sink=sink, scale=scale, interpret=interpret)
   if impl == "mosaic":
-    return sparse_prefill_tpu(q, k, v, q_pos, windows, sink=sink, scale=scale,
-                              max_window=max_window, interpret=interpret)
+    return sparse_prefill_tpu(
+      q, k, v, q_pos, windows, sink=sink, scale=scale, max_window=max_window, interpret=interpret
+    )
   return blocked_attention(q, k, v, q_pos, windows=windows, sink=sink, scale=scale)
 
 
-def decode_attention(q: jax.Array, q_pos: jax.Array, cache: MoACache, *,
-                     scale: float | None = None, impl: str | None = None,
-                     interpret: bool = False) -> jax.Array:
+def decode_attention(
+  q: jax.Array,
+  q_pos: jax.Array,
+  cache: MoACache,
+  *,
+  scale: float | None = None,
+  impl: str | None = None,
+  interpret: bool = False,
+) -> jax.Array:
   """One query token per row, q [B, N, H] at positions [B], over the MoA cache -> [B, N, H].
 
   GPU ("mosaic_gpu" or "triton"): the Pallas Triton split-K kernel; TPU and CPU: grouped XLA

@@ -41,20 +41,31 @@ class FusedCausalAttention:
 
   def __post_init__(self):
     if self.implementation not in IMPLEMENTATIONS:
-      raise ValueError(f"unknown fused attention implementation {self.implementation!r}; "
-                       f"choose one of {IMPLEMENTATIONS}")
+      raise ValueError(
+        f"unknown fused attention implementation {self.implementation!r}; "
+        f"choose one of {IMPLEMENTATIONS}"
+      )
 
-  def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
-               cache: None) -> tuple[jax.Array, None]:
+  def __call__(
+    self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, cache: None
+  ) -> tuple[jax.Array, None]:
     """q [B, T, N, H], k/v [B, T, K, H], q_pos [B, T] -> ([B, T, N, H], None)."""
     del layer
     if cache is not None:
-      raise ValueError("FusedCausalAttention attends within one call of whole sequences: it "
-                       "takes no KV cache (call the model with caches=None)")
+      raise ValueError(
+        "FusedCausalAttention attends within one call of whole sequences: it "
+        "takes no KV cache (call the model with caches=None)"
+      )
     if self.implementation == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
       raise ValueError(f"cuDNN attention needs bf16/f16 inputs, got {q.dtype}: set dtype=bfloat16")
     lengths = valid_lengths(q_pos) if self.padded else None
     out = jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-        implementation=self.implementation)
+      q,
+      k,
+      v,
+      is_causal=True,
+      query_seq_lengths=lengths,
+      key_value_seq_lengths=lengths,
+      implementation=self.implementation,
+    )
     return out.astype(q.dtype), None

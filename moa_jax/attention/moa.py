@@ -35,8 +35,15 @@ class MoAAttention:
   written. Positions must continue each row's cached positions.
   """
 
-  def __init__(self, windows: Windows, *, sink: int = DEFAULT_SINK, impl: str | None = None,
-               interpret: bool = False, slot_multiple: int = 64):
+  def __init__(
+    self,
+    windows: Windows,
+    *,
+    sink: int = DEFAULT_SINK,
+    impl: str | None = None,
+    interpret: bool = False,
+    slot_multiple: int = 64,
+  ):
     self.windows = windows if callable(windows) else np.asarray(windows, np.int64)
     if not callable(windows) and self.windows.ndim != 2:
       raise ValueError(f"windows must be [layers, heads], got shape {self.windows.shape}")
@@ -57,8 +64,15 @@ class MoAAttention:
       raise ValueError(f"windows of shape {windows.shape} do not fit {num_heads} query heads")
     return expand_to_query_heads(windows, num_heads).astype(np.int64)
 
-  def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
-               cache: MoACache | None) -> tuple[jax.Array, MoACache | None]:
+  def __call__(
+    self,
+    layer: int,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    cache: MoACache | None,
+  ) -> tuple[jax.Array, MoACache | None]:
     """q [B, T, N, H], k/v [B, T, K, H], q_pos [B, T] -> ([B, T, N, H], updated cache)."""
     t, n = q.shape[1], q.shape[2]
     if cache is None:
@@ -67,8 +81,9 @@ class MoAAttention:
     if t > 1:
       return self._chunk(q, k, v, q_pos, cache), cache_lib.write(cache, k, v, q_pos)
     cache = cache_lib.write(cache, k, v, q_pos)
-    out = dispatch.decode_attention(q[:, 0], q_pos[:, 0], cache, impl=self.impl,
-                                    interpret=self.interpret)
+    out = dispatch.decode_attention(
+      q[:, 0], q_pos[:, 0], cache, impl=self.impl, interpret=self.interpret
+    )
     return out[:, None], cache
 
   def _chunk(self, q, k, v, q_pos, cache: MoACache) -> jax.Array:
@@ -83,20 +98,27 @@ class MoAAttention:
     return chunk_lib.chunk_reference(q, k, v, q_pos, cache)
 
   def _prefill(self, q, k, v, q_pos, windows):
-    return dispatch.prefill_attention(q, k, v, q_pos, windows, sink=self.sink, impl=self.impl,
-                                      interpret=self.interpret)
+    return dispatch.prefill_attention(
+      q, k, v, q_pos, windows, sink=self.sink, impl=self.impl, interpret=self.interpret
+    )
 
   def layouts(self, config, max_length: int) -> list[cache_lib.CacheLayout]:
     """Per layer the cache layout at planned total length `max_length`."""
     windows = self.layer_windows(max_length, config.num_heads)
-    return [cache_lib.make_layout(w, config.num_kv_heads, max_length, sink=self.sink,
-                                  slot_multiple=self.slot_multiple) for w in windows]
+    return [
+      cache_lib.make_layout(
+        w, config.num_kv_heads, max_length, sink=self.sink, slot_multiple=self.slot_multiple
+      )
+      for w in windows
+    ]
 
   def init_cache(self, config, batch_size: int, max_length: int, dtype=None) -> list[MoACache]:
     """Empty MoA caches (one per layer) for requests of planned total length `max_length`."""
     dtype = config.dtype if dtype is None else dtype
-    return [cache_lib.init_cache(layout, batch_size, config.head_dim, dtype)
-            for layout in self.layouts(config, max_length)]
+    return [
+      cache_lib.init_cache(layout, batch_size, config.head_dim, dtype)
+      for layout in self.layouts(config, max_length)
+    ]
 
   def memory_ratio(self, config, max_length: int) -> float:
     """Cache slots over all layers / the dense GQA cache's (L * K * max_length): KV density."""

@@ -38,8 +38,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from moa_jax.plans.rules import (MASKED_LOGIT, attend_mask, expand_to_query_heads,
-                                 key_block_ranges, num_blocks)
+from moa_jax.plans.rules import (
+  MASKED_LOGIT,
+  attend_mask,
+  expand_to_query_heads,
+  key_block_ranges,
+  num_blocks,
+)
 
 
 def prefill_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, int, int, int, int]:
@@ -48,7 +53,8 @@ def prefill_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, int, 
   kv_heads = k.shape[2]
   if k.shape != (b, t, kv_heads, h) or v.shape != k.shape:
     raise ValueError(
-        f"k and v must be [B, T, K, H] = {(b, t, kv_heads, h)}, got {k.shape}, {v.shape}")
+      f"k and v must be [B, T, K, H] = {(b, t, kv_heads, h)}, got {k.shape}, {v.shape}"
+    )
   if n % kv_heads:
     raise ValueError(f"{n} query heads are not a multiple of {kv_heads} KV heads")
   return b, t, n, h, kv_heads
@@ -59,9 +65,22 @@ def _is_power_of_two(x: int) -> bool:
 
 
 def _prefill_kernel(
-    off_ref, win_ref, q_ref, k_ref, v_ref, o_ref, *,
-    group: int, block_k: int, edge_block_k: int, num_q_blocks: int, seq_len: int, sink: int,
-    logit_scale: float, precision, single_loop: bool,
+  off_ref,
+  win_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  o_ref,
+  *,
+  group: int,
+  block_k: int,
+  edge_block_k: int,
+  num_q_blocks: int,
+  seq_len: int,
+  sink: int,
+  logit_scale: float,
+  precision,
+  single_loop: bool,
 ):
   """One (query tile, batch row, KV head) program.
 
@@ -97,8 +116,9 @@ def _prefill_kernel(
     acc, m, l = carry
     k = k_ref[pl.ds(start, size), :]  # [Bk, H]
     v = v_ref[pl.ds(start, size), :]
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
-                        precision=precision)  # [R, Bk], unscaled logits
+    s = lax.dot_general(
+      q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32, precision=precision
+    )  # [R, Bk], unscaled logits
     if masked is False:  # scale inside exp2's argument: one fused multiply-add per logit
       m_new = jnp.maximum(m, jnp.max(s, axis=1) * logit_scale)  # [R]
       p = jnp.exp2(s * logit_scale - m_new[:, None])
@@ -115,11 +135,15 @@ def _prefill_kernel(
     pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=precision)
     return acc * correction[:, None] + pv, m_new, l
 
-  carry = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), MASKED_LOGIT, jnp.float32),
-           jnp.zeros((rows,), jnp.float32))
+  carry = (
+    jnp.zeros((rows, head_dim), jnp.float32),
+    jnp.full((rows,), MASKED_LOGIT, jnp.float32),
+    jnp.zeros((rows,), jnp.float32),
+  )
   if single_loop:  # one pipelined loop: the sink blocks, then the window's blocks
     sink_lo, sink_hi, lo, f0, f1, hi = key_block_ranges(
-        off, t0, t1, win_min, win_max, sink=sink, block_k=block_k)
+      off, t0, t1, win_min, win_max, sink=sink, block_k=block_k
+    )
     n_sink = sink_hi - sink_lo
 
     def step(j, carry):
@@ -132,7 +156,8 @@ def _prefill_kernel(
     # Ranges in edge blocks; the interior [f0, f1) is walked in steps of `ratio` edge blocks
     # and its remainder [tail, f1) is masked with the diagonal blocks [f1, hi).
     sink_lo, sink_hi, lo, f0, f1, hi = key_block_ranges(
-        off, t0, t1, win_min, win_max, sink=sink, block_k=edge_block_k)
+      off, t0, t1, win_min, win_max, sink=sink, block_k=edge_block_k
+    )
     ratio = block_k // edge_block_k
     n_interior = lax.div(f1 - f0, ratio)
     tail = f0 + n_interior * ratio
@@ -155,8 +180,15 @@ def _prefill_kernel(
   o_ref[...] = out.reshape(tile_tokens, group, head_dim).astype(o_ref.dtype)
 
 
-def launch_defaults(*, group: int, head_dim: int, seq_len: int, itemsize: int,
-                    single_loop: bool = False, block_rows: int | None = None) -> dict:
+def launch_defaults(
+  *,
+  group: int,
+  head_dim: int,
+  seq_len: int,
+  itemsize: int,
+  single_loop: bool = False,
+  block_rows: int | None = None,
+) -> dict:
   """Launch settings measured fastest on the H100 (benchmarks/attention_notes.md).
 
   A given block_rows is kept and the other settings follow from it.
@@ -171,22 +203,45 @@ def launch_defaults(*, group: int, head_dim: int, seq_len: int, itemsize: int,
   if block_rows is None:
     block_rows = 64 if group == 1 and not wide and seq_len <= 16384 else 128
   block_k = 64 if wide or block_rows <= 64 else 128
-  return dict(block_rows=block_rows, block_k=block_k,
-              edge_block_k=block_k if single_loop else min(64, block_k),
-              num_warps=4 if head_dim <= 64 or block_rows <= 64 else 8,
-              num_stages=2 if wide else 3)
+  return dict(
+    block_rows=block_rows,
+    block_k=block_k,
+    edge_block_k=block_k if single_loop else min(64, block_k),
+    num_warps=4 if head_dim <= 64 or block_rows <= 64 else 8,
+    num_stages=2 if wide else 3,
+  )
 
 
 @functools.partial(
-    jax.jit,
-    static_argnames=("sink", "scale", "block_rows", "block_k", "edge_block_k", "num_warps",
-                     "num_stages", "single_loop", "interpret"))
+  jax.jit,
+  static_argnames=(
+    "sink",
+    "scale",
+    "block_rows",
+    "block_k",
+    "edge_block_k",
+    "num_warps",
+    "num_stages",
+    "single_loop",
+    "interpret",
+  ),
+)
 def sparse_prefill_gpu(
-    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, windows: jax.Array, *,
-    sink: int, scale: float | None = None, block_rows: int | None = None,
-    block_k: int | None = None,
-    edge_block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-    single_loop: bool = False, interpret: bool = False,
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  q_pos: jax.Array,
+  windows: jax.Array,
+  *,
+  sink: int,
+  scale: float | None = None,
+  block_rows: int | None = None,
+  block_k: int | None = None,
+  edge_block_k: int | None = None,
+  num_warps: int | None = None,
+  num_stages: int | None = None,
+  single_loop: bool = False,
+  interpret: bool = False,
 ) -> jax.Array:
   """MoA self-attention of a prompt: query t attends key j iff `attend_mask` allows it.
 
@@ -212,8 +267,14 @@ def sparse_prefill_gpu(
   b, t, n, h, kv_heads = prefill_shapes(q, k, v)
   group = n // kv_heads
   stacked = 1 << (group - 1).bit_length()  # G': the group padded to a power of two
-  defaults = launch_defaults(group=stacked, head_dim=h, seq_len=t, itemsize=q.dtype.itemsize,
-                             single_loop=single_loop, block_rows=block_rows)
+  defaults = launch_defaults(
+    group=stacked,
+    head_dim=h,
+    seq_len=t,
+    itemsize=q.dtype.itemsize,
+    single_loop=single_loop,
+    block_rows=block_rows,
+  )
   block_rows = defaults["block_rows"]
   block_k = defaults["block_k"] if block_k is None else block_k
   if edge_block_k is None:
@@ -225,15 +286,18 @@ def sparse_prefill_gpu(
   if not _is_power_of_two(block_k) or block_k < 16:
     raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
   if not _is_power_of_two(edge_block_k) or not 16 <= edge_block_k <= block_k:
-    raise ValueError(f"edge_block_k must be a power of two in [16, block_k = {block_k}], "
-                     f"got {edge_block_k}")
+    raise ValueError(
+      f"edge_block_k must be a power of two in [16, block_k = {block_k}], got {edge_block_k}"
+    )
   if single_loop and edge_block_k != block_k:
     raise ValueError("single_loop walks one block size: leave edge_block_k at block_k")
   if not _is_power_of_two(block_rows) or block_rows < 16 * stacked:
-    raise ValueError(f"block_rows must be a power of two >= 16 * G' = {16 * stacked} (G' = "
-                     f"{stacked}: {group} query heads per KV head rounded up), got {block_rows}")
+    raise ValueError(
+      f"block_rows must be a power of two >= 16 * G' = {16 * stacked} (G' = "
+      f"{stacked}: {group} query heads per KV head rounded up), got {block_rows}"
+    )
   tile_tokens = block_rows // stacked
-  scale = h ** -0.5 if scale is None else scale
+  scale = h**-0.5 if scale is None else scale
   precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
   win = expand_to_query_heads(jnp.asarray(windows, jnp.int32), n)
@@ -254,26 +318,36 @@ def sparse_prefill_gpu(
 
   num_q_blocks = t_pad // tile_tokens
   kernel = functools.partial(
-      _prefill_kernel, group=stacked, block_k=block_k, edge_block_k=edge_block_k,
-      num_q_blocks=num_q_blocks, seq_len=t, sink=sink, logit_scale=scale * math.log2(math.e),
-      precision=precision, single_loop=single_loop)
-  tile = pl.BlockSpec((None, tile_tokens, stacked, h),
-                      lambda i, bi, ki: (bi, num_q_blocks - 1 - i, ki, 0))
+    _prefill_kernel,
+    group=stacked,
+    block_k=block_k,
+    edge_block_k=edge_block_k,
+    num_q_blocks=num_q_blocks,
+    seq_len=t,
+    sink=sink,
+    logit_scale=scale * math.log2(math.e),
+    precision=precision,
+    single_loop=single_loop,
+  )
+  tile = pl.BlockSpec(
+    (None, tile_tokens, stacked, h), lambda i, bi, ki: (bi, num_q_blocks - 1 - i, ki, 0)
+  )
   full_kv = pl.BlockSpec((None, t_pad, None, h), lambda i, bi, ki: (bi, 0, ki, 0))
   out = pl.pallas_call(
-      kernel,
-      grid=(num_q_blocks, b, kv_heads),
-      in_specs=[
-          pl.BlockSpec((None,), lambda i, bi, ki: (bi,)),
-          pl.BlockSpec((None, block_rows), lambda i, bi, ki: (ki, 0)),
-          tile, full_kv, full_kv,
-      ],
-      out_specs=tile,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=pl_triton.CompilerParams(
-          num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret,
-      name="moa_sparse_prefill",
+    kernel,
+    grid=(num_q_blocks, b, kv_heads),
+    in_specs=[
+      pl.BlockSpec((None,), lambda i, bi, ki: (bi,)),
+      pl.BlockSpec((None, block_rows), lambda i, bi, ki: (ki, 0)),
+      tile,
+      full_kv,
+      full_kv,
+    ],
+    out_specs=tile,
+    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+    interpret=interpret,
+    name="moa_sparse_prefill",
   )(offsets, row_windows, q, k, v)
   out = out[:, :t].reshape(b, t, kv_heads, stacked, h)[:, :, :, :group]
   return out.reshape(b, t, n, h)

@@ -28,8 +28,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from moa_jax.attention.prefill_gpu import prefill_shapes
-from moa_jax.plans.rules import (MASKED_LOGIT, attend_mask, expand_to_query_heads,
-                                 key_block_ranges, num_blocks)
+from moa_jax.plans.rules import (
+  MASKED_LOGIT,
+  attend_mask,
+  expand_to_query_heads,
+  key_block_ranges,
+  num_blocks,
+)
 
 COMPUTE_WARPGROUPS = 2
 
@@ -42,8 +47,21 @@ def _lookup(index, values: Sequence[int]):
   return out
 
 
-def _kernel(q_ref, k_ref, v_ref, o_ref, scratch, *, windows: tuple[int, ...], group: int,
-            sink: int, logit_scale: float, block_q: int, block_kv: int, num_stages: int):
+def _kernel(
+  q_ref,
+  k_ref,
+  v_ref,
+  o_ref,
+  scratch,
+  *,
+  windows: tuple[int, ...],
+  group: int,
+  sink: int,
+  logit_scale: float,
+  block_q: int,
+  block_kv: int,
+  num_stages: int,
+):
   """One (query head, row tile of 2 * block_q, batch row) program; refs [B, T, N|K, H]."""
   import jax.experimental.pallas.mosaic_gpu as plgpu  # GPU-only module
 
@@ -55,8 +73,9 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, scratch, *, windows: tuple[int, ...], gr
   tile0 = lax.axis_index("q_seq") * (COMPUTE_WARPGROUPS * block_q)
   tile1 = tile0 + COMPUTE_WARPGROUPS * block_q - 1
   # Key blocks of the program (rows unpadded): sink blocks [0, n_sink), window blocks [lo, hi).
-  _, n_sink, lo, _, _, hi = key_block_ranges(jnp.int32(0), tile0, tile1, win, win, sink=sink,
-                                             block_k=block_kv)
+  _, n_sink, lo, _, _, hi = key_block_ranges(
+    jnp.int32(0), tile0, tile1, win, win, sink=sink, block_k=block_kv
+  )
   n_steps = n_sink + hi - lo
 
   def key_block(step):
@@ -71,20 +90,19 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, scratch, *, windows: tuple[int, ...], gr
     plgpu.set_max_registers(232, action="increase")
     q_smem = qo_smem.at[wg]
     row0 = tile0 + wg * block_q
-    plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row0, block_q), head], q_smem,
-                            q_ready.at[wg])
+    plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row0, block_q), head], q_smem, q_ready.at[wg])
     plgpu.barrier_wait(q_ready.at[wg])
     # Window blocks fully attended by every row of this warpgroup: [full0, full1) (the
     # warpgroup's block range lies within the program's [lo, hi)).
-    *_, full0, full1, _ = key_block_ranges(jnp.int32(0), row0, row0 + block_q - 1, win, win,
-                                           sink=sink, block_k=block_kv)
+    *_, full0, full1, _ = key_block_ranges(
+      jnp.int32(0), row0, row0 + block_q - 1, win, win, sink=sink, block_k=block_kv
+    )
     first_full, end_full = n_sink + full0 - lo, n_sink + full1 - lo
 
     reduced = plgpu.Layout.WGMMA.reduce(1)
     m = plgpu.layout_cast(jnp.full((block_q,), MASKED_LOGIT, jnp.float32), reduced)
     l = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), reduced)
-    acc = plgpu.layout_cast(jnp.zeros((block_q, q_ref.shape[-1]), jnp.float32),
-                            plgpu.Layout.WGMMA)
+    acc = plgpu.layout_cast(jnp.zeros((block_q, q_ref.shape[-1]), jnp.float32), plgpu.Layout.WGMMA)
 
     @pl.when(n_steps > 0)
     def _():
@@ -106,7 +124,8 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, scratch, *, windows: tuple[int, ...], gr
       if masked:
         rows = row0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
         keys = key_block(step) * block_kv + plgpu.broadcasted_iota(
-            jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+          jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA
+        )
         s = jnp.where(attend_mask(rows, keys, sink, win), s * logit_scale, MASKED_LOGIT)
         m_new = jnp.maximum(m, s.max(axis=1))
         p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -167,11 +186,21 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, scratch, *, windows: tuple[int, ...], gr
       plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
 
 
-@functools.partial(jax.jit, static_argnames=("windows", "sink", "scale", "block_q", "block_kv",
-                                             "num_stages"))
-def sparse_prefill_hopper(q: jax.Array, k: jax.Array, v: jax.Array, windows: tuple[int, ...], *,
-                          sink: int, scale: float | None = None, block_q: int = 64,
-                          block_kv: int = 128, num_stages: int = 2) -> jax.Array:
+@functools.partial(
+  jax.jit, static_argnames=("windows", "sink", "scale", "block_q", "block_kv", "num_stages")
+)
+def sparse_prefill_hopper(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  windows: tuple[int, ...],
+  *,
+  sink: int,
+  scale: float | None = None,
+  block_q: int = 64,
+  block_kv: int = 128,
+  num_stages: int = 2,
+) -> jax.Array:
   """MoA self-attention of unpadded prompts (positions 0..T-1) on an sm_90 GPU.
 
   Args:
@@ -187,49 +216,65 @@ def sparse_prefill_hopper(q: jax.Array, k: jax.Array, v: jax.Array, windows: tup
 
   b, t, n, h, kv_heads = prefill_shapes(q, k, v)
   if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
-    raise ValueError(f"the Hopper kernel takes bf16 or fp16 q/k/v, got {q.dtype}, {k.dtype}, "
-                     f"{v.dtype}")
+    raise ValueError(
+      f"the Hopper kernel takes bf16 or fp16 q/k/v, got {q.dtype}, {k.dtype}, {v.dtype}"
+    )
   if h % 64:
     raise ValueError(f"the Hopper kernel needs head_dim a multiple of 64, got {h}")
   if block_q % 64 or block_kv % 64 or num_stages < 2:
-    raise ValueError(f"block_q and block_kv must be multiples of 64 and num_stages >= 2, got "
-                     f"{block_q}, {block_kv}, {num_stages}")
+    raise ValueError(
+      f"block_q and block_kv must be multiples of 64 and num_stages >= 2, got "
+      f"{block_q}, {block_kv}, {num_stages}"
+    )
   if len(windows) not in (n, kv_heads):
-    raise ValueError(f"windows must give {n} query heads or {kv_heads} KV groups, got "
-                     f"{len(windows)}")
+    raise ValueError(
+      f"windows must give {n} query heads or {kv_heads} KV groups, got {len(windows)}"
+    )
   per_head = tuple(int(w) for w in np.clip(expand_to_query_heads(windows, n), 0, t))
   pad_to = math.lcm(COMPUTE_WARPGROUPS * block_q, block_kv)
   t_pad = num_blocks(t, pad_to) * pad_to
   if t_pad != t:  # tail rows are sliced off; tail keys are later than every real row
     widths = ((0, 0), (0, t_pad - t), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
-  scale = h ** -0.5 if scale is None else scale
+  scale = h**-0.5 if scale is None else scale
   swizzled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
   scratch = (
-      (plgpu.SMEM((COMPUTE_WARPGROUPS, block_q, h), q.dtype, **swizzled),
-       plgpu.SMEM((num_stages, block_kv, h), q.dtype, **swizzled),
-       plgpu.SMEM((num_stages, block_kv, h), q.dtype, **swizzled)),
-      (plgpu.Barrier(num_barriers=num_stages), plgpu.Barrier(num_barriers=num_stages),
-       plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS)),
-      (plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=num_stages),) * 2,
-      plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),
+    (
+      plgpu.SMEM((COMPUTE_WARPGROUPS, block_q, h), q.dtype, **swizzled),
+      plgpu.SMEM((num_stages, block_kv, h), q.dtype, **swizzled),
+      plgpu.SMEM((num_stages, block_kv, h), q.dtype, **swizzled),
+    ),
+    (
+      plgpu.Barrier(num_barriers=num_stages),
+      plgpu.Barrier(num_barriers=num_stages),
+      plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS),
+    ),
+    (plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=num_stages),) * 2,
+    plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),
   )
   kernel = functools.partial(
-      _kernel, windows=per_head, group=n // kv_heads, sink=sink,
-      logit_scale=scale * math.log2(math.e), block_q=block_q, block_kv=block_kv,
-      num_stages=num_stages)
+    _kernel,
+    windows=per_head,
+    group=n // kv_heads,
+    sink=sink,
+    logit_scale=scale * math.log2(math.e),
+    block_q=block_q,
+    block_kv=block_kv,
+    num_stages=num_stages,
+  )
 
   def entry(q_ref, k_ref, v_ref, o_ref):
-    pl.run_scoped(lambda *scoped: kernel(q_ref, k_ref, v_ref, o_ref, scoped), *scratch,
-                  collective_axes="wg")
+    pl.run_scoped(
+      lambda *scoped: kernel(q_ref, k_ref, v_ref, o_ref, scoped), *scratch, collective_axes="wg"
+    )
 
   out = plgpu.kernel(
-      entry,
-      out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      grid=(n, t_pad // (COMPUTE_WARPGROUPS * block_q), b),
-      grid_names=("heads", "q_seq", "batch"),
-      num_threads=COMPUTE_WARPGROUPS + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+    entry,
+    out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    grid=(n, t_pad // (COMPUTE_WARPGROUPS * block_q), b),
+    grid_names=("heads", "q_seq", "batch"),
+    num_threads=COMPUTE_WARPGROUPS + 1,
+    thread_name="wg",
+    compiler_params=plgpu.CompilerParams(approx_math=True),
   )(q, k, v)
   return out[:, :t]

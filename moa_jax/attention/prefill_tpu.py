@@ -21,14 +21,28 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from moa_jax.attention.prefill_gpu import prefill_shapes
-from moa_jax.plans.rules import (MASKED_LOGIT, attend_mask, expand_to_query_heads,
-                                 key_block_ranges, num_blocks)
+from moa_jax.plans.rules import (
+  MASKED_LOGIT,
+  attend_mask,
+  expand_to_query_heads,
+  key_block_ranges,
+  num_blocks,
+)
 
 LANES = 128  # running max / sum kept lane-replicated, as Mosaic likes
 
 
-def block_tables(offsets, windows, *, sink: int, seq_len: int, tile_tokens: int, block_k: int,
-                 num_q_blocks: int, max_steps: int):
+def block_tables(
+  offsets,
+  windows,
+  *,
+  sink: int,
+  seq_len: int,
+  tile_tokens: int,
+  block_k: int,
+  num_q_blocks: int,
+  max_steps: int,
+):
   """Key-block lists of every (batch row, KV head, query tile).
 
   Args:
@@ -43,7 +57,8 @@ def block_tables(offsets, windows, *, sink: int, seq_len: int, tile_tokens: int,
   t0 = (jnp.arange(num_q_blocks) * tile_tokens)[None, None, :, None]  # [1, 1, Q, 1]
   t1 = jnp.minimum(t0 + tile_tokens - 1, seq_len - 1)  # rows past seq_len are sliced off
   sink_lo, sink_hi, lo, f0, f1, hi = key_block_ranges(
-      off, t0, t1, win_min, win_max, sink=sink, block_k=block_k)
+    off, t0, t1, win_min, win_max, sink=sink, block_k=block_k
+  )
   n_sink = sink_hi - sink_lo
   count = n_sink + (hi - lo)  # [B, K, Q, 1]
   step = jnp.minimum(jnp.arange(max_steps)[None, None, None, :], jnp.maximum(count - 1, 0))
@@ -53,11 +68,26 @@ def block_tables(offsets, windows, *, sink: int, seq_len: int, tile_tokens: int,
 
 
 def _prefill_kernel(
-    index_ref, full_ref, count_ref, off_ref, win_ref,  # scalar prefetch (SMEM, flattened)
-    q_ref, k_ref, v_ref,  # VMEM blocks: [G, Tq, H], [Bk, H], [Bk, H]
-    o_ref,  # [G, Tq, H]
-    m_ref, l_ref, acc_ref,  # scratch: [R, LANES], [R, LANES], [R, H] float32
-    *, flat, group: int, block_k: int, seq_len: int, sink: int, logit_scale: float, precision,
+  index_ref,
+  full_ref,
+  count_ref,
+  off_ref,
+  win_ref,  # scalar prefetch (SMEM, flattened)
+  q_ref,
+  k_ref,
+  v_ref,  # VMEM blocks: [G, Tq, H], [Bk, H], [Bk, H]
+  o_ref,  # [G, Tq, H]
+  m_ref,
+  l_ref,
+  acc_ref,  # scratch: [R, LANES], [R, LANES], [R, H] float32
+  *,
+  flat,
+  group: int,
+  block_k: int,
+  seq_len: int,
+  sink: int,
+  logit_scale: float,
+  precision,
 ):
   bi, ki, qi, step = (pl.program_id(i) for i in range(4))
   at = flat(bi, ki, qi, step)
@@ -73,8 +103,13 @@ def _prefill_kernel(
   def compute(masked: bool):
     q = q_ref[...].reshape(rows, head_dim)  # [R, H]
     kb = index_ref[at]
-    s = lax.dot_general(q, k_ref[...], (((1,), (1,)), ((), ())),
-                        preferred_element_type=jnp.float32, precision=precision)
+    s = lax.dot_general(
+      q,
+      k_ref[...],
+      (((1,), (1,)), ((), ())),
+      preferred_element_type=jnp.float32,
+      precision=precision,
+    )
     s = s * logit_scale  # [R, Bk], base-2 logits
     if masked:
       off = off_ref[bi]
@@ -94,8 +129,9 @@ def _prefill_kernel(
     if masked:
       p = jnp.where(mask, p, 0.0)
     correction = jnp.exp2(m_prev - m_new)
-    l_ref[...] = jnp.broadcast_to(l_ref[:, :1] * correction + p.sum(axis=1, keepdims=True),
-                                  l_ref.shape)
+    l_ref[...] = jnp.broadcast_to(
+      l_ref[:, :1] * correction + p.sum(axis=1, keepdims=True), l_ref.shape
+    )
     m_ref[...] = jnp.broadcast_to(m_new, m_ref.shape)
     v = v_ref[...]
     pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=precision)
@@ -120,12 +156,21 @@ def _prefill_kernel(
 
 
 @functools.partial(
-    jax.jit,
-    static_argnames=("sink", "scale", "max_window", "block_q", "block_k", "interpret"))
+  jax.jit, static_argnames=("sink", "scale", "max_window", "block_q", "block_k", "interpret")
+)
 def sparse_prefill_tpu(
-    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, windows: jax.Array, *,
-    sink: int, scale: float | None = None, max_window: int | None = None, block_q: int = 128,
-    block_k: int = 128, interpret=False,
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  q_pos: jax.Array,
+  windows: jax.Array,
+  *,
+  sink: int,
+  scale: float | None = None,
+  max_window: int | None = None,
+  block_q: int = 128,
+  block_k: int = 128,
+  interpret=False,
 ) -> jax.Array:
   """MoA self-attention of a prompt on TPU (same contract as `sparse_prefill_gpu`).
 
@@ -144,7 +189,7 @@ def sparse_prefill_tpu(
   if block_q % 8 or block_k % 8:
     raise ValueError(f"block_q and block_k must be multiples of 8, got {block_q}, {block_k}")
   group = n // kv_heads
-  scale = h ** -0.5 if scale is None else scale
+  scale = h**-0.5 if scale is None else scale
   precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
   pad_to = math.lcm(block_q, block_k)
@@ -159,8 +204,15 @@ def sparse_prefill_tpu(
   offsets = ((t - 1) - q_pos[:, t - 1]).astype(jnp.int32)  # [B]
   win = jnp.clip(expand_to_query_heads(jnp.asarray(windows, jnp.int32), n), 0, t)  # [N]
   index, full, count = block_tables(
-      offsets, win.reshape(kv_heads, group), sink=sink, seq_len=t, tile_tokens=block_q,
-      block_k=block_k, num_q_blocks=num_q_blocks, max_steps=max_steps)
+    offsets,
+    win.reshape(kv_heads, group),
+    sink=sink,
+    seq_len=t,
+    tile_tokens=block_q,
+    block_k=block_k,
+    num_q_blocks=num_q_blocks,
+    max_steps=max_steps,
+  )
 
   def head_major(x):  # [B, T, heads, H] -> [B, heads, T_pad, H]
     return jnp.pad(x, ((0, 0), (0, t_pad - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
@@ -170,31 +222,42 @@ def sparse_prefill_tpu(
 
   qh = head_major(q).reshape(b, kv_heads, group, t_pad, h)
   kh, vh = head_major(k), head_major(v)
-  q_spec = pl.BlockSpec((None, None, group, block_q, h),
-                        lambda bi, ki, qi, s, *_: (bi, ki, 0, qi, 0))
-  kv_spec = pl.BlockSpec((None, None, block_k, h),
-                         lambda bi, ki, qi, s, idx, *_: (bi, ki, idx[flat(bi, ki, qi, s)], 0))
+  q_spec = pl.BlockSpec(
+    (None, None, group, block_q, h), lambda bi, ki, qi, s, *_: (bi, ki, 0, qi, 0)
+  )
+  kv_spec = pl.BlockSpec(
+    (None, None, block_k, h), lambda bi, ki, qi, s, idx, *_: (bi, ki, idx[flat(bi, ki, qi, s)], 0)
+  )
   rows = group * block_q
   kernel = functools.partial(
-      _prefill_kernel, flat=flat, group=group, block_k=block_k, seq_len=t, sink=sink,
-      logit_scale=scale * math.log2(math.e), precision=precision)
+    _prefill_kernel,
+    flat=flat,
+    group=group,
+    block_k=block_k,
+    seq_len=t,
+    sink=sink,
+    logit_scale=scale * math.log2(math.e),
+    precision=precision,
+  )
   out = pl.pallas_call(
-      kernel,
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=5,
-          grid=(b, kv_heads, num_q_blocks, max_steps),
-          in_specs=[q_spec, kv_spec, kv_spec],
-          out_specs=q_spec,
-          scratch_shapes=[pltpu.VMEM((rows, LANES), jnp.float32),
-                          pltpu.VMEM((rows, LANES), jnp.float32),
-                          pltpu.VMEM((rows, h), jnp.float32)],
-      ),
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),
-      interpret=interpret,
-      name="moa_sparse_prefill_tpu",
+    kernel,
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=5,
+      grid=(b, kv_heads, num_q_blocks, max_steps),
+      in_specs=[q_spec, kv_spec, kv_spec],
+      out_specs=q_spec,
+      scratch_shapes=[
+        pltpu.VMEM((rows, LANES), jnp.float32),
+        pltpu.VMEM((rows, LANES), jnp.float32),
+        pltpu.VMEM((rows, h), jnp.float32),
+      ],
+    ),
+    compiler_params=pltpu.CompilerParams(
+      dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
+    ),
+    out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),
+    interpret=interpret,
+    name="moa_sparse_prefill_tpu",
   )(index.reshape(-1), full.reshape(-1), count.reshape(-1), offsets, win, qh, kh, vh)
   out = out.reshape(b, n, t_pad, h).transpose(0, 2, 1, 3)  # [B, T_pad, N, H]
   return out[:, :t]
-

@@ -7,13 +7,25 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moa_jax.plans.rules import (DEFAULT_SINK, DENSE_WINDOW, MASKED_LOGIT, attend_mask,
-                                 expand_to_query_heads)
+from moa_jax.plans.rules import (
+  DEFAULT_SINK,
+  DENSE_WINDOW,
+  MASKED_LOGIT,
+  attend_mask,
+  expand_to_query_heads,
+)
 
 
 def reference_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
-    *, windows=None, sink: int = DEFAULT_SINK, scale: float | None = None,
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  q_pos: jax.Array,
+  k_pos: jax.Array,
+  *,
+  windows=None,
+  sink: int = DEFAULT_SINK,
+  scale: float | None = None,
 ) -> jax.Array:
   """Softmax attention where query t sees key j iff `attend_mask` allows it.
 
@@ -29,7 +41,7 @@ def reference_attention(
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
   g = n // kv_heads
-  scale = h ** -0.5 if scale is None else scale
+  scale = h**-0.5 if scale is None else scale
   if windows is None:
     win, sink = jnp.full((n,), DENSE_WINDOW, jnp.int32), 0
   else:
@@ -39,19 +51,36 @@ def reference_attention(
     k_pos = jnp.broadcast_to(k_pos[:, None, :], (b, kv_heads, k_pos.shape[-1]))
   mask = attend_mask(q_pos[:, None, None, :, None], k_pos[:, :, None, None, :], sink, win)
   qg = q.reshape(b, t, kv_heads, g, h)  # [B, T, K, G, H]
-  logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32,
-                      precision=jax.lax.Precision.HIGHEST) * scale  # [B, K, G, T, S]
+  logits = (
+    jnp.einsum(
+      "btkgh,bskh->bkgts",
+      qg,
+      k,
+      preferred_element_type=jnp.float32,
+      precision=jax.lax.Precision.HIGHEST,
+    )
+    * scale
+  )  # [B, K, G, T, S]
   logits = jnp.where(mask, logits, MASKED_LOGIT)
   weights = jnp.where(mask, jnp.exp(logits - logits.max(-1, keepdims=True)), 0.0)
   weights = weights / jnp.maximum(weights.sum(-1, keepdims=True), 1e-30)
-  out = jnp.einsum("bkgts,bskh->btkgh", weights, v.astype(jnp.float32),
-                   precision=jax.lax.Precision.HIGHEST)  # [B, T, K, G, H]
+  out = jnp.einsum(
+    "bkgts,bskh->btkgh", weights, v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+  )  # [B, T, K, G, H]
   return out.reshape(b, t, n, h).astype(q.dtype)
 
 
 def blocked_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array | None = None,
-    *, windows=None, sink: int = DEFAULT_SINK, scale: float | None = None, block_q: int = 512,
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  q_pos: jax.Array,
+  k_pos: jax.Array | None = None,
+  *,
+  windows=None,
+  sink: int = DEFAULT_SINK,
+  scale: float | None = None,
+  block_q: int = 512,
 ) -> jax.Array:
   """`reference_attention` one block of `block_q` query rows at a time (the CPU path).
 
@@ -78,6 +107,7 @@ def blocked_attention(
       key, value, key_pos = k[:, :stop], v[:, :stop], q_pos[:, :stop]
     else:
       key, value, key_pos = k, v, k_pos
-    outs.append(reference_attention(q[:, start:stop], key, value, q_pos[:, start:stop],
-                                    key_pos, **kwargs))
+    outs.append(
+      reference_attention(q[:, start:stop], key, value, q_pos[:, start:stop], key_pos, **kwargs)
+    )
   return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)

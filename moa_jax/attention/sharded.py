@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from moa_jax.attention import dispatch
 from moa_jax.attention.cache import CacheGroup, CacheLayout, MoACache
@@ -91,8 +92,9 @@ def split_heads(layout: CacheLayout, devices: int, *, balance: bool = True) -> H
   capacity = np.zeros(k, np.int64)
   for group in layout.groups:
     capacity[list(group.heads)] = group.capacity
-  contiguous = [sorted(range(d * m, (d + 1) * m), key=lambda h: -capacity[h])
-                for d in range(devices)]
+  contiguous = [
+    sorted(range(d * m, (d + 1) * m), key=lambda h: -capacity[h]) for d in range(devices)
+  ]
   order = np.argsort(-capacity, kind="stable")
   dealt = [[int(order[r * devices + d]) for r in range(m)] for d in range(devices)]
   slot_capacity = lambda split: capacity[np.asarray(split)].max(0)  # [m]
@@ -101,14 +103,20 @@ def split_heads(layout: CacheLayout, devices: int, *, balance: bool = True) -> H
     heads = dealt
   slots = slot_capacity(heads)
   sink_slots = layout.groups[0].sink_slots
-  groups = tuple(CacheGroup(heads=tuple(int(i) for i in np.flatnonzero(slots == c)),
-                            sink_slots=sink_slots, ring=int(c) - sink_slots)
-                 for c in sorted(set(slots.tolist()), reverse=True))
+  groups = tuple(
+    CacheGroup(
+      heads=tuple(int(i) for i in np.flatnonzero(slots == c)),
+      sink_slots=sink_slots,
+      ring=int(c) - sink_slots,
+    )
+    for c in sorted(set(slots.tolist()), reverse=True)
+  )
   g = layout.group_size
   windows = tuple(tuple(layout.windows[h * g + i] for h in row for i in range(g)) for row in heads)
   local = CacheLayout(windows=windows[0], sink=layout.sink, num_kv_heads=m, groups=groups)
-  return HeadShards(local=local, heads=tuple(tuple(row) for row in heads), windows=windows,
-                    used=int(capacity.sum()))
+  return HeadShards(
+    local=local, heads=tuple(tuple(row) for row in heads), windows=windows, used=int(capacity.sum())
+  )
 
 
 @jax.tree_util.register_dataclass
@@ -140,33 +148,50 @@ class ShardedMoAAttention:
 
   def shards(self, config, max_length: int) -> list[HeadShards]:
     """Per layer the split of the cache layout at planned total length `max_length`."""
-    return [split_heads(layout, self.devices, balance=self.balance)
-            for layout in self.attention.layouts(config, max_length)]
+    return [
+      split_heads(layout, self.devices, balance=self.balance)
+      for layout in self.attention.layouts(config, max_length)
+    ]
 
   def balance_report(self, config, max_length: int) -> dict:
     """Cache slots per batch row: needed by the heads' own capacities vs. held by the devices
     (with and without dealing heads out), over all layers."""
+
     def totals(shards):
       used = sum(s.used for s in shards)
       allocated = sum(s.allocated for s in shards)
-      return dict(used_slots=used, allocated_slots=allocated,
-                  slots_per_device=allocated // self.devices, fill=used / allocated)
+      return dict(
+        used_slots=used,
+        allocated_slots=allocated,
+        slots_per_device=allocated // self.devices,
+        fill=used / allocated,
+      )
+
     balanced = self.shards(config, max_length)
-    contiguous = [split_heads(layout, self.devices, balance=False)
-                  for layout in self.attention.layouts(config, max_length)]
-    return dict(devices=self.devices, max_length=max_length, balanced=totals(balanced),
-                contiguous=totals(contiguous),
-                layers_moving_heads=sum(s.moves_heads for s in balanced))
+    contiguous = [
+      split_heads(layout, self.devices, balance=False)
+      for layout in self.attention.layouts(config, max_length)
+    ]
+    return dict(
+      devices=self.devices,
+      max_length=max_length,
+      balanced=totals(balanced),
+      contiguous=totals(contiguous),
+      layers_moving_heads=sum(s.moves_heads for s in balanced),
+    )
 
   def specs(self, batch: int) -> dict[str, P]:
     """PartitionSpecs of a batch of `batch` rows: heads [B, T, N, H], cache [B, heads, C, H],
     pos [B, C] and rows [B, T]."""
     rows = batch_axes(self.mesh, batch)
-    return dict(heads=P(rows, None, TENSOR, None), cache=P(rows, TENSOR, None, None),
-                pos=P(rows, None), rows=P(rows, None))
+    return dict(
+      heads=P(rows, None, TENSOR, None),
+      cache=P(rows, TENSOR, None, None),
+      pos=P(rows, None),
+      rows=P(rows, None),
+    )
 
-  def init_cache(self, config, batch_size: int, max_length: int, dtype=None
-                 ) -> list[ShardedCache]:
+  def init_cache(self, config, batch_size: int, max_length: int, dtype=None) -> list[ShardedCache]:
     """Empty sharded caches (one per layer) for requests of planned total length `max_length`."""
     dtype = config.dtype if dtype is None else dtype
     specs = self.specs(batch_size)
@@ -175,12 +200,17 @@ class ShardedMoAAttention:
     for shards in self.shards(config, max_length):
       shape = lambda g: (batch_size, self.devices * len(g.heads), g.capacity, config.head_dim)
       groups = shards.local.groups
-      caches.append(ShardedCache(
+      caches.append(
+        ShardedCache(
           k=tuple(place(jnp.zeros(shape(g), dtype), specs["cache"]) for g in groups),
           v=tuple(place(jnp.zeros(shape(g), dtype), specs["cache"]) for g in groups),
-          pos=tuple(place(jnp.full((batch_size, g.capacity), -1, jnp.int32), specs["pos"])
-                    for g in groups),
-          shards=shards, fresh=True))
+          pos=tuple(
+            place(jnp.full((batch_size, g.capacity), -1, jnp.int32), specs["pos"]) for g in groups
+          ),
+          shards=shards,
+          fresh=True,
+        )
+      )
     return caches
 
   def memory_ratio(self, config, max_length: int) -> float:
@@ -203,8 +233,15 @@ class ShardedMoAAttention:
     index = jnp.asarray(device_branch.reshape(-1), jnp.int32)[lax.axis_index(TENSOR)]
     return lambda *args: lax.switch(index, functions, *args)
 
-  def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
-               cache: ShardedCache | None) -> tuple[jax.Array, ShardedCache | None]:
+  def __call__(
+    self,
+    layer: int,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    cache: ShardedCache | None,
+  ) -> tuple[jax.Array, ShardedCache | None]:
     """q [B, T, N, H], k/v [B, T, K, H], q_pos [B, T] -> ([B, T, N, H], updated cache)."""
     b, t, n, _ = q.shape
     specs = self.specs(b)
@@ -214,13 +251,16 @@ class ShardedMoAAttention:
 
       def prefill(windows):
         return lambda q, k, v, q_pos: dispatch.prefill_attention(
-            q, k, v, q_pos, np.asarray(windows), sink=moa.sink, impl=moa.impl,
-            interpret=moa.interpret)
+          q, k, v, q_pos, np.asarray(windows), sink=moa.sink, impl=moa.impl, interpret=moa.interpret
+        )
 
-      run = jax.shard_map(lambda *args: self._per_device(windows, prefill)(*args),
-                          mesh=self.mesh, check_vma=False,
-                          in_specs=(specs["heads"],) * 3 + (specs["rows"],),
-                          out_specs=specs["heads"])
+      run = jax.shard_map(
+        lambda *args: self._per_device(windows, prefill)(*args),
+        mesh=self.mesh,
+        check_vma=False,
+        in_specs=(specs["heads"],) * 3 + (specs["rows"],),
+        out_specs=specs["heads"],
+      )
       return run(q, k, v, q_pos), None
 
     shards = cache.shards
@@ -252,6 +292,7 @@ class ShardedMoAAttention:
       def run(q, k, v, q_pos, ck, cv, cpos):
         out, local = moa(layer, q, k, v, q_pos, MoACache(ck, cv, cpos, layout, cache.fresh))
         return out, local.k, local.v, local.pos
+
       return run
 
     def step(q, k, v, q_pos, ck, cv, cpos):
@@ -261,9 +302,13 @@ class ShardedMoAAttention:
 
     groups = len(shards.local.groups)
     cache_specs = ((specs["cache"],) * groups,) * 2 + ((specs["pos"],) * groups,)
-    run = jax.shard_map(step, mesh=self.mesh, check_vma=False,
-                        in_specs=(specs["heads"],) * 3 + (specs["rows"],) + cache_specs,
-                        out_specs=(specs["heads"],) + cache_specs)
+    run = jax.shard_map(
+      step,
+      mesh=self.mesh,
+      check_vma=False,
+      in_specs=(specs["heads"],) * 3 + (specs["rows"],) + cache_specs,
+      out_specs=(specs["heads"],) + cache_specs,
+    )
     out, ck, cv, cpos = run(q, k, v, q_pos, cache.k, cache.v, cache.pos)
     return out, ShardedCache(ck, cv, cpos, shards)
 
@@ -295,4 +340,3 @@ def shard_attention(attention, mesh: Mesh):
   if isinstance(attention, MoAAttention):
     return ShardedMoAAttention(attention, mesh)
   return HeadShardedAttention(attention, mesh)
-

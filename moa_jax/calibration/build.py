@@ -36,6 +36,7 @@ SOURCES = ("multinews", "jsonl")
 PROMPT = "{context}\n\n{question}"
 CUT_MARKER = "\n...\n"
 
+
 @dataclasses.dataclass(frozen=True)
 class CalibrationConfig:
   """What calibration set to build.
@@ -68,8 +69,10 @@ class CalibrationConfig:
     prompts.check_template(self.template)
     object.__setattr__(self, "lengths", tuple(int(n) for n in self.lengths))
     if not self.lengths or min(self.lengths) <= self.max_new_tokens:
-      raise ValueError(f"calibration lengths {self.lengths} must exist and exceed max_new_tokens "
-                       f"({self.max_new_tokens})")
+      raise ValueError(
+        f"calibration lengths {self.lengths} must exist and exceed max_new_tokens "
+        f"({self.max_new_tokens})"
+      )
     if self.samples_per_length < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
       raise ValueError("samples_per_length, max_new_tokens and batch_size must be >= 1")
     if not 0.0 <= self.min_fill <= 1.0:
@@ -91,8 +94,10 @@ class CalibrationBucket:
   def __post_init__(self):
     s, n = self.tokens.shape
     if self.loss_mask.shape != (s, n) or self.lengths.shape != (s,):
-      raise ValueError(f"bucket arrays disagree: tokens {self.tokens.shape}, loss_mask "
-                       f"{self.loss_mask.shape}, lengths {self.lengths.shape}")
+      raise ValueError(
+        f"bucket arrays disagree: tokens {self.tokens.shape}, loss_mask "
+        f"{self.loss_mask.shape}, lengths {self.lengths.shape}"
+      )
 
   @property
   def num_samples(self) -> int:
@@ -133,17 +138,21 @@ class CalibrationSet:
     directory = Path(directory)
     if not (directory / "meta.json").is_file() or not (directory / "data.npz").is_file():
       raise FileNotFoundError(
-          f"{directory} holds no complete calibration set (data.npz, meta.json)")
+        f"{directory} holds no complete calibration set (data.npz, meta.json)"
+      )
     metadata = json.loads((directory / "meta.json").read_text())
     with np.load(directory / "data.npz") as data:
-      buckets = {n: CalibrationBucket(data[f"tokens_{n}"], data[f"loss_mask_{n}"],
-                                      data[f"lengths_{n}"]) for n in metadata["lengths"]}
+      buckets = {
+        n: CalibrationBucket(data[f"tokens_{n}"], data[f"loss_mask_{n}"], data[f"lengths_{n}"])
+        for n in metadata["lengths"]
+      }
     if not buckets or all(b.num_samples == 0 for b in buckets.values()):
       raise ValueError(f"{directory}: the calibration set is empty")
     return cls(buckets, metadata)
 
 
 # ------------------------------------------------------------------------- identity / cache key
+
 
 def params_fingerprint(model, values_per_leaf: int = 256) -> str:
   """Hash of every parameter's path, shape, dtype and first values (cheap even for 8B models)."""
@@ -159,8 +168,9 @@ def params_fingerprint(model, values_per_leaf: int = 256) -> str:
 def tokenizer_fingerprint(tokenizer) -> str:
   """Hash of the vocabulary and rules, special tokens and chat template (not the file path)."""
   backend = getattr(tokenizer, "backend_tokenizer", None)
-  rules = backend.to_str() if backend is not None else json.dumps(
-      sorted(tokenizer.get_vocab().items()))
+  rules = (
+    backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+  )
   specials = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
   template = getattr(tokenizer, "chat_template", None) or ""
   return digest(type(tokenizer).__name__, rules, specials, str(template))
@@ -169,20 +179,34 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def source_fingerprint(config: CalibrationConfig) -> dict[str, Any]:
   """The source's identity: its spec, plus the content hash of every local file it reads."""
   path = Path(config.path)
-  files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) \
-      if path.is_dir() else []
-  return {"source": config.source, "path": config.path, "split": config.split,
-          "files": [[str(p.relative_to(path.parent)), file_digest(p)] for p in files]}
+  files = (
+    [path]
+    if path.is_file()
+    else sorted(p for p in path.rglob("*") if p.is_file())
+    if path.is_dir()
+    else []
+  )
+  return {
+    "source": config.source,
+    "path": config.path,
+    "split": config.split,
+    "files": [[str(p.relative_to(path.parent)), file_digest(p)] for p in files],
+  }
 
 
 def cache_key_inputs(model, tokenizer, config: CalibrationConfig, model_id: str = "") -> dict:
   """Everything a calibration set depends on (JSON-serializable)."""
   settings = dataclasses.asdict(config)
   settings.pop("batch_size")
-  return {"format": FORMAT_VERSION, "model_id": model_id,
-          "model_config": dataclasses.asdict(model.config), "params": params_fingerprint(model),
-          "tokenizer": tokenizer_fingerprint(tokenizer), "source": source_fingerprint(config),
-          "settings": settings}
+  return {
+    "format": FORMAT_VERSION,
+    "model_id": model_id,
+    "model_config": dataclasses.asdict(model.config),
+    "params": params_fingerprint(model),
+    "tokenizer": tokenizer_fingerprint(tokenizer),
+    "source": source_fingerprint(config),
+    "settings": settings,
+  }
 
 
 def cache_key(inputs: Mapping[str, Any]) -> str:
@@ -192,14 +216,20 @@ def cache_key(inputs: Mapping[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------- prompts
 
+
 def render_prompt(tokenizer, context: str, question: str, template: str) -> list[int]:
   """Token ids of one user turn (context + question) and the assistant's generation prompt."""
-  return prompts.chat_prompt_ids(tokenizer, PROMPT.format(context=context, question=question),
-                                 template)
+  return prompts.chat_prompt_ids(
+    tokenizer, PROMPT.format(context=context, question=question), template
+  )
 
 
-def fit_prompt(tokenizer, example: ContextQuestion, budget: int, template: str,
-               ) -> tuple[list[int] | None, int]:
+def fit_prompt(
+  tokenizer,
+  example: ContextQuestion,
+  budget: int,
+  template: str,
+) -> tuple[list[int] | None, int]:
   """The prompt cut to at most `budget` tokens (middle of the context dropped) and its full length.
 
   Returns (None, full length) when even an empty context does not fit.
@@ -213,7 +243,7 @@ def fit_prompt(tokenizer, example: ContextQuestion, budget: int, template: str,
   for _ in range(16):
     if keep <= 0:
       return None, full
-    head, tail = context_ids[:keep - keep // 2], context_ids[len(context_ids) - keep // 2:]
+    head, tail = context_ids[: keep - keep // 2], context_ids[len(context_ids) - keep // 2 :]
     context = tokenizer.decode(head) + CUT_MARKER + (tokenizer.decode(tail) if tail else "")
     ids = render_prompt(tokenizer, context, example.question, template)
     if len(ids) <= budget:
@@ -230,13 +260,18 @@ def load_examples(config: CalibrationConfig, cache_dir: str | None = None) -> li
   else:
     examples = sources.load_context_questions(config.path)
   if not examples:
-    raise ValueError(f"calibration source {config.source}:{config.path!r} has no records: the "
-                     "calibration set would be empty")
+    raise ValueError(
+      f"calibration source {config.source}:{config.path!r} has no records: the "
+      "calibration set would be empty"
+    )
   return examples
 
 
-def _select_prompts(tokenizer, examples: Sequence[ContextQuestion], config: CalibrationConfig,
-                    ) -> dict[int, list[tuple[int, list[int]]]]:
+def _select_prompts(
+  tokenizer,
+  examples: Sequence[ContextQuestion],
+  config: CalibrationConfig,
+) -> dict[int, list[tuple[int, list[int]]]]:
   """Per length: up to samples_per_length (record index, prompt ids), records in seeded order."""
   selected = {}
   for n in config.lengths:
@@ -251,17 +286,25 @@ def _select_prompts(tokenizer, examples: Sequence[ContextQuestion], config: Cali
         if len(chosen) == config.samples_per_length:
           break
     if not chosen:
-      raise ValueError(f"no calibration record fills length {n}: prompts need >= "
-                       f"{config.min_fill * budget:.0f} tokens, the longest has {longest}; lower "
-                       "min_fill or the length, or add longer documents")
+      raise ValueError(
+        f"no calibration record fills length {n}: prompts need >= "
+        f"{config.min_fill * budget:.0f} tokens, the longest has {longest}; lower "
+        "min_fill or the length, or add longer documents"
+      )
     selected[n] = chosen
   return selected
 
 
-def build_calibration(model, tokenizer, config: CalibrationConfig, *,
-                      cache_dir: str | os.PathLike | None = None, model_id: str = "",
-                      datasets_cache_dir: str | None = None, progress: bool = True,
-                      ) -> CalibrationSet:
+def build_calibration(
+  model,
+  tokenizer,
+  config: CalibrationConfig,
+  *,
+  cache_dir: str | os.PathLike | None = None,
+  model_id: str = "",
+  datasets_cache_dir: str | None = None,
+  progress: bool = True,
+) -> CalibrationSet:
   """The calibration set of `config` for this model and tokenizer, from cache_dir when current.
 
   Args:
@@ -286,28 +329,38 @@ def build_calibration(model, tokenizer, config: CalibrationConfig, *,
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
   buckets, records = {}, {}
-  bar = tqdm(total=sum(map(len, selected.values())), desc="calibration answers", unit="sample",
-             disable=not progress)
+  bar = tqdm(
+    total=sum(map(len, selected.values())),
+    desc="calibration answers",
+    unit="sample",
+    disable=not progress,
+  )
   for n, chosen in selected.items():
     chosen = sorted(chosen, key=lambda item: len(item[1]))  # similar lengths share a batch
     tokens = np.full((len(chosen), n), pad_id, np.int32)
     loss_mask = np.zeros((len(chosen), n), bool)
     lengths = np.zeros((len(chosen),), np.int32)
     for start in range(0, len(chosen), config.batch_size):
-      batch = chosen[start:start + config.batch_size]
-      answers = generate(model, [ids for _, ids in batch], config.max_new_tokens,
-                         eos_id=stop_ids, pad_id=pad_id)
+      batch = chosen[start : start + config.batch_size]
+      answers = generate(
+        model, [ids for _, ids in batch], config.max_new_tokens, eos_id=stop_ids, pad_id=pad_id
+      )
       for row, ((_, prompt), answer) in enumerate(zip(batch, answers), start):
         sample = prompt + answer
-        tokens[row, :len(sample)] = sample
-        loss_mask[row, len(prompt):len(sample)] = True
+        tokens[row, : len(sample)] = sample
+        loss_mask[row, len(prompt) : len(sample)] = True
         lengths[row] = len(sample)
       bar.update(len(batch))
     buckets[n] = CalibrationBucket(tokens, loss_mask, lengths)
     records[str(n)] = [index for index, _ in chosen]
   bar.close()
-  metadata = {"key": key, "inputs": inputs, "template": template_name, "records": records,
-              "model_id": model_id}
+  metadata = {
+    "key": key,
+    "inputs": inputs,
+    "template": template_name,
+    "records": records,
+    "model_id": model_id,
+  }
   calibration = CalibrationSet(buckets, metadata)
   if directory is not None:
     calibration.save(directory)

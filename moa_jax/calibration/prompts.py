@@ -16,38 +16,42 @@ from typing import Any
 # v1.1 without a system prompt). `user_turn` / `answer_turn` write the same text by hand for the
 # reference model's training documents.
 REFERENCE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: {{ message['content'] }} ASSISTANT:"
-    "{% elif message['role'] == 'assistant' %} {{ message['content'] }}{{ eos_token }}"
-    "{% else %}{{ raise_exception('roles are user and assistant') }}{% endif %}"
-    "{% endfor %}")
+  "{{ bos_token }}"
+  "{% for message in messages %}"
+  "{% if message['role'] == 'user' %}USER: {{ message['content'] }} ASSISTANT:"
+  "{% elif message['role'] == 'assistant' %} {{ message['content'] }}{{ eos_token }}"
+  "{% else %}{{ raise_exception('roles are user and assistant') }}{% endif %}"
+  "{% endfor %}"
+)
 
 CHAT_TEMPLATES = {
-    # Vicuna v1.1: system line, then " USER: ... ASSISTANT: ...</s>".
-    "vicuna": (
-        "{% if bos_token %}{{ bos_token }}{% endif %}"
-        "A chat between a curious user and an artificial intelligence assistant. The assistant"
-        " gives helpful, detailed, and polite answers to the user's questions."
-        "{% for message in messages %}"
-        "{% if message['role'] == 'user' %} USER: {{ message['content'] }}"
-        "{% elif message['role'] == 'assistant' %} ASSISTANT: {{ message['content'] }}"
-        "{{ eos_token }}{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %} ASSISTANT:{% endif %}"),
-    # Llama-3 instruct: header tokens around each role, <|eot_id|> after each turn.
-    "llama3": (
-        "{% if bos_token %}{{ bos_token }}{% endif %}"
-        "{% for message in messages %}"
-        "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
-        "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
-        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
-        "{% endif %}"),
-    # ChatML (SmolLM2, Qwen): <|im_start|>role\n...<|im_end|>\n.
-    "chatml": (
-        "{% for message in messages %}"
-        "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
-    "reference": REFERENCE,
+  # Vicuna v1.1: system line, then " USER: ... ASSISTANT: ...</s>".
+  "vicuna": (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "A chat between a curious user and an artificial intelligence assistant. The assistant"
+    " gives helpful, detailed, and polite answers to the user's questions."
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %} USER: {{ message['content'] }}"
+    "{% elif message['role'] == 'assistant' %} ASSISTANT: {{ message['content'] }}"
+    "{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+  ),
+  # Llama-3 instruct: header tokens around each role, <|eot_id|> after each turn.
+  "llama3": (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    "{% endif %}"
+  ),
+  # ChatML (SmolLM2, Qwen): <|im_start|>role\n...<|im_end|>\n.
+  "chatml": (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+  ),
+  "reference": REFERENCE,
 }
 TEMPLATE_NAMES = ("auto", "none", *CHAT_TEMPLATES)
 # Tokens that end an assistant turn in the built-in templates, besides the tokenizer's EOS.
@@ -77,9 +81,12 @@ def chat_prompt_ids(tokenizer: Any, user_text: str, template: str = "auto") -> l
   _, jinja = resolve_template(tokenizer, template)
   if jinja is None:
     return list(tokenizer.encode(user_text))
-  text = tokenizer.apply_chat_template([{"role": "user", "content": user_text}],
-                                       chat_template=jinja, add_generation_prompt=True,
-                                       tokenize=False)
+  text = tokenizer.apply_chat_template(
+    [{"role": "user", "content": user_text}],
+    chat_template=jinja,
+    add_generation_prompt=True,
+    tokenize=False,
+  )
   return list(tokenizer.encode(text, add_special_tokens=False))
 
 

@@ -41,13 +41,15 @@ def _local_files(path: Path, split: str) -> tuple[str, list[str]]:
     raise FileNotFoundError(f"{path} holds no .jsonl, .json or .parquet file")
   builders = {_LOCAL_BUILDERS.get(p.suffix) for p in files}
   if None in builders or len(builders) > 1:
-    raise ValueError(f"{path}: give .jsonl/.json or .parquet files of one kind, got "
-                     f"{[p.name for p in files]}")
+    raise ValueError(
+      f"{path}: give .jsonl/.json or .parquet files of one kind, got {[p.name for p in files]}"
+    )
   return builders.pop(), [str(p) for p in files]
 
 
-def load_multinews(source: str | os.PathLike = HUB_ID, split: str = "train", *,
-                   cache_dir: str | None = None) -> datasets.Dataset:
+def load_multinews(
+  source: str | os.PathLike = HUB_ID, split: str = "train", *, cache_dir: str | None = None
+) -> datasets.Dataset:
   """MultiNews records (fields document, summary) from a local file/folder or the hub.
 
   Args:
@@ -65,8 +67,10 @@ def load_multinews(source: str | os.PathLike = HUB_ID, split: str = "train", *,
     try:
       ds = datasets.load_dataset(str(source), split=split, cache_dir=cache_dir)
     except Exception as error:  # no network, unknown id, a datasets version without scripts
-      raise FileNotFoundError(f"cannot load MultiNews {source!r} split {split!r} ({error}); pass a "
-                              "local .jsonl/.parquet file or folder in its schema") from error
+      raise FileNotFoundError(
+        f"cannot load MultiNews {source!r} split {split!r} ({error}); pass a "
+        "local .jsonl/.parquet file or folder in its schema"
+      ) from error
   missing = [f for f in FIELDS if f not in ds.column_names]
   if missing:
     raise ValueError(f"{source}: records lack MultiNews fields {missing} (have {ds.column_names})")
@@ -94,32 +98,40 @@ def jsonl_records(path: str | os.PathLike, fields: tuple[str, ...]) -> list[dict
   naming the file and the line number."""
   path = Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"{path} not found: expected a JSONL file of records with string "
-                            f"fields {', '.join(fields)}")
+    raise FileNotFoundError(
+      f"{path} not found: expected a JSONL file of records with string fields {', '.join(fields)}"
+    )
   records = []
   with path.open("rb") as lines:
     for number, raw in enumerate(lines, 1):
       try:
         line = raw.decode("utf-8")
       except UnicodeDecodeError as error:
-        raise ValueError(f"{path}:{number}: not UTF-8 text ({error.reason} at byte "
-                         f"{error.start})") from None
+        raise ValueError(
+          f"{path}:{number}: not UTF-8 text ({error.reason} at byte {error.start})"
+        ) from None
       if not line.strip():
         continue
       try:
         record = json.loads(line)
       except json.JSONDecodeError as error:
-        raise ValueError(f"{path}:{number}: not valid JSON ({error.msg} at column "
-                         f"{error.colno}); expected one JSON object per line") from None
+        raise ValueError(
+          f"{path}:{number}: not valid JSON ({error.msg} at column "
+          f"{error.colno}); expected one JSON object per line"
+        ) from None
       if not isinstance(record, dict) or not all(
-          isinstance(record.get(field), str) for field in fields):
-        raise ValueError(f"{path}:{number}: a record needs string fields "
-                         f"{', '.join(repr(f) for f in fields)}")
+        isinstance(record.get(field), str) for field in fields
+      ):
+        raise ValueError(
+          f"{path}:{number}: a record needs string fields {', '.join(repr(f) for f in fields)}"
+        )
       records.append(record)
   return records
 
 
 def load_context_questions(path: str | os.PathLike) -> list[ContextQuestion]:
   """Records {"context": str, "question": str} from a JSONL file (other fields are ignored)."""
-  return [ContextQuestion(r["context"], r["question"])
-          for r in jsonl_records(path, ContextQuestion._fields)]
+  return [
+    ContextQuestion(r["context"], r["question"])
+    for r in jsonl_records(path, ContextQuestion._fields)
+  ]

@@ -17,8 +17,9 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-SKIPPED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages",
-                          "__pycache__"})
+SKIPPED_DIRS = frozenset(
+  {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+)
 _CHARS_PER_TOKEN = 8  # first guess of the text tail that holds n tokens (doubled until it does)
 
 
@@ -42,36 +43,43 @@ def stdlib_documents(num: int, root: str | Path | None = None) -> list[Document]
   root = stdlib_root() if root is None else Path(root)
   if num < 1:
     raise ValueError(f"longtext needs at least one document, got num_documents={num}")
-  files = [p for p in root.rglob("*.py")
-           if not SKIPPED_DIRS & set(p.relative_to(root).parts[:-1])]
+  files = [p for p in root.rglob("*.py") if not SKIPPED_DIRS & set(p.relative_to(root).parts[:-1])]
   if len(files) < num:
-    raise FileNotFoundError(f"{root} holds {len(files)} Python source files, fewer than the "
-                            f"{num} documents asked for")
+    raise FileNotFoundError(
+      f"{root} holds {len(files)} Python source files, fewer than the {num} documents asked for"
+    )
   files.sort(key=lambda p: (-p.stat().st_size, p.relative_to(root).as_posix()))
   docs = []
   for path in files[:num]:
     data = path.read_bytes()
-    docs.append(Document(path.relative_to(root).as_posix(), data.decode("utf-8"),
-                         hashlib.sha256(data).hexdigest()))
+    docs.append(
+      Document(
+        path.relative_to(root).as_posix(), data.decode("utf-8"), hashlib.sha256(data).hexdigest()
+      )
+    )
   return docs
 
 
 def provenance(documents: list[Document], root: str | Path | None = None) -> dict[str, Any]:
   """Which text was scored: Python version, stdlib root, and each file's name, size and hash."""
-  return {"source": "python stdlib", "python": sys.version.split()[0],
-          "implementation": platform.python_implementation(),
-          "root": str(stdlib_root() if root is None else root),
-          "files": [{"name": d.name, "chars": len(d.text), "sha256": d.sha256}
-                    for d in documents]}
+  return {
+    "source": "python stdlib",
+    "python": sys.version.split()[0],
+    "implementation": platform.python_implementation(),
+    "root": str(stdlib_root() if root is None else root),
+    "files": [{"name": d.name, "chars": len(d.text), "sha256": d.sha256} for d in documents],
+  }
 
 
-def scored_window(tokenizer, document: Document, length: int, target_tokens: int
-                  ) -> tuple[list[int], list[int]]:
+def scored_window(
+  tokenizer, document: Document, length: int, target_tokens: int
+) -> tuple[list[int], list[int]]:
   """(context ids, target ids): the document's last `length` tokens split before the last
   `target_tokens`; the context starts with BOS when the tokenizer has one."""
   if not 0 < target_tokens < length - 1:
-    raise ValueError(f"longtext target_tokens must be in [1, length - 2], got {target_tokens} "
-                     f"at length {length}")
+    raise ValueError(
+      f"longtext target_tokens must be in [1, length - 2], got {target_tokens} at length {length}"
+    )
   bos = getattr(tokenizer, "bos_token_id", None)
   need = length - (bos is not None)
   chars = need * _CHARS_PER_TOKEN
@@ -81,8 +89,10 @@ def scored_window(tokenizer, document: Document, length: int, target_tokens: int
     if len(ids) >= need:
       break
     if chars >= len(document.text):
-      raise ValueError(f"document {document.name} has {len(ids)} tokens, fewer than the "
-                       f"length {length}: use a shorter length or larger documents")
+      raise ValueError(
+        f"document {document.name} has {len(ids)} tokens, fewer than the "
+        f"length {length}: use a shorter length or larger documents"
+      )
     chars *= 2
   ids = ([bos] if bos is not None else []) + ids[-need:]
   return ids[:-target_tokens], ids[-target_tokens:]

@@ -80,21 +80,43 @@ class Task:
 # --- task texts ------------------------------------------------------------------------------
 
 _LINES_INTRO = (
-    "Below is a record of lines I want you to remember. Each line begins with 'line <line index>'"
-    " and ends with its <REGISTER_CONTENT>, a number. At the end of the record I will ask for the"
-    " <REGISTER_CONTENT> of one line index.\n\n")
+  "Below is a record of lines I want you to remember. Each line begins with 'line <line index>'"
+  " and ends with its <REGISTER_CONTENT>, a number. At the end of the record I will ask for the"
+  " <REGISTER_CONTENT> of one line index.\n\n"
+)
 _PASSKEY_INTRO = (
-    "There is an important piece of information hidden inside a lot of irrelevant text. Find it"
-    " and memorize it. I will quiz you about it.\n\n")
+  "There is an important piece of information hidden inside a lot of irrelevant text. Find it"
+  " and memorize it. I will quiz you about it.\n\n"
+)
 _NIAH_INTRO = (
-    "Some special magic numbers are hidden inside the following text. Make sure to memorize them."
-    " I will quiz you about the numbers afterwards.\n\n")
-_VT_INTRO = "Memorize and track the chains of variable assignments hidden in the following text.\n\n"
+  "Some special magic numbers are hidden inside the following text. Make sure to memorize them."
+  " I will quiz you about the numbers afterwards.\n\n"
+)
+_VT_INTRO = (
+  "Memorize and track the chains of variable assignments hidden in the following text.\n\n"
+)
 _UUID_INTRO = "Extract the value corresponding to the specified key in the JSON object below.\n\n"
-_NOISE = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
-          "There and back again.")
-_VERBS = ("sees", "follows", "likes", "finds", "passes", "meets", "watches", "carries", "paints",
-          "visits", "remembers", "greets")
+_NOISE = (
+  "The grass is green.",
+  "The sky is blue.",
+  "The sun is yellow.",
+  "Here we go.",
+  "There and back again.",
+)
+_VERBS = (
+  "sees",
+  "follows",
+  "likes",
+  "finds",
+  "passes",
+  "meets",
+  "watches",
+  "carries",
+  "paints",
+  "visits",
+  "remembers",
+  "greets",
+)
 _NIAH_NEEDLES = 4  # one asked, three distractors
 _VT_CHAINS, _VT_HOPS = 2, 4  # two chains of five variables each
 
@@ -117,8 +139,9 @@ def _interleave(filler: Sequence[str], inserts: Sequence[tuple[int, str]]) -> li
 
 def _distinct_keys(rng: np.random.Generator, n: int) -> list[str]:
   if n > words.num_keys():
-    raise ValueError(f"{n} keys requested but the word lists give only {words.num_keys()}:"
-                     " choose a shorter length")
+    raise ValueError(
+      f"{n} keys requested but the word lists give only {words.num_keys()}: choose a shorter length"
+    )
   return [words.key(int(i)) for i in rng.choice(words.num_keys(), size=n, replace=False)]
 
 
@@ -127,8 +150,7 @@ def _render_lines(rng: np.random.Generator, n: int, depth: float) -> tuple[str, 
   values = rng.integers(1, 50001, size=n)
   index = round(depth * (n - 1))
   body = "\n".join(f"line {k}: REGISTER_CONTENT is <{v}>" for k, v in zip(keys, values))
-  question = (f"Tell me what is the <REGISTER_CONTENT> in line {keys[index]}?"
-              " I need the number.")
+  question = f"Tell me what is the <REGISTER_CONTENT> in line {keys[index]}? I need the number."
   return f"{_LINES_INTRO}{body}\n\n{question}\n", str(values[index]), index / (n - 1)
 
 
@@ -143,12 +165,15 @@ def _render_passkey(rng: np.random.Generator, n: int, depth: float) -> tuple[str
 def _render_niah(rng: np.random.Generator, n: int, depth: float) -> tuple[str, str, float]:
   adjs, nns = words.adjectives(), words.nouns()
   picks = rng.integers(0, [len(adjs), len(nns), len(_VERBS), len(adjs), len(nns)], size=(n, 5))
-  filler = [f"The {adjs[a]} {nns[b]} {_VERBS[c]} the {adjs[d]} {nns[e]}." for a, b, c, d, e in picks]
+  filler = [
+    f"The {adjs[a]} {nns[b]} {_VERBS[c]} the {adjs[d]} {nns[e]}." for a, b, c, d, e in picks
+  ]
   keys = _distinct_keys(rng, _NIAH_NEEDLES)
   values = rng.choice(9_000_000, size=_NIAH_NEEDLES, replace=False) + 1_000_000
   at = [round(depth * n)] + [int(p) for p in rng.integers(0, n + 1, size=_NIAH_NEEDLES - 1)]
-  needles = [(p, f"One of the special magic numbers for {k} is: {v}.")
-             for p, k, v in zip(at, keys, values)]
+  needles = [
+    (p, f"One of the special magic numbers for {k} is: {v}.") for p, k, v in zip(at, keys, values)
+  ]
   body = " ".join(_interleave(filler, needles))
   question = f"What is the special magic number for {keys[0]} mentioned in the provided text?"
   return f"{_NIAH_INTRO}{body}\n\n{question}\n", str(values[0]), at[0] / n
@@ -169,7 +194,7 @@ def _render_vt(rng: np.random.Generator, n: int, depth: float) -> tuple[str, str
   values = rng.choice(90000, size=_VT_CHAINS, replace=False) + 10000
   inserts = []
   for c in range(_VT_CHAINS):
-    chain = names[c * length:(c + 1) * length]
+    chain = names[c * length : (c + 1) * length]
     if c == 0:  # the asked chain starts at `depth` and spreads evenly towards the end
       spots = [round((depth + j * (1 - depth) / length) * n) for j in range(length)]
     else:
@@ -191,33 +216,46 @@ def _render_uuid(rng: np.random.Generator, n: int, depth: float) -> tuple[str, s
   index = round(depth * (n - 1))
   body = ",\n".join(f'  "{k}": "{v}"' for k, v in pairs)
   question = f'What is the value for the key "{pairs[index][0]}"?'
-  return (f"{_UUID_INTRO}JSON data:\n{{\n{body}\n}}\n\n{question}\n", pairs[index][1],
-          index / (n - 1))
+  return (
+    f"{_UUID_INTRO}JSON data:\n{{\n{body}\n}}\n\n{question}\n",
+    pairs[index][1],
+    index / (n - 1),
+  )
 
 
 TASKS: dict[str, Task] = {
-    "lines": Task("lines", "last_int", _render_lines, min_units=2),
-    "passkey": Task("passkey", "last_int", _render_passkey),
-    "niah": Task("niah", "contains", _render_niah),
-    "vt": Task("vt", "set_recall", _render_vt),
-    "uuid": Task("uuid", "contains", _render_uuid, min_units=2),
+  "lines": Task("lines", "last_int", _render_lines, min_units=2),
+  "passkey": Task("passkey", "last_int", _render_passkey),
+  "niah": Task("niah", "contains", _render_niah),
+  "vt": Task("vt", "set_recall", _render_vt),
+  "uuid": Task("uuid", "contains", _render_uuid, min_units=2),
 }
 
 
 # --- sizing and the public API ---------------------------------------------------------------
+
 
 def count_tokens(tokenizer: Tokenizer, text: str) -> int:
   """len(tokenizer.encode(text)): the length measure of every sample."""
   return len(tokenizer.encode(text))
 
 
-def _sample_rng(seed: int, task: str, length: int, index: int, stream: int = 0
-                ) -> np.random.Generator:
+def _sample_rng(
+  seed: int, task: str, length: int, index: int, stream: int = 0
+) -> np.random.Generator:
   return np.random.default_rng([seed, zlib.crc32(task.encode()), length, index, stream])
 
 
-def _fit(task: Task, tokenizer: Tokenizer, length: int, seed: int, index: int, depth: float,
-         start: int, slope: float) -> tuple[int, Sample]:
+def _fit(
+  task: Task,
+  tokenizer: Tokenizer,
+  length: int,
+  seed: int,
+  index: int,
+  depth: float,
+  start: int,
+  slope: float,
+) -> tuple[int, Sample]:
   """Search the unit count whose prompt is closest to `length` tokens (secant steps)."""
   tried: dict[int, tuple[int, tuple[str, str, float]]] = {}
   units = start
@@ -233,13 +271,22 @@ def _fit(task: Task, tokenizer: Tokenizer, length: int, seed: int, index: int, d
   best = min(tried, key=lambda u: (abs(tried[u][0] - length), u))
   num_tokens, (prompt, answer, actual_depth) = tried[best]
   if abs(num_tokens - length) > LENGTH_TOLERANCE * length:
-    raise ValueError(f"cannot size task {task.name!r} to {length} tokens (closest {num_tokens};"
-                     f" one unit is ~{slope:.0f} tokens): choose a longer length")
+    raise ValueError(
+      f"cannot size task {task.name!r} to {length} tokens (closest {num_tokens};"
+      f" one unit is ~{slope:.0f} tokens): choose a longer length"
+    )
   return best, Sample(task.name, prompt, answer, task.metric, actual_depth, length, num_tokens)
 
 
-def make_samples(task: str, tokenizer: Tokenizer, length: int, num: int, seed: int = 0,
-                 depths: Sequence[float] | None = None, progress: bool = False) -> list[Sample]:
+def make_samples(
+  task: str,
+  tokenizer: Tokenizer,
+  length: int,
+  num: int,
+  seed: int = 0,
+  depths: Sequence[float] | None = None,
+  progress: bool = False,
+) -> list[Sample]:
   """`num` samples of `task` whose prompts have `length` tokens (within 5%).
 
   Sample i has needle depth depths[i % len(depths)] (None: uniform random), and depends only
@@ -253,14 +300,19 @@ def make_samples(task: str, tokenizer: Tokenizer, length: int, num: int, seed: i
     raise ValueError(f"depths must be a non-empty list of values in [0, 1], got {depths}")
   spec = TASKS[task]
   lo, hi = (spec.min_units + p for p in _PROBE_UNITS)
-  probe = [count_tokens(tokenizer, spec.render(_sample_rng(seed, task, length, 0, stream=1), u, 0.5)[0])
-           for u in (lo, hi)]
+  probe = [
+    count_tokens(tokenizer, spec.render(_sample_rng(seed, task, length, 0, stream=1), u, 0.5)[0])
+    for u in (lo, hi)
+  ]
   slope = max((probe[1] - probe[0]) / (hi - lo), 1e-3)  # tokens per unit
   units = max(spec.min_units, lo + round((length - probe[0]) / slope))
   samples = []
   for i in tqdm(range(num), desc=f"{task}@{length}", disable=not progress):
-    depth = (float(_sample_rng(seed, task, length, i, stream=2).random()) if depths is None
-             else float(depths[i % len(depths)]))
+    depth = (
+      float(_sample_rng(seed, task, length, i, stream=2).random())
+      if depths is None
+      else float(depths[i % len(depths)])
+    )
     units, sample = _fit(spec, tokenizer, length, seed, i, depth, units, slope)
     samples.append(sample)
   return samples
@@ -271,7 +323,8 @@ def training_text(sample: Sample) -> str:
   return sample.prompt + sample.answer
 
 
-def make_training_texts(task: str, tokenizer: Tokenizer, length: int, num: int,
-                        seed: int = 0) -> list[str]:
+def make_training_texts(
+  task: str, tokenizer: Tokenizer, length: int, num: int, seed: int = 0
+) -> list[str]:
   """`num` training texts of `task` at `length` prompt tokens with uniformly random depths."""
   return [training_text(s) for s in make_samples(task, tokenizer, length, num, seed)]

@@ -27,17 +27,19 @@ def group_cut_factory(config, window: int, sink: int = DEFAULT_SINK) -> Attentio
   """Methods 'dense' and cut_method(l, g) for every layer l and KV group g of the model
   `config`: group (l, g) attends sink + `window` tokens, every other group the planned length N
   (dense). Memoized like `harness.plan_factory`."""
-  names = {cut_method(l, g): (l, g) for l in range(config.num_layers)
-           for g in range(config.num_kv_heads)}
+  names = {
+    cut_method(l, g): (l, g) for l in range(config.num_layers) for g in range(config.num_kv_heads)
+  }
 
   @functools.cache
   def factory(method: str, length: int):
     if method == "dense":
       return DenseAttention()
     if method not in names:
-      raise ValueError(f"unknown method {method!r}; this factory knows 'dense' and "
-                       f"{cut_method(0, 0)} .. {cut_method(config.num_layers - 1,
-                                                           config.num_kv_heads - 1)}")
+      raise ValueError(
+        f"unknown method {method!r}; this factory knows 'dense' and "
+        f"{cut_method(0, 0)} .. {cut_method(config.num_layers - 1, config.num_kv_heads - 1)}"
+      )
     windows = np.full((config.num_layers, config.num_kv_heads), length)  # [L, K]
     windows[names[method]] = window
     return MoAAttention(expand_to_query_heads(windows, config.num_heads), sink=sink)
@@ -45,8 +47,7 @@ def group_cut_factory(config, window: int, sink: int = DEFAULT_SINK) -> Attentio
   return factory
 
 
-def far_influence_share(e_bar: np.ndarray, window: int, block: int, group_size: int
-                        ) -> np.ndarray:
+def far_influence_share(e_bar: np.ndarray, window: int, block: int, group_size: int) -> np.ndarray:
   """float [L, K]: each KV group's share of the influence outside a `window`-token window.
 
   e_bar: [L, N, nb, nb] profiled influence per query head and (query block, key block). Counted:

@@ -83,8 +83,9 @@ def parse_plans(text: str) -> dict[str, Path]:
   for entry in _names(text):
     name, sep, path = entry.partition("=")
     if not sep or not _NAME.fullmatch(name) or not path:
-      raise ValueError(f"eval.plans entry {entry!r} is not name=path (name of letters, digits,"
-                       " '_', '.', '-')")
+      raise ValueError(
+        f"eval.plans entry {entry!r} is not name=path (name of letters, digits, '_', '.', '-')"
+      )
     if name in plans or name in BASELINES:
       raise ValueError(f"eval.plans names {name!r} twice or as a baseline; names must be unique")
     plans[name] = Path(path)
@@ -107,8 +108,10 @@ class EvalSpec:
     baselines = _names(section.methods)
     bad = [m for m in baselines if m not in BASELINES]
     if bad or len(set(baselines)) != len(baselines):
-      raise ValueError(f"eval.methods must list distinct baselines of {BASELINES}, got "
-                       f"{baselines} (plans go in eval.plans as name=path)")
+      raise ValueError(
+        f"eval.methods must list distinct baselines of {BASELINES}, got "
+        f"{baselines} (plans go in eval.plans as name=path)"
+      )
     plan_paths = parse_plans(section.plans)
     for name, path in plan_paths.items():
       if not path.is_file():
@@ -121,8 +124,10 @@ class EvalSpec:
       harness.task_kind(task)
     lengths = [int(n) for n in _names([str(n) for n in section.lengths])]
     if not tasks or not lengths or min(lengths) <= 0 or len(set(lengths)) != len(lengths):
-      raise ValueError(f"eval.tasks and eval.lengths must be non-empty, lengths distinct and "
-                       f"positive, got tasks={tasks} lengths={lengths}")
+      raise ValueError(
+        f"eval.tasks and eval.lengths must be non-empty, lengths distinct and "
+        f"positive, got tasks={tasks} lengths={lengths}"
+      )
     if section.batch_size < 1 or section.samples_per_depth < 1:
       raise ValueError("eval.batch_size and eval.samples_per_depth must be >= 1")
     if not section.depths or not all(0 <= d <= 1 for d in section.depths):
@@ -130,8 +135,10 @@ class EvalSpec:
     if harness.LONGTEXT in tasks:
       for n in lengths:
         if not 0 < section.longtext.target_tokens < n - 1:
-          raise ValueError(f"eval.longtext.target_tokens must be in [1, {n - 2}] at length {n},"
-                           f" got {section.longtext.target_tokens}")
+          raise ValueError(
+            f"eval.longtext.target_tokens must be in [1, {n - 2}] at length {n},"
+            f" got {section.longtext.target_tokens}"
+          )
     return cls(tuple(methods), plan_paths, tuple(tasks), tuple(sorted(lengths)), section)
 
 
@@ -156,15 +163,18 @@ def load_longbench_records(task: str, section) -> list[dict[str, Any]]:
   except FileNotFoundError as error:
     where = f"from {data_dir}" if data_dir else f"from the hub ({longbench_lib.HUB_ID})"
     detail = " ".join(str(error).split())
-    raise FileNotFoundError(f"{task}: cannot load LongBench {dataset} {where}: {detail}; set "
-                            "--config.eval.longbench.data_dir=<folder of LongBench's "
-                            "<dataset>.jsonl files>") from None
+    raise FileNotFoundError(
+      f"{task}: cannot load LongBench {dataset} {where}: {detail}; set "
+      "--config.eval.longbench.data_dir=<folder of LongBench's "
+      "<dataset>.jsonl files>"
+    ) from None
   if section.longbench.num_samples:
-    records = records[:section.longbench.num_samples]
+    records = records[: section.longbench.num_samples]
   return records
 
 
 # --- cells -----------------------------------------------------------------------------------
+
 
 class CellStore:
   """Finished cells under DIR/cells: one JSON file per (task, method, length), written by
@@ -186,12 +196,20 @@ class CellStore:
     cell = json.loads(path.read_text())
     return cell["records"] if cell.get("fingerprint") == key else None
 
-  def save(self, task: str, method: str, length: int, key: str, records: list[dict],
-           seconds: float) -> None:
-    cell = dict(fingerprint=key, task=task, method=method, length=length,
-                seconds=round(seconds, 3), records=records)
-    atomic_write_text(self.path(task, method, length),
-                      json.dumps(cell, indent=1, ensure_ascii=False) + "\n")
+  def save(
+    self, task: str, method: str, length: int, key: str, records: list[dict], seconds: float
+  ) -> None:
+    cell = dict(
+      fingerprint=key,
+      task=task,
+      method=method,
+      length=length,
+      seconds=round(seconds, 3),
+      records=records,
+    )
+    atomic_write_text(
+      self.path(task, method, length), json.dumps(cell, indent=1, ensure_ascii=False) + "\n"
+    )
 
 
 def _method_identity(method: str, section, plans: Mapping[str, Plan]) -> dict[str, Any]:
@@ -205,26 +223,46 @@ def _method_identity(method: str, section, plans: Mapping[str, Plan]) -> dict[st
 def _task_identity(task: str, section, documents) -> dict[str, Any]:
   kind = harness.task_kind(task)
   if kind == "synthetic":
-    return {k: section[k] for k in ("depths", "samples_per_depth", "seed", "max_new_tokens",
-                                    "first_line", "with_ce", "template")}
+    return {
+      k: section[k]
+      for k in (
+        "depths",
+        "samples_per_depth",
+        "seed",
+        "max_new_tokens",
+        "first_line",
+        "with_ce",
+        "template",
+      )
+    }
   if kind == "longbench":
     return {"template": section.template, **section.longbench.to_dict()}
-  return {"target_tokens": section.longtext.target_tokens,
-          "documents": [(d.name, d.sha256) for d in documents]}
+  return {
+    "target_tokens": section.longtext.target_tokens,
+    "documents": [(d.name, d.sha256) for d in documents],
+  }
 
 
 def _inputs(task, length, tokenizer, section, longbench, documents) -> harness.CellInputs:
   kind = harness.task_kind(task)
   if kind == "synthetic":
     return harness.synthetic_inputs(
-        tokenizer, task, length, depths=tuple(section.depths),
-        samples_per_depth=section.samples_per_depth, seed=section.seed,
-        max_new_tokens=section.max_new_tokens or None, template=section.template)
+      tokenizer,
+      task,
+      length,
+      depths=tuple(section.depths),
+      samples_per_depth=section.samples_per_depth,
+      seed=section.seed,
+      max_new_tokens=section.max_new_tokens or None,
+      template=section.template,
+    )
   if kind == "longbench":
-    return harness.longbench_inputs(tokenizer, longbench[task], length, task=task,
-                                    template=section.template)
-  return harness.longtext_inputs(tokenizer, documents, length,
-                                 target_tokens=section.longtext.target_tokens)
+    return harness.longbench_inputs(
+      tokenizer, longbench[task], length, task=task, template=section.template
+    )
+  return harness.longtext_inputs(
+    tokenizer, documents, length, target_tokens=section.longtext.target_tokens
+  )
 
 
 def _kv_densities(spec: EvalSpec, model_config, plans: Mapping[str, Plan]) -> dict:
@@ -235,15 +273,18 @@ def _kv_densities(spec: EvalSpec, model_config, plans: Mapping[str, Plan]) -> di
     if method == "dense":
       out[method] = {str(n): 1.0 for n in spec.lengths}
     elif method == "uniform":
-      out[method] = {str(n): uniform_plan(model_config, section.density, n, sink=section.sink)
-                     .kv_density(n) for n in spec.lengths}
+      out[method] = {
+        str(n): uniform_plan(model_config, section.density, n, sink=section.sink).kv_density(n)
+        for n in spec.lengths
+      }
     else:
       out[method] = {str(n): plans[method].kv_density(n) for n in spec.lengths}
   return out
 
 
-def run_eval(config, workdir: str | Path, command: str = "", *,
-             loaded: tuple[Any, Any, str] | None = None) -> dict[str, Any]:
+def run_eval(
+  config, workdir: str | Path, command: str = "", *, loaded: tuple[Any, Any, str] | None = None
+) -> dict[str, Any]:
   """Evaluate every missing cell of `config` (sections `model` and `eval`) in `workdir`, then
   write DIR/results.json, plots and DIR/report.md; returns the results dict.
 
@@ -254,21 +295,32 @@ def run_eval(config, workdir: str | Path, command: str = "", *,
   spec = EvalSpec.from_config(config.eval)
   section = config.eval
   workdir = Path(workdir)
-  longbench = {t: load_longbench_records(t, section) for t in spec.tasks
-               if harness.task_kind(t) == "longbench"}
-  documents = (longtext_lib.stdlib_documents(section.longtext.num_documents)
-               if harness.LONGTEXT in spec.tasks else [])
+  longbench = {
+    t: load_longbench_records(t, section) for t in spec.tasks if harness.task_kind(t) == "longbench"
+  }
+  documents = (
+    longtext_lib.stdlib_documents(section.longtext.num_documents)
+    if harness.LONGTEXT in spec.tasks
+    else []
+  )
   model, tokenizer, model_id = load_model(config.model) if loaded is None else loaded
   plans = {name: load_plan(path, model.config) for name, path in spec.plan_paths.items()}
   kv_density = _kv_densities(spec, model.config, plans)  # also checks uniform's density
-  factory = harness.plan_factory(model.config, density=section.density, plans=plans,
-                                 sink=section.sink)
+  factory = harness.plan_factory(
+    model.config, density=section.density, plans=plans, sink=section.sink
+  )
   store = CellStore(workdir / "cells")
   model_key = config.model.to_dict()
   jobs = [(task, n, m) for task in spec.tasks for n in spec.lengths for m in spec.methods]
-  keys = {(t, n, m): fingerprint(model_key, _method_identity(m, section, plans),
-                                 {"task": t, **_task_identity(t, section, documents)}, n)
-          for t, n, m in jobs}
+  keys = {
+    (t, n, m): fingerprint(
+      model_key,
+      _method_identity(m, section, plans),
+      {"task": t, **_task_identity(t, section, documents)},
+      n,
+    )
+    for t, n, m in jobs
+  }
   cells = {job: store.load(job[0], job[2], job[1], keys[job]) for job in jobs}
   reused = [job for job in jobs if cells[job] is not None]
   print(f"[moa_jax] eval: {len(jobs)} cells, {len(reused)} already finished", flush=True)
@@ -281,26 +333,42 @@ def run_eval(config, workdir: str | Path, command: str = "", *,
       inputs = _inputs(task, n, tokenizer, section, longbench, documents)
       for m in missing:
         t0 = time.perf_counter()
-        records = harness.evaluate_cell(model, tokenizer, inputs, m, factory,
-                                        batch_size=section.batch_size, with_ce=section.with_ce,
-                                        first_line=section.first_line,
-                                        prefill_chunk=section.prefill_chunk or None)
+        records = harness.evaluate_cell(
+          model,
+          tokenizer,
+          inputs,
+          m,
+          factory,
+          batch_size=section.batch_size,
+          with_ce=section.with_ce,
+          first_line=section.first_line,
+          prefill_chunk=section.prefill_chunk or None,
+        )
         seconds = time.perf_counter() - t0
         store.save(task, m, n, keys[(task, n, m)], records, seconds)
         cells[(task, n, m)] = records
         computed.append((task, n, m))
-        print(f"[moa_jax] eval cell {len(reused) + len(computed)}/{len(jobs)}: {m} {task}@{n} "
-              f"in {seconds:.1f} s", flush=True)
+        print(
+          f"[moa_jax] eval cell {len(reused) + len(computed)}/{len(jobs)}: {m} {task}@{n} "
+          f"in {seconds:.1f} s",
+          flush=True,
+        )
   records = [r for job in jobs for r in cells[job]]
   meta = {
-      "command": command, "config": config.to_dict(), "model": model_id,
-      "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-      "methods": list(spec.methods),
-      "plans": {name: str(path) for name, path in spec.plan_paths.items()},
-      "kv_density": kv_density,
-      "cells": {"total": len(jobs), "computed": [list(j) for j in computed],
-                "reused": [list(j) for j in reused]},
-      "seconds": time.perf_counter() - start,
+    "command": command,
+    "config": config.to_dict(),
+    "model": model_id,
+    "backend": jax.default_backend(),
+    "device": jax.devices()[0].device_kind,
+    "methods": list(spec.methods),
+    "plans": {name: str(path) for name, path in spec.plan_paths.items()},
+    "kv_density": kv_density,
+    "cells": {
+      "total": len(jobs),
+      "computed": [list(j) for j in computed],
+      "reused": [list(j) for j in reused],
+    },
+    "seconds": time.perf_counter() - start,
   }
   if documents:
     meta["longtext"] = longtext_lib.provenance(documents)

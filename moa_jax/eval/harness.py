@@ -59,8 +59,14 @@ PAD_MULTIPLE = 64  # padded prompt lengths are multiples of this
 BUCKET_FILL = 0.75  # every prompt of a shape bucket is at least this share of its padded length
 
 
-def plan_factory(config, *, density: float = 0.5, plans: Mapping[str, Plan] | None = None,
-                 sink: int = DEFAULT_SINK, **moa_options) -> AttentionFactory:
+def plan_factory(
+  config,
+  *,
+  density: float = 0.5,
+  plans: Mapping[str, Plan] | None = None,
+  sink: int = DEFAULT_SINK,
+  **moa_options,
+) -> AttentionFactory:
   """Methods 'dense' (DenseAttention), 'uniform' (StreamingLLM windows at KV density `density`)
   and each named plan, the last two on MoA's static per-head cache (`MoAAttention`, options
   passed through). Memoized, so every batch of a shape bucket reuses one compiled program."""
@@ -74,20 +80,22 @@ def plan_factory(config, *, density: float = 0.5, plans: Mapping[str, Plan] | No
     if method == "dense":
       return DenseAttention()
     if method == "uniform":
-      return MoAAttention.from_plan(uniform_plan(config, density, length, sink=sink),
-                                    **moa_options)
+      return MoAAttention.from_plan(uniform_plan(config, density, length, sink=sink), **moa_options)
     if method in plans:
       return MoAAttention.from_plan(plans[method], **moa_options)
-    raise ValueError(f"unknown method {method!r}; this factory knows "
-                     f"{['dense', 'uniform', *sorted(plans)]}")
+    raise ValueError(
+      f"unknown method {method!r}; this factory knows {['dense', 'uniform', *sorted(plans)]}"
+    )
 
   return factory
 
 
 # --- shape buckets and batches -------------------------------------------------------------------
 
-def shape_buckets(lengths: Sequence[int], multiple: int = PAD_MULTIPLE,
-                  fill: float = BUCKET_FILL) -> list[tuple[int, list[int]]]:
+
+def shape_buckets(
+  lengths: Sequence[int], multiple: int = PAD_MULTIPLE, fill: float = BUCKET_FILL
+) -> list[tuple[int, list[int]]]:
   """Group rows by length: [(padded length T, row indices)], T a multiple of `multiple`, every
   row of a bucket at least fill * T long; longest bucket first."""
   buckets: list[tuple[int, list[int]]] = []
@@ -101,7 +109,7 @@ def shape_buckets(lengths: Sequence[int], multiple: int = PAD_MULTIPLE,
 def _full_batches(rows: Sequence[int], size: int) -> Iterator[tuple[list[int], int]]:
   """(batch of exactly `size` rows, number of real rows): the last batch repeats its first row."""
   for start in range(0, len(rows), size):
-    batch = list(rows[start:start + size])
+    batch = list(rows[start : start + size])
     yield batch + [batch[0]] * (size - len(batch)), len(batch)
 
 
@@ -117,19 +125,28 @@ def _forced_decode_jit(graphdef, state, logits, caches, lengths, targets, *, att
     return -jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0]
 
   def step(caches, j):
-    out, caches = model(targets[:, j, None], (lengths + j)[:, None], attention=attention,
-                        caches=caches)
+    out, caches = model(
+      targets[:, j, None], (lengths + j)[:, None], attention=attention, caches=caches
+    )
     return caches, nll(out[:, 0], targets[:, j + 1])
 
   _, rest = jax.lax.scan(step, caches, jnp.arange(targets.shape[1] - 1))  # [M - 1, B]
   return jnp.concatenate([nll(logits, targets[:, 0])[:, None], rest.T], axis=1)
 
 
-def run_prompts(model, prompts: Sequence[Sequence[int]], method: str,
-                attention_factory: AttentionFactory, *, batch_size: int, new_tokens: int = 0,
-                targets: Sequence[Sequence[int]] | None = None,
-                eos_ids: Sequence[int] | None = None, prefill_chunk: int | None = None,
-                pad_id: int = 0) -> tuple[list[list[int]], list[np.ndarray]]:
+def run_prompts(
+  model,
+  prompts: Sequence[Sequence[int]],
+  method: str,
+  attention_factory: AttentionFactory,
+  *,
+  batch_size: int,
+  new_tokens: int = 0,
+  targets: Sequence[Sequence[int]] | None = None,
+  eos_ids: Sequence[int] | None = None,
+  prefill_chunk: int | None = None,
+  pad_id: int = 0,
+) -> tuple[list[list[int]], list[np.ndarray]]:
   """Greedy answers and teacher-forced target cross-entropies, from one prefill per batch on
   the method's own cache.
 
@@ -154,38 +171,65 @@ def run_prompts(model, prompts: Sequence[Sequence[int]], method: str,
     attention = attention_factory(method, planned)
     for batch, real in _full_batches(rows, batch_size):
       conversation = generate_lib.Conversation(
-          model, len(batch), planned, attention=attention, prefill_chunk=prefill_chunk,
-          pad_id=pad_id, pad_multiple=t)
+        model,
+        len(batch),
+        planned,
+        attention=attention,
+        prefill_chunk=prefill_chunk,
+        pad_id=pad_id,
+        pad_multiple=t,
+      )
       logits = conversation.append([prompts[i] for i in batch])
       if targets is not None:
         padded = np.full((len(batch), m), pad_id, np.int32)
         for row, i in enumerate(batch):
-          padded[row, :len(targets[i])] = targets[i]
-        nll = np.asarray(_forced_decode_jit(
-            graphdef, state, logits, conversation.caches, jnp.asarray(conversation.lengths),
-            padded, attention=attention), np.float64)
+          padded[row, : len(targets[i])] = targets[i]
+        nll = np.asarray(
+          _forced_decode_jit(
+            graphdef,
+            state,
+            logits,
+            conversation.caches,
+            jnp.asarray(conversation.lengths),
+            padded,
+            attention=attention,
+          ),
+          np.float64,
+        )
         for row, i in enumerate(batch[:real]):
-          scores[i] = nll[row, :len(targets[i])]
+          scores[i] = nll[row, : len(targets[i])]
       if new_tokens:
-        replies = conversation.reply(new_tokens, eos_id=None if eos_ids is None
-                                     else tuple(eos_ids))
+        replies = conversation.reply(new_tokens, eos_id=None if eos_ids is None else tuple(eos_ids))
         for i, reply in zip(batch[:real], replies):
           outputs[i] = reply
   return outputs, scores
 
 
-def response_cross_entropy(model, prompts: Sequence[Sequence[int]],
-                           answers: Sequence[Sequence[int]], *, attention: Attention | None = None,
-                           pad_id: int = 0) -> np.ndarray:
+def response_cross_entropy(
+  model,
+  prompts: Sequence[Sequence[int]],
+  answers: Sequence[Sequence[int]],
+  *,
+  attention: Attention | None = None,
+  pad_id: int = 0,
+) -> np.ndarray:
   """float64 [B]: mean next-token cross-entropy (nats) of each answer given its prompt, on the
   cache of `attention` (default dense; one attention for every bucket)."""
   attention = DenseAttention() if attention is None else attention
-  _, nll = run_prompts(model, prompts, "", lambda method, n: attention, targets=answers,
-                       batch_size=len(prompts), pad_id=pad_id)
+  _, nll = run_prompts(
+    model,
+    prompts,
+    "",
+    lambda method, n: attention,
+    targets=answers,
+    batch_size=len(prompts),
+    pad_id=pad_id,
+  )
   return np.array([row.mean() for row in nll], np.float64)
 
 
 # --- cells -----------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class CellInputs:
@@ -213,22 +257,37 @@ def task_kind(task: str) -> str:
   if task.startswith(LONGBENCH_PREFIX):
     longbench_lib.dataset_info(task.removeprefix(LONGBENCH_PREFIX))
     return "longbench"
-  raise ValueError(f"unknown task {task!r}; choose one of {sorted(tasks_lib.TASKS)}, "
-                   f"'{LONGTEXT}' or '{LONGBENCH_PREFIX}<dataset>'")
+  raise ValueError(
+    f"unknown task {task!r}; choose one of {sorted(tasks_lib.TASKS)}, "
+    f"'{LONGTEXT}' or '{LONGBENCH_PREFIX}<dataset>'"
+  )
 
 
-def synthetic_inputs(tokenizer, task: str, length: int, *,
-                     depths: Sequence[float] = tasks_lib.DECILES, samples_per_depth: int = 1,
-                     seed: int = 0, max_new_tokens: int | None = None,
-                     template: str = "auto") -> CellInputs:
+def synthetic_inputs(
+  tokenizer,
+  task: str,
+  length: int,
+  *,
+  depths: Sequence[float] = tasks_lib.DECILES,
+  samples_per_depth: int = 1,
+  seed: int = 0,
+  max_new_tokens: int | None = None,
+  template: str = "auto",
+) -> CellInputs:
   """samples_per_depth seeded samples at each depth; new tokens default to twice the longest
   answer + 8."""
-  samples = tasks_lib.make_samples(task, tokenizer, length, samples_per_depth * len(depths),
-                                   seed=seed, depths=depths)
+  samples = tasks_lib.make_samples(
+    task, tokenizer, length, samples_per_depth * len(depths), seed=seed, depths=depths
+  )
   answers = [prompts_lib.answer_ids(tokenizer, s.answer) for s in samples]
-  return CellInputs(task, length,
-                    [prompts_lib.chat_prompt_ids(tokenizer, s.prompt, template) for s in samples],
-                    answers, max_new_tokens or 2 * max(len(a) for a in answers) + 8, samples)
+  return CellInputs(
+    task,
+    length,
+    [prompts_lib.chat_prompt_ids(tokenizer, s.prompt, template) for s in samples],
+    answers,
+    max_new_tokens or 2 * max(len(a) for a in answers) + 8,
+    samples,
+  )
 
 
 def truncate_middle(ids: Sequence[int], max_tokens: int) -> list[int]:
@@ -237,11 +296,17 @@ def truncate_middle(ids: Sequence[int], max_tokens: int) -> list[int]:
   if len(ids) <= max_tokens:
     return ids
   half = max_tokens // 2
-  return ids[:half] + ids[len(ids) - (max_tokens - half):]
+  return ids[:half] + ids[len(ids) - (max_tokens - half) :]
 
 
-def longbench_inputs(tokenizer, records: Sequence[Mapping[str, Any]], length: int, *,
-                     task: str | None = None, template: str = "auto") -> CellInputs:
+def longbench_inputs(
+  tokenizer,
+  records: Sequence[Mapping[str, Any]],
+  length: int,
+  *,
+  task: str | None = None,
+  template: str = "auto",
+) -> CellInputs:
   """One LongBench dataset's records (task default 'longbench/<their dataset>'); a prompt over
   `length` tokens keeps its first and last halves (cut in the task text, before the chat
   template, as LongBench does)."""
@@ -257,20 +322,29 @@ def longbench_inputs(tokenizer, records: Sequence[Mapping[str, Any]], length: in
     if len(kept) < len(text_ids):
       half = len(kept) // 2
       text = tokenizer.decode(kept[:half], skip_special_tokens=True) + tokenizer.decode(
-          kept[half:], skip_special_tokens=True)
+        kept[half:], skip_special_tokens=True
+      )
     else:
       text = longbench_lib.build_prompt(record)
     prompts.append(prompts_lib.chat_prompt_ids(tokenizer, text, template))
-  return CellInputs(task, length, prompts, [],
-                    longbench_lib.dataset_info(dataset).max_new_tokens, list(records))
+  return CellInputs(
+    task, length, prompts, [], longbench_lib.dataset_info(dataset).max_new_tokens, list(records)
+  )
 
 
-def longtext_inputs(tokenizer, documents: Sequence[longtext_lib.Document], length: int, *,
-                    target_tokens: int) -> CellInputs:
+def longtext_inputs(
+  tokenizer, documents: Sequence[longtext_lib.Document], length: int, *, target_tokens: int
+) -> CellInputs:
   """Each document's last `length` tokens: context, then `target_tokens` scored tokens."""
   windows = [longtext_lib.scored_window(tokenizer, d, length, target_tokens) for d in documents]
-  return CellInputs(LONGTEXT, length, [c for c, _ in windows], [t for _, t in windows], 0,
-                    [d.name for d in documents])
+  return CellInputs(
+    LONGTEXT,
+    length,
+    [c for c, _ in windows],
+    [t for _, t in windows],
+    0,
+    [d.name for d in documents],
+  )
 
 
 def _decode(tokenizer, ids: Sequence[int], first_line: bool) -> str:
@@ -278,10 +352,18 @@ def _decode(tokenizer, ids: Sequence[int], first_line: bool) -> str:
   return text.strip().split("\n")[0] if first_line else text
 
 
-def evaluate_cell(model, tokenizer, inputs: CellInputs, method: str,
-                  attention_factory: AttentionFactory, *, batch_size: int = 8,
-                  with_ce: bool = True, first_line: bool = True,
-                  prefill_chunk: int | None = None) -> list[dict[str, Any]]:
+def evaluate_cell(
+  model,
+  tokenizer,
+  inputs: CellInputs,
+  method: str,
+  attention_factory: AttentionFactory,
+  *,
+  batch_size: int = 8,
+  with_ce: bool = True,
+  first_line: bool = True,
+  prefill_chunk: int | None = None,
+) -> list[dict[str, Any]]:
   """The records of one (method, task, length) cell (see the module docstring); prefill_chunk
   bounds the tokens of one prefill call (None: the whole prompt at once)."""
   kind = task_kind(inputs.task)
@@ -289,55 +371,106 @@ def evaluate_cell(model, tokenizer, inputs: CellInputs, method: str,
   base = dict(method=method, task=inputs.task, length=inputs.length)
   mean_tokens = float(np.mean([len(p) for p in inputs.prompts]))
   if kind == "longtext":
-    _, nll = run_prompts(model, inputs.prompts, method, attention_factory,
-                         targets=inputs.targets, **options)
+    _, nll = run_prompts(
+      model, inputs.prompts, method, attention_factory, targets=inputs.targets, **options
+    )
     ce = float(np.mean([row.mean() for row in nll]))
-    return [dict(base, decile=None, num_samples=len(nll), accuracy=None,
-                 mean_tokens=mean_tokens + len(inputs.targets[0]),
-                 target_tokens=len(inputs.targets[0]), ce=ce, perplexity=math.exp(ce),
-                 documents=list(inputs.items), document_ce=[float(row.mean()) for row in nll])]
+    return [
+      dict(
+        base,
+        decile=None,
+        num_samples=len(nll),
+        accuracy=None,
+        mean_tokens=mean_tokens + len(inputs.targets[0]),
+        target_tokens=len(inputs.targets[0]),
+        ce=ce,
+        perplexity=math.exp(ce),
+        documents=list(inputs.items),
+        document_ce=[float(row.mean()) for row in nll],
+      )
+    ]
   eos = prompts_lib.stop_ids(tokenizer, tuple(model.config.eos_token_ids))
   scored = kind == "synthetic" and with_ce
-  outputs, nll = run_prompts(model, inputs.prompts, method, attention_factory,
-                             new_tokens=inputs.new_tokens,
-                             targets=inputs.targets if scored else None, eos_ids=eos, **options)
+  outputs, nll = run_prompts(
+    model,
+    inputs.prompts,
+    method,
+    attention_factory,
+    new_tokens=inputs.new_tokens,
+    targets=inputs.targets if scored else None,
+    eos_ids=eos,
+    **options,
+  )
   if kind == "longbench":
     from moa_jax.eval import longbench as scoring  # rouge, fuzzywuzzy, jieba: not on GPU images
 
     predictions = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
     scores = scoring.evaluate_predictions(inputs.items, predictions)
-    return [dict(base, decile=None, num_samples=len(outputs),
-                 accuracy=scores["all"]["score"] / 100, score=scores["all"]["score"],
-                 buckets={k: v for k, v in scores.items() if k != "all"},
-                 mean_tokens=mean_tokens, ce=None, perplexity=None,
-                 predictions=[[p, list(r["answers"])] for p, r in zip(predictions, inputs.items)])]
+    return [
+      dict(
+        base,
+        decile=None,
+        num_samples=len(outputs),
+        accuracy=scores["all"]["score"] / 100,
+        score=scores["all"]["score"],
+        buckets={k: v for k, v in scores.items() if k != "all"},
+        mean_tokens=mean_tokens,
+        ce=None,
+        perplexity=None,
+        predictions=[[p, list(r["answers"])] for p, r in zip(predictions, inputs.items)],
+      )
+    ]
   ces = [float(row.mean()) for row in nll] if scored else [math.nan] * len(outputs)
   by_decile: dict[int, list[dict[str, Any]]] = {}
   for sample, prompt, out, ce in zip(inputs.items, inputs.prompts, outputs, ces):
     prediction = _decode(tokenizer, out, first_line)
-    by_decile.setdefault(sample.decile, []).append(dict(
-        score=metrics.score(sample.metric, prediction, sample.answer), depth=sample.depth,
-        tokens=len(prompt), ce=ce, prediction=prediction, answer=sample.answer))
+    by_decile.setdefault(sample.decile, []).append(
+      dict(
+        score=metrics.score(sample.metric, prediction, sample.answer),
+        depth=sample.depth,
+        tokens=len(prompt),
+        ce=ce,
+        prediction=prediction,
+        answer=sample.answer,
+      )
+    )
   return [_record(base, decile, rows) for decile, rows in sorted(by_decile.items())]
 
 
 def _record(base: Mapping[str, Any], decile: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
   ce = float(np.mean([r["ce"] for r in rows]))
-  return dict(base, decile=decile, num_samples=len(rows),
-              accuracy=float(np.mean([r["score"] for r in rows])),
-              mean_depth=float(np.mean([r["depth"] for r in rows])),
-              mean_tokens=float(np.mean([r["tokens"] for r in rows])),
-              ce=None if math.isnan(ce) else ce,
-              perplexity=None if math.isnan(ce) else math.exp(ce),
-              predictions=[[r["prediction"], r["answer"]] for r in rows])
+  return dict(
+    base,
+    decile=decile,
+    num_samples=len(rows),
+    accuracy=float(np.mean([r["score"] for r in rows])),
+    mean_depth=float(np.mean([r["depth"] for r in rows])),
+    mean_tokens=float(np.mean([r["tokens"] for r in rows])),
+    ce=None if math.isnan(ce) else ce,
+    perplexity=None if math.isnan(ce) else math.exp(ce),
+    predictions=[[r["prediction"], r["answer"]] for r in rows],
+  )
 
 
-def evaluate(model, tokenizer, *, methods: Sequence[str], attention_factory: AttentionFactory,
-             tasks: Sequence[str] = ("lines",), lengths: Sequence[int] = (1024, 2048),
-             depths: Sequence[float] = tasks_lib.DECILES, samples_per_depth: int = 1,
-             seed: int = 0, max_new_tokens: int | None = None, batch_size: int = 8,
-             first_line: bool = True, with_ce: bool = True, template: str = "auto",
-             prefill_chunk: int | None = None, progress: bool = True) -> list[dict[str, Any]]:
+def evaluate(
+  model,
+  tokenizer,
+  *,
+  methods: Sequence[str],
+  attention_factory: AttentionFactory,
+  tasks: Sequence[str] = ("lines",),
+  lengths: Sequence[int] = (1024, 2048),
+  depths: Sequence[float] = tasks_lib.DECILES,
+  samples_per_depth: int = 1,
+  seed: int = 0,
+  max_new_tokens: int | None = None,
+  batch_size: int = 8,
+  first_line: bool = True,
+  with_ce: bool = True,
+  template: str = "auto",
+  prefill_chunk: int | None = None,
+  progress: bool = True,
+) -> list[dict[str, Any]]:
   """Accuracy (and response CE) per method, synthetic task, length and depth decile.
 
   Every (task, length) uses the same seeded samples for every method (`synthetic_inputs`);
@@ -345,24 +478,39 @@ def evaluate(model, tokenizer, *, methods: Sequence[str], attention_factory: Att
   by method, task, length, decile (see `save_results`).
   """
   records = []
-  bar = tqdm(total=len(tasks) * len(lengths) * len(methods), desc="evaluate",
-             disable=not progress)
+  bar = tqdm(total=len(tasks) * len(lengths) * len(methods), desc="evaluate", disable=not progress)
   for task in tasks:
     for length in lengths:
-      inputs = synthetic_inputs(tokenizer, task, length, depths=depths,
-                                samples_per_depth=samples_per_depth, seed=seed,
-                                max_new_tokens=max_new_tokens, template=template)
+      inputs = synthetic_inputs(
+        tokenizer,
+        task,
+        length,
+        depths=depths,
+        samples_per_depth=samples_per_depth,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        template=template,
+      )
       for method in methods:
         bar.set_postfix_str(f"{method} {task}@{length}")
-        records += evaluate_cell(model, tokenizer, inputs, method, attention_factory,
-                                 batch_size=batch_size, with_ce=with_ce, first_line=first_line,
-                                 prefill_chunk=prefill_chunk)
+        records += evaluate_cell(
+          model,
+          tokenizer,
+          inputs,
+          method,
+          attention_factory,
+          batch_size=batch_size,
+          with_ce=with_ce,
+          first_line=first_line,
+          prefill_chunk=prefill_chunk,
+        )
         bar.update()
   bar.close()
   return sorted(records, key=lambda r: (r["method"], r["task"], r["length"], r["decile"]))
 
 
 # --- summaries and files ---------------------------------------------------------------------
+
 
 def _table(records, field: str) -> dict[str, dict[str, dict[int, float]]]:
   """{method: {task: {length: sample-weighted mean of `field`}}} over records that have it."""
@@ -384,33 +532,48 @@ def accuracy_table(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, 
   return _table(records, "accuracy")
 
 
-def perplexity_table(records: Sequence[Mapping[str, Any]]
-                     ) -> dict[str, dict[str, dict[int, float]]]:
+def perplexity_table(
+  records: Sequence[Mapping[str, Any]],
+) -> dict[str, dict[str, dict[int, float]]]:
   """{method: {task: {length: exp(mean cross-entropy)}}} for the records with a cross-entropy."""
-  return {m: {t: {n: math.exp(ce) for n, ce in by_n.items()} for t, by_n in by_t.items()}
-          for m, by_t in _table(records, "ce").items()}
+  return {
+    m: {t: {n: math.exp(ce) for n, ce in by_n.items()} for t, by_n in by_t.items()}
+    for m, by_t in _table(records, "ce").items()
+  }
 
 
-def effective_context_length(records: Sequence[Mapping[str, Any]],
-                             threshold: float = ACCURACY_THRESHOLD) -> dict[str, dict[str, int]]:
+def effective_context_length(
+  records: Sequence[Mapping[str, Any]], threshold: float = ACCURACY_THRESHOLD
+) -> dict[str, dict[str, int]]:
   """{method: {synthetic task: longest evaluated length with accuracy >= threshold (0 if none)}}."""
   synthetic = [r for r in records if r["task"] in tasks_lib.TASKS]
-  return {method: {task: max([n for n, acc in by_length.items() if acc >= threshold], default=0)
-                   for task, by_length in by_task.items()}
-          for method, by_task in accuracy_table(synthetic).items()}
+  return {
+    method: {
+      task: max([n for n, acc in by_length.items() if acc >= threshold], default=0)
+      for task, by_length in by_task.items()
+    }
+    for method, by_task in accuracy_table(synthetic).items()
+  }
 
 
 def _str_keys(table):
-  return {m: {t: {str(n): v for n, v in by_n.items()} for t, by_n in by_t.items()}
-          for m, by_t in table.items()}
+  return {
+    m: {t: {str(n): v for n, v in by_n.items()} for t, by_n in by_t.items()}
+    for m, by_t in table.items()
+  }
 
 
-def save_results(records: Sequence[Mapping[str, Any]], path: str | os.PathLike,
-                 meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def save_results(
+  records: Sequence[Mapping[str, Any]],
+  path: str | os.PathLike,
+  meta: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
   """Write {"meta", "summary": {accuracy, perplexity, effective_context_length}, "records"}."""
-  summary = {"accuracy": _str_keys(accuracy_table(records)),
-             "perplexity": _str_keys(perplexity_table(records)),
-             "effective_context_length": effective_context_length(records)}
+  summary = {
+    "accuracy": _str_keys(accuracy_table(records)),
+    "perplexity": _str_keys(perplexity_table(records)),
+    "effective_context_length": effective_context_length(records),
+  }
   result = {"meta": dict(meta or {}), "summary": summary, "records": list(records)}
   atomic_write_text(path, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
   return result

@@ -30,8 +30,10 @@ FIRST_LINE_DATASETS = frozenset({"trec", "triviaqa", "samsum", "lsht"})
 _DIGITS = re.compile(r"\d+")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 # LongBench's Chinese punctuation (it has the closing 》 but not the opening 《).
-_PUNCT_ZH = ("！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】"
-             "〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏.")
+_PUNCT_ZH = (
+  "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】"
+  "〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏."
+)
 _PUNCT = frozenset(string.punctuation)
 _PUNCT_ALL = _PUNCT | frozenset(_PUNCT_ZH)
 
@@ -81,8 +83,9 @@ def rouge_l(prediction: str, answer: str) -> float:
 
 def rouge_l_zh(prediction: str, answer: str) -> float:
   """ROUGE-L over jieba's words (joined by spaces, not normalized)."""
-  return rouge_l(" ".join(jieba.cut(prediction, cut_all=False)),
-                 " ".join(jieba.cut(answer, cut_all=False)))
+  return rouge_l(
+    " ".join(jieba.cut(prediction, cut_all=False)), " ".join(jieba.cut(answer, cut_all=False))
+  )
 
 
 def first_code_line(prediction: str) -> str:
@@ -142,20 +145,40 @@ def retrieval_zh(prediction: str, answer: str) -> float:
 
 
 METRICS: dict[str, Callable[..., float]] = {
-    "qa_f1": qa_f1, "qa_f1_zh": qa_f1_zh, "rouge_l": rouge_l, "rouge_l_zh": rouge_l_zh,
-    "edit_sim": edit_sim, "classification": classification, "count": count,
-    "retrieval": retrieval, "retrieval_zh": retrieval_zh,
+  "qa_f1": qa_f1,
+  "qa_f1_zh": qa_f1_zh,
+  "rouge_l": rouge_l,
+  "rouge_l_zh": rouge_l_zh,
+  "edit_sim": edit_sim,
+  "classification": classification,
+  "count": count,
+  "retrieval": retrieval,
+  "retrieval_zh": retrieval_zh,
 }
 
 # LongBench's dataset -> metric (its eval.py's dataset2metric, in our metric names).
 DATASET_METRIC: dict[str, str] = {
-    "narrativeqa": "qa_f1", "qasper": "qa_f1", "multifieldqa_en": "qa_f1",
-    "multifieldqa_zh": "qa_f1_zh", "hotpotqa": "qa_f1", "2wikimqa": "qa_f1", "musique": "qa_f1",
-    "dureader": "rouge_l_zh", "gov_report": "rouge_l", "qmsum": "rouge_l",
-    "multi_news": "rouge_l", "vcsum": "rouge_l_zh", "trec": "classification",
-    "triviaqa": "qa_f1", "samsum": "rouge_l", "lsht": "classification",
-    "passage_retrieval_en": "retrieval", "passage_count": "count",
-    "passage_retrieval_zh": "retrieval_zh", "lcc": "edit_sim", "repobench-p": "edit_sim",
+  "narrativeqa": "qa_f1",
+  "qasper": "qa_f1",
+  "multifieldqa_en": "qa_f1",
+  "multifieldqa_zh": "qa_f1_zh",
+  "hotpotqa": "qa_f1",
+  "2wikimqa": "qa_f1",
+  "musique": "qa_f1",
+  "dureader": "rouge_l_zh",
+  "gov_report": "rouge_l",
+  "qmsum": "rouge_l",
+  "multi_news": "rouge_l",
+  "vcsum": "rouge_l_zh",
+  "trec": "classification",
+  "triviaqa": "qa_f1",
+  "samsum": "rouge_l",
+  "lsht": "classification",
+  "passage_retrieval_en": "retrieval",
+  "passage_count": "count",
+  "passage_retrieval_zh": "retrieval_zh",
+  "lcc": "edit_sim",
+  "repobench-p": "edit_sim",
 }
 
 
@@ -163,14 +186,14 @@ def dataset_metric(dataset: str) -> str:
   """The metric name of a LongBench or LongBench-E (`<name>_e`) dataset."""
   base = dataset.removesuffix("_e")
   if base not in DATASET_METRIC:
-    raise ValueError(f"unknown LongBench dataset {dataset!r}; choose one of "
-                     f"{sorted(DATASET_METRIC)}")
+    raise ValueError(
+      f"unknown LongBench dataset {dataset!r}; choose one of {sorted(DATASET_METRIC)}"
+    )
   return DATASET_METRIC[base]
 
 
 def score_record(record: Mapping[str, Any], prediction: str) -> float:
-  """A record's LongBench score in [0, 1]: its dataset's metric, best over its answers (from 0).
-  """
+  """A record's LongBench score in [0, 1]: its dataset's metric, best over its answers (from 0)."""
   dataset = record["dataset"]
   metric = dataset_metric(dataset)
   answers = record["answers"]
@@ -192,8 +215,9 @@ def length_bucket(length: int) -> str:
   return BUCKETS[0] if length < 4000 else BUCKETS[1] if length < 8000 else BUCKETS[2]
 
 
-def evaluate_predictions(records: Sequence[Mapping[str, Any]],
-                         predictions: Sequence[str]) -> dict[str, dict[str, float]]:
+def evaluate_predictions(
+  records: Sequence[Mapping[str, Any]], predictions: Sequence[str]
+) -> dict[str, dict[str, float]]:
   """Mean score x 100 and count, overall ('all') and per length bucket (empty buckets left out)."""
   if len(records) != len(predictions):
     raise ValueError(f"{len(records)} records but {len(predictions)} predictions")
@@ -202,5 +226,8 @@ def evaluate_predictions(records: Sequence[Mapping[str, Any]],
     value = score_record(record, prediction)
     for key in ("all", length_bucket(record["length"])):
       groups.setdefault(key, []).append(value)
-  return {k: {"score": 100 * sum(groups[k]) / len(groups[k]), "count": len(groups[k])}
-          for k in ("all",) + BUCKETS if k in groups}
+  return {
+    k: {"score": 100 * sum(groups[k]) / len(groups[k]), "count": len(groups[k])}
+    for k in ("all",) + BUCKETS
+    if k in groups
+  }

@@ -31,7 +31,9 @@ def set_recall(prediction: str, answer: str) -> float:
 
 
 METRICS: dict[str, Callable[[str, str], float]] = {
-    "last_int": last_int, "contains": contains, "set_recall": set_recall,
+  "last_int": last_int,
+  "contains": contains,
+  "set_recall": set_recall,
 }
 
 

@@ -24,9 +24,13 @@ def _save(fig: Figure, path: str | os.PathLike) -> str:
   return os.fspath(path)
 
 
-def _by_length_panels(table: Mapping[str, Mapping[str, Mapping[int, float]]],
-                      path: str | os.PathLike, ylabel: str, threshold: float | None,
-                      log_y: bool = False) -> str:
+def _by_length_panels(
+  table: Mapping[str, Mapping[str, Mapping[int, float]]],
+  path: str | os.PathLike,
+  ylabel: str,
+  threshold: float | None,
+  log_y: bool = False,
+) -> str:
   """One panel per task, one line per method: a value against prompt length."""
   tasks = sorted({t for by_task in table.values() for t in by_task})
   if not tasks:
@@ -49,22 +53,21 @@ def _by_length_panels(table: Mapping[str, Mapping[str, Mapping[int, float]]],
   return _save(fig, path)
 
 
-def plot_accuracy_vs_length(records: Sequence[Mapping[str, Any]],
-                            path: str | os.PathLike) -> str:
+def plot_accuracy_vs_length(records: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> str:
   """One panel per task, one line per method: accuracy (all depths; LongBench score / 100)
   against prompt length."""
   return _by_length_panels(accuracy_table(records), path, "accuracy", ACCURACY_THRESHOLD)
 
 
-def plot_perplexity_vs_length(records: Sequence[Mapping[str, Any]],
-                              path: str | os.PathLike) -> str:
+def plot_perplexity_vs_length(records: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> str:
   """One panel per longtext task, one line per method: perplexity against length."""
   table = perplexity_table([r for r in records if r["accuracy"] is None])
   return _by_length_panels(table, path, "perplexity (last tokens)", None, log_y=True)
 
 
-def plot_depth_heatmaps(records: Sequence[Mapping[str, Any]], path: str | os.PathLike,
-                        task: str) -> str:
+def plot_depth_heatmaps(
+  records: Sequence[Mapping[str, Any]], path: str | os.PathLike, task: str
+) -> str:
   """One heatmap per method for `task`: accuracy by length (rows) and needle depth decile."""
   rows = [r for r in records if r["task"] == task and r.get("decile") is not None]
   if not rows:
@@ -82,8 +85,14 @@ def plot_depth_heatmaps(records: Sequence[Mapping[str, Any]], path: str | os.Pat
     for (i, j), value in np.ndenumerate(grid):
       if not np.isnan(value):
         ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=7)
-    ax.set(title=f"{method}: {task}", xlabel="needle depth (decile)", ylabel="length (tokens)",
-           xticks=range(10), yticks=range(len(lengths)), yticklabels=[str(n) for n in lengths])
+    ax.set(
+      title=f"{method}: {task}",
+      xlabel="needle depth (decile)",
+      ylabel="length (tokens)",
+      xticks=range(10),
+      yticks=range(len(lengths)),
+      yticklabels=[str(n) for n in lengths],
+    )
   fig.colorbar(image, ax=list(axes), label="accuracy", shrink=0.8)
   return _save(fig, path)
 
@@ -93,12 +102,13 @@ def plot_all(records: Sequence[Mapping[str, Any]], directory: str | os.PathLike)
   (longtext) and heatmap_<task>.png for every task with needle depths."""
   paths = []
   if any(r["accuracy"] is not None for r in records):
-    paths.append(plot_accuracy_vs_length(records, os.path.join(directory,
-                                                               "accuracy_vs_length.png")))
+    paths.append(
+      plot_accuracy_vs_length(records, os.path.join(directory, "accuracy_vs_length.png"))
+    )
   if any(r["accuracy"] is None for r in records):
-    paths.append(plot_perplexity_vs_length(records, os.path.join(directory,
-                                                                 "perplexity_vs_length.png")))
+    paths.append(
+      plot_perplexity_vs_length(records, os.path.join(directory, "perplexity_vs_length.png"))
+    )
   for task in sorted({r["task"] for r in records if r.get("decile") is not None}):
-    paths.append(plot_depth_heatmaps(records, os.path.join(directory, f"heatmap_{task}.png"),
-                                     task))
+    paths.append(plot_depth_heatmaps(records, os.path.join(directory, f"heatmap_{task}.png"), task))
   return paths

@@ -72,14 +72,24 @@ class LlamaConfig:
     set_field("dtype", _dtype_name(self.dtype))
     set_field("param_dtype", _dtype_name(self.param_dtype))
     eos = self.eos_token_ids
-    set_field("eos_token_ids", () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos))
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                 "num_kv_heads", "head_dim"):
+    set_field(
+      "eos_token_ids", () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+    )
+    for name in (
+      "vocab_size",
+      "hidden_size",
+      "intermediate_size",
+      "num_layers",
+      "num_heads",
+      "num_kv_heads",
+      "head_dim",
+    ):
       if getattr(self, name) <= 0:
         raise ValueError(f"LlamaConfig.{name} must be positive, got {getattr(self, name)}")
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
-                       f"num_kv_heads={self.num_kv_heads}")
+      raise ValueError(
+        f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+      )
     if self.head_dim % 2:
       raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
 
@@ -100,80 +110,198 @@ class LlamaConfig:
   @classmethod
   def vicuna_7b_16k(cls, **overrides) -> LlamaConfig:
     """lmsys/vicuna-7b-v1.5-16k: Llama-2-7B shape, MHA, linear RoPE scaling x4."""
-    return cls(**{**dict(
-        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
-        num_heads=32, num_kv_heads=32, head_dim=128, rope_theta=10000.0,
-        rope_scaling={"rope_type": "linear", "factor": 4.0}, rms_norm_eps=1e-5,
-        max_position_embeddings=4096, bos_token_id=1, eos_token_ids=(2,),
-        dtype="bfloat16", param_dtype="bfloat16"), **overrides})
+    return cls(
+      **{
+        **dict(
+          vocab_size=32000,
+          hidden_size=4096,
+          intermediate_size=11008,
+          num_layers=32,
+          num_heads=32,
+          num_kv_heads=32,
+          head_dim=128,
+          rope_theta=10000.0,
+          rope_scaling={"rope_type": "linear", "factor": 4.0},
+          rms_norm_eps=1e-5,
+          max_position_embeddings=4096,
+          bos_token_id=1,
+          eos_token_ids=(2,),
+          dtype="bfloat16",
+          param_dtype="bfloat16",
+        ),
+        **overrides,
+      }
+    )
 
   @classmethod
   def vicuna_13b_16k(cls, **overrides) -> LlamaConfig:
     """lmsys/vicuna-13b-v1.5-16k: Llama-2-13B shape, MHA, linear RoPE scaling x4."""
-    return cls.vicuna_7b_16k(**{**dict(
-        hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40,
-        num_kv_heads=40), **overrides})
+    return cls.vicuna_7b_16k(
+      **{
+        **dict(
+          hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40
+        ),
+        **overrides,
+      }
+    )
 
   @classmethod
   def llama3_8b(cls, **overrides) -> LlamaConfig:
     """meta-llama/Meta-Llama-3-8B: GQA 32/8, theta 5e5, no RoPE scaling."""
-    return cls(**{**dict(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-        num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0, rope_scaling=None,
-        rms_norm_eps=1e-5, max_position_embeddings=8192, bos_token_id=128000,
-        eos_token_ids=(128001,), dtype="bfloat16", param_dtype="bfloat16"), **overrides})
+    return cls(
+      **{
+        **dict(
+          vocab_size=128256,
+          hidden_size=4096,
+          intermediate_size=14336,
+          num_layers=32,
+          num_heads=32,
+          num_kv_heads=8,
+          head_dim=128,
+          rope_theta=500000.0,
+          rope_scaling=None,
+          rms_norm_eps=1e-5,
+          max_position_embeddings=8192,
+          bos_token_id=128000,
+          eos_token_ids=(128001,),
+          dtype="bfloat16",
+          param_dtype="bfloat16",
+        ),
+        **overrides,
+      }
+    )
 
   @classmethod
   def llama3_70b(cls, **overrides) -> LlamaConfig:
     """meta-llama/Meta-Llama-3-70B: GQA 64/8."""
-    return cls.llama3_8b(**{**dict(
-        hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
-        num_kv_heads=8), **overrides})
+    return cls.llama3_8b(
+      **{
+        **dict(
+          hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64, num_kv_heads=8
+        ),
+        **overrides,
+      }
+    )
 
   @classmethod
   def llama31_8b(cls, **overrides) -> LlamaConfig:
     """meta-llama/Llama-3.1-8B: Llama-3-8B shape with 'llama3' RoPE scaling x8, 128k context."""
-    return cls.llama3_8b(**{**dict(
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-        max_position_embeddings=131072), **overrides})
+    return cls.llama3_8b(
+      **{
+        **dict(
+          rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+          },
+          max_position_embeddings=131072,
+        ),
+        **overrides,
+      }
+    )
 
   @classmethod
   def llama32_1b(cls, **overrides) -> LlamaConfig:
     """meta-llama/Llama-3.2-1B: 16 layers, GQA 32/8, head_dim 64, tied embeddings."""
-    return cls.llama31_8b(**{**dict(
-        hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8,
-        head_dim=64, tie_word_embeddings=True,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
-        **overrides})
+    return cls.llama31_8b(
+      **{
+        **dict(
+          hidden_size=2048,
+          intermediate_size=8192,
+          num_layers=16,
+          num_heads=32,
+          num_kv_heads=8,
+          head_dim=64,
+          tie_word_embeddings=True,
+          rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+          },
+        ),
+        **overrides,
+      }
+    )
 
   @classmethod
   def llama32_3b(cls, **overrides) -> LlamaConfig:
     """meta-llama/Llama-3.2-3B: 28 layers, GQA 24/8, head_dim 128, tied embeddings."""
-    return cls.llama32_1b(**{**dict(
-        hidden_size=3072, intermediate_size=8192, num_layers=28, num_heads=24, num_kv_heads=8,
-        head_dim=128), **overrides})
+    return cls.llama32_1b(
+      **{
+        **dict(
+          hidden_size=3072,
+          intermediate_size=8192,
+          num_layers=28,
+          num_heads=24,
+          num_kv_heads=8,
+          head_dim=128,
+        ),
+        **overrides,
+      }
+    )
 
   @classmethod
   def smollm2_135m(cls, **overrides) -> LlamaConfig:
     """HuggingFaceTB/SmolLM2-135M(-Instruct): 30 layers, GQA 9/3, head_dim 64, tied embeddings."""
-    return cls(**{**dict(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
-        num_kv_heads=3, head_dim=64, rope_theta=100000.0, rope_scaling=None, rms_norm_eps=1e-5,
-        tie_word_embeddings=True, max_position_embeddings=8192, bos_token_id=1,
-        eos_token_ids=(2,), dtype="float32", param_dtype="float32"), **overrides})
+    return cls(
+      **{
+        **dict(
+          vocab_size=49152,
+          hidden_size=576,
+          intermediate_size=1536,
+          num_layers=30,
+          num_heads=9,
+          num_kv_heads=3,
+          head_dim=64,
+          rope_theta=100000.0,
+          rope_scaling=None,
+          rms_norm_eps=1e-5,
+          tie_word_embeddings=True,
+          max_position_embeddings=8192,
+          bos_token_id=1,
+          eos_token_ids=(2,),
+          dtype="float32",
+          param_dtype="float32",
+        ),
+        **overrides,
+      }
+    )
 
   @classmethod
   def tiny(cls, **overrides) -> LlamaConfig:
     """A few-kB random model for tests and CPU demos: GQA 4/2, 'llama3' RoPE scaling, float32."""
-    return cls(**{**dict(
-        vocab_size=256, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=16, rope_theta=10000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
-        rms_norm_eps=1e-5, max_position_embeddings=256, bos_token_id=1, eos_token_ids=(2,),
-        dtype="float32", param_dtype="float32"), **overrides})
+    return cls(
+      **{
+        **dict(
+          vocab_size=256,
+          hidden_size=64,
+          intermediate_size=160,
+          num_layers=2,
+          num_heads=4,
+          num_kv_heads=2,
+          head_dim=16,
+          rope_theta=10000.0,
+          rope_scaling={
+            "rope_type": "llama3",
+            "factor": 4.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+          },
+          rms_norm_eps=1e-5,
+          max_position_embeddings=256,
+          bos_token_id=1,
+          eos_token_ids=(2,),
+          dtype="float32",
+          param_dtype="float32",
+        ),
+        **overrides,
+      }
+    )
 
   @classmethod
   def preset(cls, name: str, **overrides) -> LlamaConfig:
@@ -192,13 +320,23 @@ class LlamaConfig:
     to param_dtype. Raises ValueError for any other architecture or an unsupported feature.
     """
     check_supported_architecture(hf)
-    for key, supported in (("hidden_act", "silu"), ("attention_bias", False),
-                           ("mlp_bias", False)):
+    for key, supported in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
       if hf.get(key, supported) != supported:
-        raise ValueError(f"unsupported Llama variant: config.json has {key}={hf[key]!r}, "
-                         f"moa_jax supports only {supported!r}")
-    missing = [key for key in ("vocab_size", "hidden_size", "intermediate_size",
-                               "num_hidden_layers", "num_attention_heads") if key not in hf]
+        raise ValueError(
+          f"unsupported Llama variant: config.json has {key}={hf[key]!r}, "
+          f"moa_jax supports only {supported!r}"
+        )
+    missing = [
+      key
+      for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+      )
+      if key not in hf
+    ]
     if missing:
       raise ValueError(f"config.json lacks {', '.join(missing)}")
     rope_parameters = hf.get("rope_parameters") or {}
@@ -207,32 +345,48 @@ class LlamaConfig:
     param_dtype = param_dtype or stored_dtype
     num_heads = hf["num_attention_heads"]
     return cls(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
-        num_heads=num_heads, num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-        rope_theta=float(hf.get("rope_theta") or rope_parameters.get("rope_theta") or 10000.0),
-        rope_scaling=scaling, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=hf.get("tie_word_embeddings", False),
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        bos_token_id=hf.get("bos_token_id"), eos_token_ids=hf.get("eos_token_id"),
-        dtype=dtype or param_dtype, param_dtype=param_dtype)
+      vocab_size=hf["vocab_size"],
+      hidden_size=hf["hidden_size"],
+      intermediate_size=hf["intermediate_size"],
+      num_layers=hf["num_hidden_layers"],
+      num_heads=num_heads,
+      num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+      head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+      rope_theta=float(hf.get("rope_theta") or rope_parameters.get("rope_theta") or 10000.0),
+      rope_scaling=scaling,
+      rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+      tie_word_embeddings=hf.get("tie_word_embeddings", False),
+      max_position_embeddings=hf.get("max_position_embeddings", 2048),
+      bos_token_id=hf.get("bos_token_id"),
+      eos_token_ids=hf.get("eos_token_id"),
+      dtype=dtype or param_dtype,
+      param_dtype=param_dtype,
+    )
 
   def to_hf_dict(self) -> dict[str, Any]:
     """The config.json dict transformers' LlamaForCausalLM reads (legacy rope_scaling layout)."""
     eos = self.eos_token_ids
     return {
-        "architectures": [SUPPORTED_ARCHITECTURE], "model_type": "llama",
-        "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-        "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
-        "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
-        "head_dim": self.head_dim, "hidden_act": "silu", "attention_bias": False,
-        "mlp_bias": False, "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling_dict,
-        "rms_norm_eps": self.rms_norm_eps, "tie_word_embeddings": self.tie_word_embeddings,
-        "max_position_embeddings": self.max_position_embeddings,
-        "bos_token_id": self.bos_token_id,
-        "eos_token_id": None if not eos else eos[0] if len(eos) == 1 else list(eos),
-        "torch_dtype": self.param_dtype,
+      "architectures": [SUPPORTED_ARCHITECTURE],
+      "model_type": "llama",
+      "vocab_size": self.vocab_size,
+      "hidden_size": self.hidden_size,
+      "intermediate_size": self.intermediate_size,
+      "num_hidden_layers": self.num_layers,
+      "num_attention_heads": self.num_heads,
+      "num_key_value_heads": self.num_kv_heads,
+      "head_dim": self.head_dim,
+      "hidden_act": "silu",
+      "attention_bias": False,
+      "mlp_bias": False,
+      "rope_theta": self.rope_theta,
+      "rope_scaling": self.rope_scaling_dict,
+      "rms_norm_eps": self.rms_norm_eps,
+      "tie_word_embeddings": self.tie_word_embeddings,
+      "max_position_embeddings": self.max_position_embeddings,
+      "bos_token_id": self.bos_token_id,
+      "eos_token_id": None if not eos else eos[0] if len(eos) == 1 else list(eos),
+      "torch_dtype": self.param_dtype,
     }
 
 
@@ -242,19 +396,20 @@ def check_supported_architecture(hf: Mapping[str, Any]) -> None:
   architectures = hf.get("architectures") or []
   if model_type != "llama" or any(arch != SUPPORTED_ARCHITECTURE for arch in architectures):
     raise ValueError(
-        f"unsupported architecture (model_type={model_type!r}, architectures={architectures}); "
-        f"moa_jax loads only Llama-family checkpoints (model_type 'llama', {SUPPORTED_ARCHITECTURE})")
+      f"unsupported architecture (model_type={model_type!r}, architectures={architectures}); "
+      f"moa_jax loads only Llama-family checkpoints (model_type 'llama', {SUPPORTED_ARCHITECTURE})"
+    )
 
 
 # Preset name -> LlamaConfig classmethod.
 PRESETS = {
-    "vicuna-7b-v1.5-16k": "vicuna_7b_16k",
-    "vicuna-13b-v1.5-16k": "vicuna_13b_16k",
-    "llama-3-8b": "llama3_8b",
-    "llama-3-70b": "llama3_70b",
-    "llama-3.1-8b": "llama31_8b",
-    "llama-3.2-1b": "llama32_1b",
-    "llama-3.2-3b": "llama32_3b",
-    "smollm2-135m": "smollm2_135m",
-    "tiny": "tiny",
+  "vicuna-7b-v1.5-16k": "vicuna_7b_16k",
+  "vicuna-13b-v1.5-16k": "vicuna_13b_16k",
+  "llama-3-8b": "llama3_8b",
+  "llama-3-70b": "llama3_70b",
+  "llama-3.1-8b": "llama31_8b",
+  "llama-3.2-1b": "llama32_1b",
+  "llama-3.2-3b": "llama32_3b",
+  "smollm2-135m": "smollm2_135m",
+  "tiny": "tiny",
 }

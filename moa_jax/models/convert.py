@@ -28,12 +28,16 @@ def convert_gguf(gguf: str | Path, directory: str | Path, dtype: str = "float32"
     raise ValueError(f"convert: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
   source = resolve_model_path(gguf)
   if not is_gguf(source):
-    raise ValueError(f"convert: {str(gguf)!r} is neither a .gguf file nor a packaged model "
-                     f"({', '.join(PACKAGED_MODELS)})")
+    raise ValueError(
+      f"convert: {str(gguf)!r} is neither a .gguf file nor a packaged model "
+      f"({', '.join(PACKAGED_MODELS)})"
+    )
   target = Path(directory).expanduser()
   if target.exists() and (not target.is_dir() or any(target.iterdir())):
-    raise ValueError(f"convert: {target} already exists and is not an empty directory; remove "
-                     f"it or choose another --workdir")
+    raise ValueError(
+      f"convert: {target} already exists and is not an empty directory; remove "
+      f"it or choose another --workdir"
+    )
   model, config = load_gguf(source, dtype=dtype, param_dtype=dtype)
   tokenizer = load_gguf_tokenizer(source)
   target.parent.mkdir(parents=True, exist_ok=True)
@@ -53,8 +57,9 @@ def convert_gguf(gguf: str | Path, directory: str | Path, dtype: str = "float32"
 def convert_command(config, workdir: Path | None) -> Path:
   """The `convert` command: config.gguf (file or packaged model name), config.dtype -> workdir."""
   if config.gguf is None:
-    raise ValueError("convert needs --config.gguf=<.gguf file or one of: "
-                     f"{', '.join(PACKAGED_MODELS)}>")
+    raise ValueError(
+      f"convert needs --config.gguf=<.gguf file or one of: {', '.join(PACKAGED_MODELS)}>"
+    )
   validate.convert(config, workdir)
   target = convert_gguf(config.gguf, workdir, config.dtype)
   print(f"wrote {target} ({config.dtype}) from {resolve_model_path(config.gguf)}")

@@ -21,9 +21,11 @@ INIT_STD = 0.02  # HF's initializer_range
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
-  """float32 [H/2] inverse frequencies, including 'linear' / 'llama3' scaling as HF computes them."""
+  """float32 [H/2] inverse frequencies, with 'linear' / 'llama3' scaling as HF computes them."""
   h = config.head_dim
-  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, h, 2, dtype=np.int64).astype(np.float32) / h))
+  inv_freq = 1.0 / (
+    config.rope_theta ** (np.arange(0, h, 2, dtype=np.int64).astype(np.float32) / h)
+  )
   inv_freq = inv_freq.astype(np.float32)
   scaling = config.rope_scaling_dict
   if scaling is None:
@@ -71,7 +73,8 @@ class Embed(nnx.Module):
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     init = jax.nn.initializers.normal(INIT_STD)
     self.weight = nnx.Param(
-        init(rngs.params(), (config.vocab_size, config.hidden_size), config.param_dtype))
+      init(rngs.params(), (config.vocab_size, config.hidden_size), config.param_dtype)
+    )
     self.dtype = config.dtype
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -103,8 +106,9 @@ class LlamaAttention(nnx.Module):
     self.o_proj = Linear(n * h, d, config, rngs=rngs)
     self.config = config
 
-  def __call__(self, x: jax.Array, positions: jax.Array, *, layer: int, attention: Attention,
-               cache: LayerCache) -> tuple[jax.Array, LayerCache]:
+  def __call__(
+    self, x: jax.Array, positions: jax.Array, *, layer: int, attention: Attention, cache: LayerCache
+  ) -> tuple[jax.Array, LayerCache]:
     cfg = self.config
     b, t, _ = x.shape
     inv_freq = rope_inv_freq(cfg)
@@ -130,7 +134,6 @@ class LlamaMLP(nnx.Module):
 
 
 class LlamaDecoderLayer(nnx.Module):
-
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     self.input_layernorm = RMSNorm(config)
     self.self_attn = LlamaAttention(config, rngs=rngs)
@@ -138,8 +141,9 @@ class LlamaDecoderLayer(nnx.Module):
     self.mlp = LlamaMLP(config, rngs=rngs)
 
   def __call__(self, x, positions, *, layer, attention, cache):
-    attn_out, cache = self.self_attn(self.input_layernorm(x), positions, layer=layer,
-                                     attention=attention, cache=cache)
+    attn_out, cache = self.self_attn(
+      self.input_layernorm(x), positions, layer=layer, attention=attention, cache=cache
+    )
     x = x + attn_out
     return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -156,8 +160,9 @@ class LlamaModel(nnx.Module):
     x = self.embed_tokens(tokens)  # [B, T, D]
     new_caches = []
     for i, layer in enumerate(self.layers):
-      x, cache = layer(x, positions, layer=i, attention=attention,
-                       cache=None if caches is None else caches[i])
+      x, cache = layer(
+        x, positions, layer=i, attention=attention, cache=None if caches is None else caches[i]
+      )
       new_caches.append(cache)
     return self.norm(x), (None if caches is None else new_caches)
 
@@ -169,12 +174,20 @@ class Llama(nnx.Module):
     rngs = nnx.Rngs(0) if rngs is None else rngs
     self.config = config
     self.model = LlamaModel(config, rngs=rngs)
-    self.lm_head = (None if config.tie_word_embeddings
-                    else Linear(config.hidden_size, config.vocab_size, config, rngs=rngs))
+    self.lm_head = (
+      None
+      if config.tie_word_embeddings
+      else Linear(config.hidden_size, config.vocab_size, config, rngs=rngs)
+    )
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array, *,
-               attention: Attention | None = None, caches: list[LayerCache] | None = None,
-               ) -> tuple[jax.Array, list[LayerCache] | None]:
+  def __call__(
+    self,
+    tokens: jax.Array,
+    positions: jax.Array,
+    *,
+    attention: Attention | None = None,
+    caches: list[LayerCache] | None = None,
+  ) -> tuple[jax.Array, list[LayerCache] | None]:
     """Logits for a batch.
 
     Args:
@@ -186,13 +199,19 @@ class Llama(nnx.Module):
       logits [B, T, V] float32 and the updated caches (None when caches is None).
     """
     x, caches = self.hidden_states(tokens, positions, attention=attention, caches=caches)
-    logits = jnp.einsum("btd,vd->btv", x, self.output_embedding(),
-                        preferred_element_type=jnp.float32)  # [B, T, V]
+    logits = jnp.einsum(
+      "btd,vd->btv", x, self.output_embedding(), preferred_element_type=jnp.float32
+    )  # [B, T, V]
     return logits, caches
 
-  def hidden_states(self, tokens: jax.Array, positions: jax.Array, *,
-                    attention: Attention | None = None, caches: list[LayerCache] | None = None,
-                    ) -> tuple[jax.Array, list[LayerCache] | None]:
+  def hidden_states(
+    self,
+    tokens: jax.Array,
+    positions: jax.Array,
+    *,
+    attention: Attention | None = None,
+    caches: list[LayerCache] | None = None,
+  ) -> tuple[jax.Array, list[LayerCache] | None]:
     """The final normed hidden states [B, T, D] (compute dtype) and the updated caches: the
     logits without the vocabulary projection, for losses read at a few positions only."""
     attention = DenseAttention() if attention is None else attention

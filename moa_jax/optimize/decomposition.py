@@ -68,8 +68,9 @@ class _LPState:
   x: np.ndarray
 
 
-def solver_for(problem: problem_lib.AssignmentProblem,
-               options: direct.SolverOptions) -> direct.Solver:
+def solver_for(
+  problem: problem_lib.AssignmentProblem, options: direct.SolverOptions
+) -> direct.Solver:
   """The solver `options.method` asks for; 'auto': the direct model while it has at most
   options.direct_max_binaries x binaries, else the decomposition."""
   method = options.method
@@ -87,15 +88,19 @@ class Decomposition(direct.Solver):
     size = min(problem.max_rules_per_layer, problem.num_rules)
     count = math.comb(problem.num_rules, size)
     if count * problem.num_layers * problem.units_per_layer > 16 * _PRICING_CHUNK:
-      raise ValueError(f"pricing {count} subsets of {size} rules per layer is too slow: use "
-                       "SolverOptions(method='direct') or fewer rules per layer")
+      raise ValueError(
+        f"pricing {count} subsets of {size} rules per layer is too slow: use "
+        "SolverOptions(method='direct') or fewer rules per layer"
+      )
     # int [S, K']: every K'-subset of the rules, K' = min(K, R).
-    self._rule_subsets = np.array(list(itertools.combinations(range(problem.num_rules), size)),
-                                  np.int64)
+    self._rule_subsets = np.array(
+      list(itertools.combinations(range(problem.num_rules), size)), np.int64
+    )
     # Subsets T of a rule subset's positions that one KV group can use (|T| <= group size).
     most = min(size, problem.group_size)
-    self._position_subsets = [t for k in range(1, most + 1)
-                              for t in itertools.combinations(range(size), k)]
+    self._position_subsets = [
+      t for k in range(1, most + 1) for t in itertools.combinations(range(size), k)
+    ]
     self._lock = threading.Lock()  # guards the pool below and the fallback
     self._assignments: list[np.ndarray] = []  # [U] int per column
     self._layers: list[int] = []
@@ -110,8 +115,9 @@ class Decomposition(direct.Solver):
     with self._lock:
       return len(self._layers)
 
-  def solve_target(self, target: problem_lib.Target, options: direct.SolverOptions,
-                   start: float) -> direct.Outcome | None:
+  def solve_target(
+    self, target: problem_lib.Target, options: direct.SolverOptions, start: float
+  ) -> direct.Outcome | None:
     """Falls back to the direct model when the generated columns admit no integral
     assignment."""
     problem = self.problem
@@ -137,30 +143,30 @@ class Decomposition(direct.Solver):
     cost, a_ub, n_cols, layers = arrays.cost, arrays.a_ub, arrays.n_cols, arrays.layers
     # excess[j] >= 0: how much column j's priced value exceeds its layer's best. Any assignment
     # costs at least lower_bound + the excess of its columns (Lagrangian argument).
-    excess = (cost[:n_cols] - a_ub[:, :n_cols].T @ state.duals
-              - state.subset_values.min(-1)[layers])
+    excess = cost[:n_cols] - a_ub[:, :n_cols].T @ state.duals - state.subset_values.min(-1)[layers]
     order = np.lexsort((excess, layers))
     rank = np.empty(n_cols, np.int64)  # rank of each column's excess within its layer
     rank[order] = np.arange(n_cols) - np.searchsorted(layers[order], layers[order])
     lp_x = np.r_[state.x, np.zeros(n_cols - state.x.size)]
     settled = np.zeros(problem.num_layers, bool)
     settled[layers[lp_x > 1 - 1e-6]] = True
-    columns = np.where(settled[layers], lp_x > 1 - 1e-6,
-                       (rank < options.integer_columns) | (lp_x > 1e-9))
+    columns = np.where(
+      settled[layers], lp_x > 1 - 1e-6, (rank < options.integer_columns) | (lp_x > 1e-9)
+    )
     best = self._integral_master(arrays, columns, None, options, start)
 
     # Stage 2: every column that could beat the incumbent (excess below its gap to the bound).
     within_gap = lambda value: value - lower_bound <= options.mip_rel_gap * abs(value)
     seconds_left = options.seconds_left(start)
-    if ((best is None or not within_gap(best[1]))
-        and (seconds_left is None or seconds_left > 0.5)):
+    if (best is None or not within_gap(best[1])) and (seconds_left is None or seconds_left > 0.5):
       margin = np.inf if best is None else best[1] - lower_bound
       if best is not None:
         self._add_best_columns(state, options.integer_columns, below=margin)
       arrays = self._master_arrays(target, False)
       cost, a_ub, n_cols, layers = arrays.cost, arrays.a_ub, arrays.n_cols, arrays.layers
-      excess = (cost[:n_cols] - a_ub[:, :n_cols].T @ state.duals
-                - state.subset_values.min(-1)[layers])
+      excess = (
+        cost[:n_cols] - a_ub[:, :n_cols].T @ state.duals - state.subset_values.min(-1)[layers]
+      )
       cutoff = None if best is None else best[1] - 1e-9 * max(1.0, abs(best[1]))
       improved = self._integral_master(arrays, excess < margin, cutoff, options, start)
       best = improved or best
@@ -199,8 +205,9 @@ class Decomposition(direct.Solver):
     objectives, densities = self._column_coefficients(assignments)
     added = 0
     with self._lock:
-      for j, layer in itertools.product(range(assignments.shape[0]),
-                                        range(self.problem.num_layers)):
+      for j, layer in itertools.product(
+        range(assignments.shape[0]), range(self.problem.num_layers)
+      ):
         key = (layer, assignments[j, layer].tobytes())
         if key in self._seen:
           continue
@@ -228,13 +235,18 @@ class Decomposition(direct.Solver):
     if problem.group_size == 1:  # density is additive per unit: fold it into the weights
       weights = unit_weights + rho @ problem.fraction  # [L, U, R]
       chunk = max(1, _PRICING_CHUNK // (L * U * subsets.shape[1]))
-      return np.concatenate([weights[:, :, subsets[s0:s0 + chunk]].min(-1).sum(1)
-                             for s0 in range(0, len(subsets), chunk)], -1)
+      return np.concatenate(
+        [
+          weights[:, :, subsets[s0 : s0 + chunk]].min(-1).sum(1)
+          for s0 in range(0, len(subsets), chunk)
+        ],
+        -1,
+      )
     G, groups = problem.group_size, problem.num_kv_heads
     chunk = max(1, _PRICING_CHUNK // (L * U * subsets.shape[1]))
     values = []
     for s0 in range(0, len(subsets), chunk):
-      block = subsets[s0:s0 + chunk]  # [s, K]
+      block = subsets[s0 : s0 + chunk]  # [s, K]
       group_best = np.full((L, groups, len(block)), np.inf)
       for positions in self._position_subsets:  # the rules T a KV group actually uses
         used = block[:, list(positions)]  # [s, t]
@@ -248,8 +260,9 @@ class Decomposition(direct.Solver):
       values.append(group_best.sum(1))
     return np.concatenate(values, -1)
 
-  def _assign(self, unit_weights: np.ndarray, rho: np.ndarray,
-              subset_index: np.ndarray) -> np.ndarray:
+  def _assign(
+    self, unit_weights: np.ndarray, rho: np.ndarray, subset_index: np.ndarray
+  ) -> np.ndarray:
     """int [L, U]: per layer, the best assignment using the rules of subset `subset_index[l]`
     (query_head mode: each KV group picks its rule set T as in `_subset_values`; a pair must be
     used by both rules, so if all heads prefer one, the head that loses least switches)."""
@@ -278,8 +291,9 @@ class Decomposition(direct.Solver):
           l_idx, g_idx = np.nonzero(np.all(pick == side, -1))
           pick[l_idx, g_idx, loss[l_idx, g_idx].argmin(-1)] = 1 - side
       value = value + (rho @ problem.fraction[:, used].max(-1))[:, None]  # [L, groups]
-      rules = np.take_along_axis(np.broadcast_to(used[:, None, None], (L, groups, G, t)),
-                                 pick[..., None], -1)[..., 0]  # [L, groups, G]
+      rules = np.take_along_axis(
+        np.broadcast_to(used[:, None, None], (L, groups, G, t)), pick[..., None], -1
+      )[..., 0]  # [L, groups, G]
       better = value < best_value
       best_value = np.where(better, value, best_value)
       best = np.where(better[..., None], rules, best)
@@ -298,11 +312,15 @@ class Decomposition(direct.Solver):
       densities = np.array(self._densities)  # [N, C]
     n_cols, n_c = len(layers), len(problem.constraint_lengths)
     units = problem.cache_units
-    a_ub = np.vstack([-densities.T, densities.T]
-                     + [objectives[:, p][None] for p, _ in target.bounds])
+    a_ub = np.vstack(
+      [-densities.T, densities.T] + [objectives[:, p][None] for p, _ in target.bounds]
+    )
     if target.budget is not None:
-      b_ub = np.r_[np.full(n_c, -problem.lo * target.budget * units),
-                   np.full(n_c, target.budget * units), [rhs for _, rhs in target.bounds]]
+      b_ub = np.r_[
+        np.full(n_c, -problem.lo * target.budget * units),
+        np.full(n_c, target.budget * units),
+        [rhs for _, rhs in target.bounds],
+      ]
       extra = np.zeros((a_ub.shape[0], 0))
     else:
       b_ub = np.zeros(2 * n_c)
@@ -313,14 +331,19 @@ class Decomposition(direct.Solver):
       cost = np.r_[np.zeros(cost.size), np.ones(a_ub.shape[0])]
       extra = np.hstack([extra, -np.eye(a_ub.shape[0])])
     a_ub = np.hstack([a_ub, extra])
-    a_eq = sp.csr_array((np.ones(n_cols), (layers, np.arange(n_cols))),
-                        shape=(problem.num_layers, a_ub.shape[1]))
-    upper = np.r_[np.ones(n_cols), [1.0] * (target.budget is None),  # a KV density is <= 1
-                  [np.inf] * (a_ub.shape[1] - n_cols - (target.budget is None))]
+    a_eq = sp.csr_array(
+      (np.ones(n_cols), (layers, np.arange(n_cols))), shape=(problem.num_layers, a_ub.shape[1])
+    )
+    upper = np.r_[
+      np.ones(n_cols),
+      [1.0] * (target.budget is None),  # a KV density is <= 1
+      [np.inf] * (a_ub.shape[1] - n_cols - (target.budget is None)),
+    ]
     return _MasterArrays(cost, sp.csr_array(a_ub), b_ub, a_eq, upper, n_cols, layers)
 
-  def _column_generation(self, target: problem_lib.Target, phase_one: bool,
-                         options: direct.SolverOptions, start: float) -> _LPState:
+  def _column_generation(
+    self, target: problem_lib.Target, phase_one: bool, options: direct.SolverOptions, start: float
+  ) -> _LPState:
     """Re-solve the master LP, adding priced columns, until no column improves it."""
     problem = self.problem
     scaled = problem.cost_scaling.costs
@@ -329,31 +352,43 @@ class Decomposition(direct.Solver):
     for _ in range(options.max_rounds):
       cost, a_ub, b_ub, a_eq, upper, n_cols, _ = self._master_arrays(target, phase_one)
       lp_upper = np.r_[np.full(n_cols, np.inf), upper[n_cols:]]  # convexity bounds columns
-      result = scipy.optimize.linprog(cost, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq,
-                                      b_eq=np.ones(problem.num_layers),
-                                      bounds=np.c_[np.zeros(upper.size), lp_upper], method="highs")
+      result = scipy.optimize.linprog(
+        cost,
+        A_ub=a_ub,
+        b_ub=b_ub,
+        A_eq=a_eq,
+        b_eq=np.ones(problem.num_layers),
+        bounds=np.c_[np.zeros(upper.size), lp_upper],
+        method="highs",
+      )
       if result.status != 0:
         raise RuntimeError(f"master LP failed: {result.message}")
       duals = result.ineqlin.marginals  # <= 0
-      rho = duals[:n_c] - duals[n_c:2 * n_c]  # weight of each density sum
+      rho = duals[:n_c] - duals[n_c : 2 * n_c]  # weight of each density sum
       weights = np.zeros(scaled.shape[1:])
       if not phase_one and target.primary is not None:
         weights = weights + scaled[target.primary]
-      for (p, _), y in zip(target.bounds, duals[2 * n_c:]):
+      for (p, _), y in zip(target.bounds, duals[2 * n_c :]):
         weights = weights - y * scaled[p]
       values = self._subset_values(weights, rho)  # [L, S]
       # Lagrangian bound: b.y + per layer the best priced column + the other variables' best.
       other = cost[n_cols:] - a_ub[:, n_cols:].T @ duals
       negative = other < 0
       state = _LPState(
-          value=result.fun, x=result.x[:n_cols], duals=duals, weights=weights, rho=rho,
-          subset_values=values, lower_bound=b_ub @ duals + values.min(-1).sum()
-          + (other[negative] * upper[n_cols:][negative]).sum())
+        value=result.fun,
+        x=result.x[:n_cols],
+        duals=duals,
+        weights=weights,
+        rho=rho,
+        subset_values=values,
+        lower_bound=b_ub @ duals
+        + values.min(-1).sum()
+        + (other[negative] * upper[n_cols:][negative]).sum(),
+      )
       reduced = values.min(-1) - result.eqlin.marginals  # [L] best reduced cost per layer
       if phase_one and result.fun <= tolerance:
         break
-      if (options.time_limit is not None
-          and time.perf_counter() - start > 0.8 * options.time_limit):
+      if options.time_limit is not None and time.perf_counter() - start > 0.8 * options.time_limit:
         break
       if np.all(reduced >= -tolerance):
         break
@@ -361,15 +396,14 @@ class Decomposition(direct.Solver):
         break
     return state
 
-  def _add_best_columns(self, state: _LPState, per_layer: int,
-                        below: float = np.inf) -> int:
+  def _add_best_columns(self, state: _LPState, per_layer: int, below: float = np.inf) -> int:
     """Add, per layer, the assignments of the `per_layer` best rule subsets at the state's
     duals whose priced value is within `below` of the layer's best. Returns how many were new."""
     excess = state.subset_values - state.subset_values.min(-1, keepdims=True)  # [L, S]
     order = np.argsort(excess, -1)[:, :per_layer]  # [L, m]
     columns = []
     for j in range(order.shape[1]):
-      within = np.take_along_axis(excess, order[:, j:j + 1], -1)[:, 0] < below
+      within = np.take_along_axis(excess, order[:, j : j + 1], -1)[:, 0] < below
       if not within.any():
         break
       column = self._assign(state.weights, state.rho, order[:, j])
@@ -377,21 +411,32 @@ class Decomposition(direct.Solver):
       columns.append(np.where(within[:, None], column, columns[0] if columns else column))
     return self._add_columns(np.stack(columns)) if columns else 0
 
-  def _integral_master(self, arrays: _MasterArrays, columns: np.ndarray, cutoff: float | None,
-                       options: direct.SolverOptions, start: float):
+  def _integral_master(
+    self,
+    arrays: _MasterArrays,
+    columns: np.ndarray,
+    cutoff: float | None,
+    options: direct.SolverOptions,
+    start: float,
+  ):
     """Solve the master `arrays` restricted to `columns` (bool over its pool columns) with
     binary weights. Returns (chosen pool columns, objective, continuous variables) or None."""
     cost, a_ub, b_ub, a_eq, upper, n_cols, _ = arrays
     keep = np.r_[columns, np.ones(upper.size - n_cols, bool)]
-    constraints = [scipy.optimize.LinearConstraint(a_ub[:, keep], -np.inf, b_ub),
-                   scipy.optimize.LinearConstraint(a_eq[:, keep], 1.0, 1.0)]
+    constraints = [
+      scipy.optimize.LinearConstraint(a_ub[:, keep], -np.inf, b_ub),
+      scipy.optimize.LinearConstraint(a_eq[:, keep], 1.0, 1.0),
+    ]
     if cutoff is not None:  # only assignments better than the incumbent are of interest
       constraints.append(scipy.optimize.LinearConstraint(cost[keep][None], -np.inf, cutoff))
     result = scipy.optimize.milp(
-        cost[keep], integrality=np.r_[np.ones(columns.sum()), np.zeros(upper.size - n_cols)],
-        bounds=scipy.optimize.Bounds(0, upper[keep]), constraints=constraints,
-        options=options.milp_options(start))
+      cost[keep],
+      integrality=np.r_[np.ones(columns.sum()), np.zeros(upper.size - n_cols)],
+      bounds=scipy.optimize.Bounds(0, upper[keep]),
+      constraints=constraints,
+      options=options.milp_options(start),
+    )
     if result.x is None:
       return None
     picked = np.flatnonzero(keep)[result.x > 0.5]
-    return picked[picked < n_cols], float(result.fun), result.x[columns.sum():]
+    return picked[picked < n_cols], float(result.fun), result.x[columns.sum() :]

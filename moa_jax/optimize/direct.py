@@ -95,12 +95,17 @@ class Solver(abc.ABC):
     self.problem = problem
 
   @abc.abstractmethod
-  def solve_target(self, target: problem_lib.Target, options: SolverOptions,
-                   start: float) -> Outcome | None:
+  def solve_target(
+    self, target: problem_lib.Target, options: SolverOptions, start: float
+  ) -> Outcome | None:
     """The best assignment found for `target`, or None when it is infeasible."""
 
-  def solve(self, primary: int | None = None, upper_bounds: Mapping[int, float] | None = None,
-            options: SolverOptions = SolverOptions()) -> problem_lib.Solution:
+  def solve(
+    self,
+    primary: int | None = None,
+    upper_bounds: Mapping[int, float] | None = None,
+    options: SolverOptions = SolverOptions(),
+  ) -> problem_lib.Solution:
     """Minimize Z at profile length `primary` (default: the first) subject to the density band,
     the K-rule limit and Z_q <= upper_bounds[q]. Raises InfeasibleError (a ValueError; for an
     infeasible budget it names the smallest feasible one) or TimeoutError."""
@@ -113,18 +118,26 @@ class Solver(abc.ABC):
     if outcome is None:
       if upper_bounds:
         raise problem_lib.InfeasibleError(
-            f"no assignment meets the density band and the objective bounds {upper_bounds}")
+          f"no assignment meets the density band and the objective bounds {upper_bounds}"
+        )
       smallest, largest = self.feasible_budget_range(options)
       raise problem_lib.InfeasibleError(
-          f"KV-density budget {problem.budget} is infeasible (band [{problem.lo} * budget, "
-          f"budget] at lengths {problem.constraint_lengths}): the smallest feasible budget is "
-          f"{smallest:.4f} (largest {largest:.4f})")
+        f"KV-density budget {problem.budget} is infeasible (band [{problem.lo} * budget, "
+        f"budget] at lengths {problem.constraint_lengths}): the smallest feasible budget is "
+        f"{smallest:.4f} (largest {largest:.4f})"
+      )
     rule_index = outcome.rule_index
     return problem_lib.Solution(
-        rule_index=rule_index, objectives=problem.objectives_of(rule_index),
-        kv_densities=problem.kv_densities_of(rule_index), primary=primary,
-        upper_bounds=upper_bounds, mip_gap=outcome.gap, optimal=outcome.gap <= options.mip_rel_gap,
-        seconds=time.perf_counter() - start, method=outcome.method)
+      rule_index=rule_index,
+      objectives=problem.objectives_of(rule_index),
+      kv_densities=problem.kv_densities_of(rule_index),
+      primary=primary,
+      upper_bounds=upper_bounds,
+      mip_gap=outcome.gap,
+      optimal=outcome.gap <= options.mip_rel_gap,
+      seconds=time.perf_counter() - start,
+      method=outcome.method,
+    )
 
   def feasible_budget_range(self, options: SolverOptions = SolverOptions()) -> tuple[float, float]:
     """(smallest, largest) budget B for which lo * B <= KV density <= B can hold at every
@@ -132,13 +145,15 @@ class Solver(abc.ABC):
     returns budgets that are feasible, within its gap of the extremes)."""
     found = []
     for sign in (1.0, -1.0):
-      outcome = self.solve_target(problem_lib.Target(None, (), None, sign), options,
-                                  time.perf_counter())
+      outcome = self.solve_target(
+        problem_lib.Target(None, (), None, sign), options, time.perf_counter()
+      )
       if outcome is None:
         raise problem_lib.InfeasibleError(
-            f"no budget makes the density band (lo={self.problem.lo}) feasible with these rules "
-            f"and {self.problem.max_rules_per_layer} rules per layer: lower lo or widen the rule "
-            "grid")
+          f"no budget makes the density band (lo={self.problem.lo}) feasible with these rules "
+          f"and {self.problem.max_rules_per_layer} rules per layer: lower lo or widen the rule "
+          "grid"
+        )
       found.append(outcome.budget)
     return found[0], found[1]
 
@@ -150,8 +165,9 @@ class DirectSolver(Solver):
     super().__init__(problem)
     self._structure = _direct_structure(problem)
 
-  def solve_target(self, target: problem_lib.Target, options: SolverOptions,
-                   start: float) -> Outcome | None:
+  def solve_target(
+    self, target: problem_lib.Target, options: SolverOptions, start: float
+  ) -> Outcome | None:
     problem = self.problem
     integrality, upper, rows, density = self._structure
     scaled = problem.cost_scaling.costs.reshape(len(problem.profile_lengths), -1)  # [P, L*U*R]
@@ -168,21 +184,28 @@ class DirectSolver(Solver):
       widen = lambda a: sp.hstack([a, sp.csr_array((a.shape[0], 1))], format="csr")
       budget_col = sp.csr_array(np.full((density.shape[0], 1), float(units)))
       constraints = [(widen(a), lb, ub) for a, lb, ub in constraints]
-      constraints += [(sp.hstack([density, -problem.lo * budget_col]), 0.0, np.inf),
-                      (sp.hstack([density, -budget_col]), -np.inf, 0.0)]
+      constraints += [
+        (sp.hstack([density, -problem.lo * budget_col]), 0.0, np.inf),
+        (sp.hstack([density, -budget_col]), -np.inf, 0.0),
+      ]
       integrality, upper = np.r_[integrality, 0], np.r_[upper, 1.0]  # a KV density is <= 1
       objective = np.r_[np.zeros(n_vars), target.budget_sign]
     result = scipy.optimize.milp(
-        objective, integrality=integrality, bounds=scipy.optimize.Bounds(0, upper),
-        constraints=[scipy.optimize.LinearConstraint(a, lb, ub) for a, lb, ub in constraints],
-        options=options.milp_options(start))
+      objective,
+      integrality=integrality,
+      bounds=scipy.optimize.Bounds(0, upper),
+      constraints=[scipy.optimize.LinearConstraint(a, lb, ub) for a, lb, ub in constraints],
+      options=options.milp_options(start),
+    )
     if result.status == 2:
       return None
     if result.x is None:
-      raise TimeoutError(f"HiGHS found no assignment ({result.message}); raise "
-                         f"SolverOptions.time_limit (now {options.time_limit} s)")
+      raise TimeoutError(
+        f"HiGHS found no assignment ({result.message}); raise "
+        f"SolverOptions.time_limit (now {options.time_limit} s)"
+      )
     L, U, R = problem.num_layers, problem.units_per_layer, problem.num_rules
-    rule_index = result.x[:L * U * R].reshape(L, U, R).argmax(-1)
+    rule_index = result.x[: L * U * R].reshape(L, U, R).argmax(-1)
     gap = float(getattr(result, "mip_gap", 0.0) or 0.0)
     return Outcome(rule_index, gap, float(result.x[-1]), "direct")
 
@@ -207,16 +230,20 @@ def _direct_structure(problem: problem_lib.AssignmentProblem):
   rows = [(one_hot, 1.0, 1.0)]
   if n_y:  # at most K distinct rules per layer
     y_cols = n_x + (x_cols // (U * R)) * R + x_cols % R
-    link = sp.csr_array((np.r_[np.ones(n_x), -np.ones(n_x)],
-                         (np.r_[x_cols, x_cols], np.r_[x_cols, y_cols])), shape=(n_x, n_vars))
-    limit = sp.csr_array((np.ones(L * R), (np.repeat(np.arange(L), R), n_x + np.arange(L * R))),
-                         shape=(L, n_vars))
+    link = sp.csr_array(
+      (np.r_[np.ones(n_x), -np.ones(n_x)], (np.r_[x_cols, x_cols], np.r_[x_cols, y_cols])),
+      shape=(n_x, n_vars),
+    )
+    limit = sp.csr_array(
+      (np.ones(L * R), (np.repeat(np.arange(L), R), n_x + np.arange(L * R))), shape=(L, n_vars)
+    )
     rows += [(link, -np.inf, 0.0), (limit, -np.inf, float(problem.max_rules_per_layer))]
   fraction = problem.fraction
   if not query_head:
     density = sp.csr_array(
-        (np.tile(fraction, (1, L * U)).ravel(),
-         (np.repeat(np.arange(C), n_x), np.tile(x_cols, C))), shape=(C, n_vars))
+      (np.tile(fraction, (1, L * U)).ravel(), (np.repeat(np.arange(C), n_x), np.tile(x_cols, C))),
+      shape=(C, n_vars),
+    )
     return integrality, upper, rows, density
   groups = units // problem.group_size
   big_m = fraction.max(-1) - fraction.min(-1)  # [C]
@@ -224,15 +251,27 @@ def _direct_structure(problem: problem_lib.AssignmentProblem):
     m_cols = m_start + groups * C + ci  # [LH] the head's group cache at length ci
     u_cols = u_start + units * C + ci
     at_least = sp.csr_array(
-        (np.r_[np.ones(L * U), -np.tile(fraction[ci], L * U)],
-         (np.r_[units, np.repeat(units, R)], np.r_[m_cols, x_cols])), shape=(L * U, n_vars))
+      (
+        np.r_[np.ones(L * U), -np.tile(fraction[ci], L * U)],
+        (np.r_[units, np.repeat(units, R)], np.r_[m_cols, x_cols]),
+      ),
+      shape=(L * U, n_vars),
+    )
     at_most = at_least + sp.csr_array(
-        (np.full(L * U, big_m[ci]), (units, u_cols)), shape=(L * U, n_vars))
+      (np.full(L * U, big_m[ci]), (units, u_cols)), shape=(L * U, n_vars)
+    )
     pick = sp.csr_array((np.ones(L * U), (groups, u_cols)), shape=(problem.cache_units, n_vars))
     rows += [(at_least, 0.0, np.inf), (at_most, -np.inf, big_m[ci]), (pick, 1.0, 1.0)]
   density = sp.csr_array(
-      (np.ones(C * problem.cache_units),
-       (np.repeat(np.arange(C), problem.cache_units),
-        m_start + np.tile(np.arange(problem.cache_units) * C, C)
-        + np.repeat(np.arange(C), problem.cache_units))), shape=(C, n_vars))
+    (
+      np.ones(C * problem.cache_units),
+      (
+        np.repeat(np.arange(C), problem.cache_units),
+        m_start
+        + np.tile(np.arange(problem.cache_units) * C, C)
+        + np.repeat(np.arange(C), problem.cache_units),
+      ),
+    ),
+    shape=(C, n_vars),
+  )
   return integrality, upper, rows, density

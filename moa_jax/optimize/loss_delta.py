@@ -45,11 +45,11 @@ def _attended_in_blocks(q0, q_rows, k0, k1, sink, window) -> np.ndarray:
 
 
 def loss_delta(
-    e_bar: np.ndarray,
-    rules: Sequence[rules_lib.ElasticRule],
-    n: int,
-    sink: int = rules_lib.DEFAULT_SINK,
-    block: int = rules_lib.DEFAULT_BLOCK,
+  e_bar: np.ndarray,
+  rules: Sequence[rules_lib.ElasticRule],
+  n: int,
+  sink: int = rules_lib.DEFAULT_SINK,
+  block: int = rules_lib.DEFAULT_BLOCK,
 ) -> np.ndarray:
   """dL of every rule for every head at length n.
 
@@ -64,14 +64,16 @@ def loss_delta(
   nb = rules_lib.num_blocks(n, block)
   if e_bar.ndim != 4 or e_bar.shape[-2:] != (nb, nb):
     raise ValueError(
-        f"e_bar must have shape [L, H, {nb}, {nb}] for length {n} and block {block}, "
-        f"got {e_bar.shape}")
+      f"e_bar must have shape [L, H, {nb}, {nb}] for length {n} and block {block}, "
+      f"got {e_bar.shape}"
+    )
   if not np.all(np.isfinite(e_bar)):
     raise ValueError("e_bar holds NaN or infinite values: re-run the profiling")
   if not rules:
     raise ValueError("loss_delta needs at least one candidate rule")
   windows = rules_lib.window_size(
-      [r.alpha for r in rules], [r.beta for r in rules], n, block)  # [R]
+    [r.alpha for r in rules], [r.beta for r in rules], n, block
+  )  # [R]
   r_idx, c_idx = np.tril_indices(nb)  # causal blocks
   sink_cols = min(-(-sink // block), nb)
   truncated_last_row = n % block != 0
@@ -79,8 +81,9 @@ def loss_delta(
 
   # Regular blocks: full-size, no sink key; keep weight depends on d = r - c only.
   d = np.arange(nb)
-  keep_diag = (_attended_in_blocks(d * block, block, 0, block - 1, 0, windows[:, None])
-               / _attended_in_blocks(d * block, block, 0, block - 1, 0, n + 1))  # [R, NB]
+  keep_diag = _attended_in_blocks(
+    d * block, block, 0, block - 1, 0, windows[:, None]
+  ) / _attended_in_blocks(d * block, block, 0, block - 1, 0, n + 1)  # [R, NB]
   diag = (r_idx - c_idx)[~special]
   order = np.argsort(diag, kind="stable")
   diag_sums = np.zeros(e_bar.shape[:2] + (nb,))  # [L, H, NB] E_bar summed along each diagonal
@@ -89,7 +92,8 @@ def loss_delta(
     regular = e_bar[..., r_idx[~special][order], c_idx[~special][order]]  # [L, H, M]
     diag_sums[..., present] = np.add.reduceat(regular, starts, axis=-1)
   prefix = np.concatenate(
-      [np.zeros(diag_sums.shape[:2] + (1,)), np.cumsum(diag_sums, -1)], -1)  # [L, H, NB + 1]
+    [np.zeros(diag_sums.shape[:2] + (1,)), np.cumsum(diag_sums, -1)], -1
+  )  # [L, H, NB + 1]
 
   # keep_diag[c] is 1 on d < first_partial, 0 on d >= first_dropped, fractional in between.
   first_partial = np.argmax(keep_diag < 1, axis=-1) + nb * np.all(keep_diag >= 1, axis=-1)
@@ -98,8 +102,9 @@ def loss_delta(
   delta = prefix[..., nb, None] - prefix[..., first_dropped]  # [L, H, R] diagonals dropped whole
   for step in range(2):
     edge = np.minimum(first_partial + step, nb - 1)  # [R]
-    weight = np.where(first_partial + step < first_dropped,
-                      1 - keep_diag[np.arange(len(rules)), edge], 0.0)  # [R]
+    weight = np.where(
+      first_partial + step < first_dropped, 1 - keep_diag[np.arange(len(rules)), edge], 0.0
+    )  # [R]
     delta += weight * diag_sums[..., edge]
 
   # Sink-column and truncated-last-row blocks: exact per-block keep weights.

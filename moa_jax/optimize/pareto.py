@@ -21,8 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import tqdm
 
-from moa_jax.optimize import decomposition
-from moa_jax.optimize import direct
+from moa_jax.optimize import decomposition, direct
 from moa_jax.optimize import problem as problem_lib
 
 
@@ -53,8 +52,9 @@ def non_dominated(solutions: Sequence[problem_lib.Solution]) -> list[problem_lib
   return [candidates[i] for i in sorted(keep, key=lambda i: tuple(values[i]))]
 
 
-def epsilon_bounds(anchors: Sequence[problem_lib.Solution], profile_lengths: Sequence[int],
-                   intervals: int) -> list[tuple[int, dict[int, float]]]:
+def epsilon_bounds(
+  anchors: Sequence[problem_lib.Solution], profile_lengths: Sequence[int], intervals: int
+) -> list[tuple[int, dict[int, float]]]:
   """(primary, {other length: upper bound}) for every primary and interval combination."""
   values = np.array([[a.objectives[n] for n in profile_lengths] for a in anchors])  # [P, P]
   low, high = values.min(0), values.max(0)
@@ -64,8 +64,10 @@ def epsilon_bounds(anchors: Sequence[problem_lib.Solution], profile_lengths: Seq
     for steps in itertools.product(range(1, intervals + 1), repeat=len(others)):
       if all(step == intervals for step in steps):
         continue  # no bound is tighter than the anchors' range: this is the anchor again
-      bounds = {profile_lengths[q]: float(low[q] + step / intervals * (high[q] - low[q]))
-                for q, step in zip(others, steps)}
+      bounds = {
+        profile_lengths[q]: float(low[q] + step / intervals * (high[q] - low[q]))
+        for q, step in zip(others, steps)
+      }
       key = (primary, tuple(sorted(bounds.items())))
       if key not in seen:
         seen.add(key)
@@ -73,9 +75,13 @@ def epsilon_bounds(anchors: Sequence[problem_lib.Solution], profile_lengths: Seq
   return jobs
 
 
-def pareto_front(problem: problem_lib.AssignmentProblem, intervals: int = 3,
-                 options: direct.SolverOptions = direct.SolverOptions(), workers: int = 1,
-                 progress: bool = True) -> ParetoFront:
+def pareto_front(
+  problem: problem_lib.AssignmentProblem,
+  intervals: int = 3,
+  options: direct.SolverOptions = direct.SolverOptions(),
+  workers: int = 1,
+  progress: bool = True,
+) -> ParetoFront:
   """The epsilon-constraint Pareto front of `problem` over its profile lengths' objectives.
 
   `workers` > 1 solves the epsilon subproblems in that many threads (HiGHS releases the GIL).
@@ -86,8 +92,10 @@ def pareto_front(problem: problem_lib.AssignmentProblem, intervals: int = 3,
   start = time.perf_counter()
   solver = decomposition.solver_for(problem, options)
   lengths = problem.profile_lengths
-  anchors = [solver.solve(n, options=options)
-             for n in tqdm.tqdm(lengths, desc="pareto anchors", disable=not progress)]
+  anchors = [
+    solver.solve(n, options=options)
+    for n in tqdm.tqdm(lengths, desc="pareto anchors", disable=not progress)
+  ]
   jobs = epsilon_bounds(anchors, lengths, intervals) if len(lengths) > 1 else []
 
   def run(job):
@@ -98,8 +106,13 @@ def pareto_front(problem: problem_lib.AssignmentProblem, intervals: int = 3,
       return None
 
   with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-    results = list(tqdm.tqdm(pool.map(run, jobs), total=len(jobs), desc="pareto epsilon",
-                             disable=not progress))
+    results = list(
+      tqdm.tqdm(pool.map(run, jobs), total=len(jobs), desc="pareto epsilon", disable=not progress)
+    )
   found = [r for r in results if r is not None]
-  return ParetoFront(solutions=non_dominated(anchors + found), solves=len(anchors) + len(jobs),
-                     no_solution=len(jobs) - len(found), seconds=time.perf_counter() - start)
+  return ParetoFront(
+    solutions=non_dominated(anchors + found),
+    solves=len(anchors) + len(jobs),
+    no_solution=len(jobs) - len(found),
+    seconds=time.perf_counter() - start,
+  )

@@ -129,9 +129,12 @@ class AssignmentProblem:
   def cached(self) -> np.ndarray:
     alphas = [r.alpha for r in self.rules]
     betas = [r.beta for r in self.rules]
-    return np.stack([
+    return np.stack(
+      [
         rules_lib.cached_tokens(rules_lib.window_size(alphas, betas, n, self.block), self.sink, n)
-        for n in self.constraint_lengths])  # [C, R]
+        for n in self.constraint_lengths
+      ]
+    )  # [C, R]
 
   @functools.cached_property
   def fraction(self) -> np.ndarray:
@@ -155,8 +158,9 @@ class AssignmentProblem:
         raise ValueError(f"{n} is not a profile length; profile lengths: {self.profile_lengths}")
     _, offset, scale = self.cost_scaling
     index = {n: p for p, n in enumerate(self.profile_lengths)}
-    bounds = tuple((index[n], (v - offset[index[n]]) / scale[index[n]])
-                   for n, v in upper_bounds.items())
+    bounds = tuple(
+      (index[n], (v - offset[index[n]]) / scale[index[n]]) for n, v in upper_bounds.items()
+    )
     return Target(index[primary], bounds, self.budget)
 
   def objectives_of(self, rule_index: np.ndarray) -> dict[int, float]:
@@ -173,31 +177,44 @@ class AssignmentProblem:
   def rules_per_layer_of(self, rule_index: np.ndarray) -> list[int]:
     return [len(np.unique(row)) for row in rule_index]
 
-  def to_plan(self, solution: Solution, *, architecture: str = plan_lib.DEFAULT_ARCHITECTURE,
-              provenance: Mapping | None = None) -> plan_lib.Plan:
+  def to_plan(
+    self,
+    solution: Solution,
+    *,
+    architecture: str = plan_lib.DEFAULT_ARCHITECTURE,
+    provenance: Mapping | None = None,
+  ) -> plan_lib.Plan:
     """The Plan of a solution, with densities at every profile and constraint length."""
     alphas = np.array([r.alpha for r in self.rules])[solution.rule_index]
     betas = np.array([r.beta for r in self.rules])[solution.rule_index]
     plan = plan_lib.Plan(
-        num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-        alphas=alphas, betas=betas, sink=self.sink, block=self.block, grouping=self.grouping,
-        architecture=architecture, objectives=solution.objectives,
-        provenance=dict(provenance or {}))
+      num_layers=self.num_layers,
+      num_heads=self.num_heads,
+      num_kv_heads=self.num_kv_heads,
+      alphas=alphas,
+      betas=betas,
+      sink=self.sink,
+      block=self.block,
+      grouping=self.grouping,
+      architecture=architecture,
+      objectives=solution.objectives,
+      provenance=dict(provenance or {}),
+    )
     return plan.with_densities(self.profile_lengths + self.constraint_lengths)
 
 
 def build_problem(
-    dl: Mapping[int, np.ndarray],
-    rules: Sequence[rules_lib.ElasticRule],
-    constraint_lengths: Sequence[int],
-    *,
-    num_kv_heads: int,
-    budget: float,
-    lo: float = 0.9,
-    max_rules_per_layer: int = 2,
-    grouping: str = "kv_group",
-    sink: int = rules_lib.DEFAULT_SINK,
-    block: int = rules_lib.DEFAULT_BLOCK,
+  dl: Mapping[int, np.ndarray],
+  rules: Sequence[rules_lib.ElasticRule],
+  constraint_lengths: Sequence[int],
+  *,
+  num_kv_heads: int,
+  budget: float,
+  lo: float = 0.9,
+  max_rules_per_layer: int = 2,
+  grouping: str = "kv_group",
+  sink: int = rules_lib.DEFAULT_SINK,
+  block: int = rules_lib.DEFAULT_BLOCK,
 ) -> AssignmentProblem:
   """The MILP for predicted loss increases dl = {profile length: float [L, H, R]} (query heads,
   from `loss_delta`), the R candidate `rules` and the KV-density `budget` band."""
@@ -206,8 +223,10 @@ def build_problem(
   if grouping not in GROUPINGS:
     raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
   if not 0 < budget <= 1:
-    raise ValueError(f"the KV-density budget must be in (0, 1] (a window is clipped to the "
-                     f"length, so 1 is dense), got {budget}")
+    raise ValueError(
+      f"the KV-density budget must be in (0, 1] (a window is clipped to the "
+      f"length, so 1 is dense), got {budget}"
+    )
   if not 0 <= lo <= 1:
     raise ValueError(f"lo must lie in [0, 1], got {lo}")
   if max_rules_per_layer < 1:
@@ -217,8 +236,9 @@ def build_problem(
   profile_lengths = tuple(sorted(int(n) for n in dl))
   stacked = np.stack([np.asarray(dl[n], np.float64) for n in profile_lengths])  # [P, L, H, R]
   if stacked.ndim != 4 or stacked.shape[-1] != len(rules):
-    raise ValueError(f"dL must be [layers, heads, {len(rules)} rules] per profile length, "
-                     f"got {stacked.shape[1:]}")
+    raise ValueError(
+      f"dL must be [layers, heads, {len(rules)} rules] per profile length, got {stacked.shape[1:]}"
+    )
   if not np.all(np.isfinite(stacked)):
     raise ValueError("dL holds NaN or infinite values")
   heads = stacked.shape[2]
@@ -227,8 +247,16 @@ def build_problem(
   if grouping == "kv_group":  # influence of a group: sum over its query heads
     stacked = stacked.reshape(stacked.shape[:2] + (num_kv_heads, -1, len(rules))).sum(3)
   return AssignmentProblem(
-      costs=stacked, profile_lengths=profile_lengths,
-      constraint_lengths=tuple(sorted(int(n) for n in constraint_lengths)), rules=tuple(rules),
-      num_heads=heads, num_kv_heads=num_kv_heads, budget=float(budget), lo=float(lo),
-      max_rules_per_layer=int(max_rules_per_layer), grouping=grouping, sink=int(sink),
-      block=int(block))
+    costs=stacked,
+    profile_lengths=profile_lengths,
+    constraint_lengths=tuple(sorted(int(n) for n in constraint_lengths)),
+    rules=tuple(rules),
+    num_heads=heads,
+    num_kv_heads=num_kv_heads,
+    budget=float(budget),
+    lo=float(lo),
+    max_rules_per_layer=int(max_rules_per_layer),
+    grouping=grouping,
+    sink=int(sink),
+    block=int(block),
+  )

@@ -68,25 +68,32 @@ def validation_score(model, plan: Plan, traces: Sequence[measured.DenseTrace]) -
   return float(np.mean(np.concatenate(losses)))
 
 
-def _costs(model, plan: Plan, rules, calibration: Mapping[int, CalibrationBucket], loss: str
-           ) -> dict[int, np.ndarray]:
+def _costs(
+  model, plan: Plan, rules, calibration: Mapping[int, CalibrationBucket], loss: str
+) -> dict[int, np.ndarray]:
   """{n: float64 [L, N, R]}: mean first-order loss change of each head under each rule."""
   costs = {}
   for n, bucket in sorted(calibration.items()):
-    windows = rules_lib.window_size([r.alpha for r in rules], [r.beta for r in rules], n,
-                                    plan.block)  # [R]
+    windows = rules_lib.window_size(
+      [r.alpha for r in rules], [r.beta for r in rules], n, plan.block
+    )  # [R]
     candidates, index = np.unique(windows, return_inverse=True)
-    deltas = at_plan.window_deltas(model, bucket, plan.windows(n), candidates, sink=plan.sink,
-                                   loss=loss).mean(0)  # [L, N, C]
+    deltas = at_plan.window_deltas(
+      model, bucket, plan.windows(n), candidates, sink=plan.sink, loss=loss
+    ).mean(0)  # [L, N, C]
     costs[n] = deltas[..., index]
   return costs
 
 
-def refine_plan(model, plan: Plan, rules: Sequence[rules_lib.ElasticRule],
-                calibration: Mapping[int, CalibrationBucket],
-                validation: Sequence[measured.DenseTrace],
-                options: RefineOptions = RefineOptions(),
-                log: Callable[[str], None] = print) -> tuple[Plan, list[dict[str, Any]]]:
+def refine_plan(
+  model,
+  plan: Plan,
+  rules: Sequence[rules_lib.ElasticRule],
+  calibration: Mapping[int, CalibrationBucket],
+  validation: Sequence[measured.DenseTrace],
+  options: RefineOptions = RefineOptions(),
+  log: Callable[[str], None] = print,
+) -> tuple[Plan, list[dict[str, Any]]]:
   """The refined plan and one history row per candidate measured (see the module docstring).
 
   calibration: {profile length: bucket} to linearize on; validation: dense traces of other
@@ -101,8 +108,16 @@ def refine_plan(model, plan: Plan, rules: Sequence[rules_lib.ElasticRule],
   rule_of = {r: i for i, r in enumerate(rules)}
   lengths = sorted(calibration)
   best, best_score = plan, validation_score(model, plan, validation)
-  history = [dict(round=0, penalty=None, predicted=0.0, measured=best_score, accepted=True,
-                  kv_densities=plan.with_densities(options.constraint_lengths).kv_densities)]
+  history = [
+    dict(
+      round=0,
+      penalty=None,
+      predicted=0.0,
+      measured=best_score,
+      accepted=True,
+      kv_densities=plan.with_densities(options.constraint_lengths).kv_densities,
+    )
+  ]
   log(f"refine: start, measured {best_score:.5f}")
   for round_ in range(1, options.rounds + 1):
     start = time.perf_counter()
@@ -117,10 +132,17 @@ def refine_plan(model, plan: Plan, rules: Sequence[rules_lib.ElasticRule],
     candidates = {}
     for penalty in options.penalties:
       dl = total + (penalty * spread / g) * np.repeat(changed, g, axis=1)
-      problem = build_problem({lengths[0]: dl}, rules, options.constraint_lengths,
-                              num_kv_heads=model.config.num_kv_heads, budget=options.budget,
-                              lo=options.lower, max_rules_per_layer=options.max_rules_per_layer,
-                              sink=best.sink, block=best.block)
+      problem = build_problem(
+        {lengths[0]: dl},
+        rules,
+        options.constraint_lengths,
+        num_kv_heads=model.config.num_kv_heads,
+        budget=options.budget,
+        lo=options.lower,
+        max_rules_per_layer=options.max_rules_per_layer,
+        sink=best.sink,
+        block=best.block,
+      )
       solution = DirectSolver(problem).solve(options=SolverOptions(time_limit=options.time_limit))
       key = solution.rule_index.tobytes()
       if key not in candidates and not np.array_equal(solution.rule_index, current):
@@ -134,11 +156,21 @@ def refine_plan(model, plan: Plan, rules: Sequence[rules_lib.ElasticRule],
     for penalty, predicted, candidate, moves in candidates.values():
       score = validation_score(model, candidate, validation)
       accepted = score < best_score
-      history.append(dict(round=round_, penalty=penalty, predicted=predicted, moves=moves,
-                          measured=score, accepted=False,
-                          kv_densities=candidate.kv_densities))
-      log(f"refine: round {round_} penalty {penalty}: {moves} groups moved, predicted "
-          f"{predicted:+.5f}, measured {score:.5f} (best {best_score:.5f})")
+      history.append(
+        dict(
+          round=round_,
+          penalty=penalty,
+          predicted=predicted,
+          moves=moves,
+          measured=score,
+          accepted=False,
+          kv_densities=candidate.kv_densities,
+        )
+      )
+      log(
+        f"refine: round {round_} penalty {penalty}: {moves} groups moved, predicted "
+        f"{predicted:+.5f}, measured {score:.5f} (best {best_score:.5f})"
+      )
       if accepted:
         best, best_score, improved = candidate, score, True
         winner = len(history) - 1

@@ -17,23 +17,28 @@ from moa_jax.workdir import atomic_write
 def plot_spans(plan: Plan, n: int, path: str | os.PathLike) -> None:
   """Heatmap of every query head's window at planned length n: layers down, heads across."""
   windows = plan.windows(n)  # [L, H]
-  fig = Figure(figsize=(max(6.0, 0.22 * plan.num_heads + 3), max(4.0, 0.2 * plan.num_layers + 2)),
-               layout="constrained")
+  fig = Figure(
+    figsize=(max(6.0, 0.22 * plan.num_heads + 3), max(4.0, 0.2 * plan.num_layers + 2)),
+    layout="constrained",
+  )
   ax = fig.add_subplot()
-  image = ax.imshow(windows, aspect="auto", cmap="viridis", vmin=0, vmax=n,
-                    interpolation="nearest")
+  image = ax.imshow(windows, aspect="auto", cmap="viridis", vmin=0, vmax=n, interpolation="nearest")
   fig.colorbar(image, ax=ax, label="window W(N), tokens\n(sink not included)")
   ax.set_xlabel("query head")
   ax.set_ylabel("layer")
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-  ax.set_title(f"spans at N={n}\nKV density {plan.kv_density(n):.3f}, "
-               f"attention density {plan.attention_density(n):.3f}", fontsize=9)
+  ax.set_title(
+    f"spans at N={n}\nKV density {plan.kv_density(n):.3f}, "
+    f"attention density {plan.attention_density(n):.3f}",
+    fontsize=9,
+  )
   atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
 
 
-def plot_pareto_front(plans: Sequence[Plan], path: str | os.PathLike,
-                      chosen: Plan | None = None) -> None:
+def plot_pareto_front(
+  plans: Sequence[Plan], path: str | os.PathLike, chosen: Plan | None = None
+) -> None:
   """Scatter of every pair of objectives (predicted dL at two profile lengths) over the plans;
   the `chosen` plan (one of `plans`) is marked."""
   if not plans:

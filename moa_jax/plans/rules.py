@@ -144,10 +144,10 @@ def attention_density(windows, sink: int, n: int) -> float:
 
 
 def candidate_rules(
-    profile_lengths: Sequence[int],
-    constraint_lengths: Sequence[int],
-    alpha_step: int = 1024,
-    betas: Sequence[float] = tuple(i / 8 for i in range(9)),
+  profile_lengths: Sequence[int],
+  constraint_lengths: Sequence[int],
+  alpha_step: int = 1024,
+  betas: Sequence[float] = tuple(i / 8 for i in range(9)),
 ) -> list[ElasticRule]:
   """The candidate grid of MOA_SPEC.md section 3.
 

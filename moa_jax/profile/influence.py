@@ -92,8 +92,9 @@ def pool_influence(entries: jax.Array, block: int, magnitude: str) -> jax.Array:
   raise ValueError(f"unknown influence magnitude {magnitude!r}; choose one of {MAGNITUDES}")
 
 
-def block_influence_from_grads(weights: jax.Array, grads: jax.Array, block: int,
-                               magnitude: str = "entries") -> jax.Array:
+def block_influence_from_grads(
+  weights: jax.Array, grads: jax.Array, block: int, magnitude: str = "entries"
+) -> jax.Array:
   """The direct path: per-block influence (see `magnitude` above) from the maps and dL/dA.
 
   Args:
@@ -110,8 +111,15 @@ def block_influence_from_grads(weights: jax.Array, grads: jax.Array, block: int,
   return pooled.reshape(b, k * g, *pooled.shape[3:])
 
 
-def causal_weights(q: jax.Array, k: jax.Array, lengths: jax.Array, *, scale: float | None = None,
-                   q_offset: int = 0, keep: jax.Array | None = None) -> jax.Array:
+def causal_weights(
+  q: jax.Array,
+  k: jax.Array,
+  lengths: jax.Array,
+  *,
+  scale: float | None = None,
+  q_offset: int = 0,
+  keep: jax.Array | None = None,
+) -> jax.Array:
   """Causal softmax maps in float32 for queries q[:, i] at positions q_offset + i.
 
   Args:
@@ -123,16 +131,19 @@ def causal_weights(q: jax.Array, k: jax.Array, lengths: jax.Array, *, scale: flo
   """
   b, t, n, h = q.shape
   s, kv_heads = k.shape[1], k.shape[2]
-  scale = h ** -0.5 if scale is None else scale
+  scale = h**-0.5 if scale is None else scale
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
-  logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32,
-                      precision=HIGHEST) * scale  # [B, K, G, T, S]
+  logits = (
+    jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32, precision=HIGHEST)
+    * scale
+  )  # [B, K, G, T, S]
   rows = q_offset + jnp.arange(t)
   cols = jnp.arange(s)
   q_pos = jnp.where(rows < lengths[:, None], rows, -1)  # [B, T]; -1: right padding
   k_pos = jnp.where(cols < lengths[:, None], cols, -1)  # [B, S]
-  valid = attend_mask(q_pos[:, None, None, :, None], k_pos[:, None, None, None, :], 0,
-                      DENSE_WINDOW)  # [B, 1, 1, T, S]: dense causal
+  valid = attend_mask(
+    q_pos[:, None, None, :, None], k_pos[:, None, None, None, :], 0, DENSE_WINDOW
+  )  # [B, 1, 1, T, S]: dense causal
   if keep is not None:
     valid = valid & keep
   logits = jnp.where(valid, logits, MASKED_LOGIT)
@@ -142,8 +153,16 @@ def causal_weights(q: jax.Array, k: jax.Array, lengths: jax.Array, *, scale: flo
 
 @functools.partial(jax.jit, static_argnames=("block", "tile", "scale", "magnitude"))
 def block_influence_tiled(
-    q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, lengths: jax.Array, *,
-    block: int, tile: int = 512, scale: float | None = None, magnitude: str = "entries",
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  d_out: jax.Array,
+  lengths: jax.Array,
+  *,
+  block: int,
+  tile: int = 512,
+  scale: float | None = None,
+  magnitude: str = "entries",
 ) -> jax.Array:
   """The lean path for one layer: per-block influence from q, k, v and dO, one query tile at a time.
 
@@ -173,11 +192,13 @@ def block_influence_tiled(
   for r in range(padded // tile):
     rows = slice(r * tile, (r + 1) * tile)
     keys = slice(0, (r + 1) * tile)
-    weights = causal_weights(q[:, rows], k[:, keys], lengths, scale=scale,
-                             q_offset=r * tile)  # [B, K, G, tile, S]
+    weights = causal_weights(
+      q[:, rows], k[:, keys], lengths, scale=scale, q_offset=r * tile
+    )  # [B, K, G, tile, S]
     do_g = d_out[:, rows].reshape(b, tile, kv_heads, g, h)  # [B, tile, K, G, H]
-    do_v = jnp.einsum("btkgh,bskh->bkgts", do_g, v[:, keys], preferred_element_type=jnp.float32,
-                      precision=HIGHEST)  # [B, K, G, tile, S]
+    do_v = jnp.einsum(
+      "btkgh,bskh->bkgts", do_g, v[:, keys], preferred_element_type=jnp.float32, precision=HIGHEST
+    )  # [B, K, G, tile, S]
     entries = influence_entries(weights, do_v)
     pooled = pool_influence(entries, block, magnitude)
     pooled = pooled.reshape(b, n, tile // block, (r + 1) * tile // block)

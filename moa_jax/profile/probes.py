@@ -28,8 +28,9 @@ from moa_jax.profile.influence import HIGHEST, causal_weights
 def _apply_weights(weights: jax.Array, v: jax.Array, dtype) -> jax.Array:
   """[B, K, G, T, S] weights, [B, S, K, H] values -> [B, T, N, H] in `dtype`."""
   b, kv_heads, g, t, _ = weights.shape
-  out = jnp.einsum("bkgts,bskh->btkgh", weights, v.astype(jnp.float32),
-                   precision=HIGHEST)  # [B, T, K, G, H]
+  out = jnp.einsum(
+    "bkgts,bskh->btkgh", weights, v.astype(jnp.float32), precision=HIGHEST
+  )  # [B, T, K, G, H]
   return out.reshape(b, t, kv_heads * g, v.shape[-1]).astype(dtype)
 
 
@@ -56,8 +57,9 @@ class MapProbeAttention:
 class OutputProbeAttention:
   """FusedCausalAttention + probe[layer] on the output; records q, k, v per layer in `records`."""
 
-  def __init__(self, probes: Sequence[jax.Array], implementation: str | None = None,
-               padded: bool = True):
+  def __init__(
+    self, probes: Sequence[jax.Array], implementation: str | None = None, padded: bool = True
+  ):
     """probes: one [B, T, N, H] array per layer; implementation and padded: those of
     `FusedCausalAttention`."""
     self.attention = FusedCausalAttention(implementation, padded)

@@ -24,10 +24,10 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from moa_jax.attention.fused import default_implementation
+from moa_jax.calibration.build import CalibrationBucket, CalibrationSet
 from moa_jax.models import sharding
 from moa_jax.models.config import LlamaConfig
-from moa_jax.calibration.build import CalibrationBucket, CalibrationSet
-from moa_jax.attention.fused import default_implementation
 from moa_jax.plans.rules import num_blocks
 from moa_jax.profile.influence import MAGNITUDES, block_influence_from_grads, block_influence_tiled
 from moa_jax.profile.probes import MapProbeAttention, OutputProbeAttention, valid_lengths
@@ -35,8 +35,10 @@ from moa_jax.profile.probes import MapProbeAttention, OutputProbeAttention, vali
 PATHS = ("lean", "direct")
 
 
-def response_targets(loss_mask: np.ndarray, width: int | None = None,
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def response_targets(
+  loss_mask: np.ndarray,
+  width: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
   """Where the loss is read: hidden index t - 1 predicts token t for every response token t.
 
   Args:
@@ -57,16 +59,23 @@ def response_targets(loss_mask: np.ndarray, width: int | None = None,
   weight = np.zeros(hidden_index.shape, np.float32)
   for row, mask in enumerate(loss_mask):
     targets = np.flatnonzero(mask)
-    hidden_index[row, :len(targets)] = targets - 1
-    weight[row, :len(targets)] = 1.0 / max(len(targets), 1)
+    hidden_index[row, : len(targets)] = targets - 1
+    weight[row, : len(targets)] = 1.0 / max(len(targets), 1)
   return hidden_index, weight
 
 
 LOSSES = ("nll", "log_odds")
 
 
-def response_loss(model, tokens: jax.Array, positions: jax.Array, hidden_index: jax.Array,
-                  weight: jax.Array, attention, loss: str = "nll") -> jax.Array:
+def response_loss(
+  model,
+  tokens: jax.Array,
+  positions: jax.Array,
+  hidden_index: jax.Array,
+  weight: jax.Array,
+  attention,
+  loss: str = "nll",
+) -> jax.Array:
   """Sum over rows of the mean response-token loss (logits only where the loss reads).
 
   loss: 'nll', the cross-entropy -log p(y) (MoA's profile loss); or 'log_odds', the negative
@@ -97,8 +106,9 @@ def response_loss(model, tokens: jax.Array, positions: jax.Array, hidden_index: 
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "block", "magnitude", "loss"))
-def _direct_batch(graphdef, state, tokens, positions, hidden_index, weight, *, block, magnitude,
-                  loss):
+def _direct_batch(
+  graphdef, state, tokens, positions, hidden_index, weight, *, block, magnitude, loss
+):
   """[L, N, NB, NB] per-block influence summed over the batch, through probes on the maps."""
   config: LlamaConfig = nnx.merge(graphdef, state).config
   b, t = tokens.shape
@@ -112,14 +122,27 @@ def _direct_batch(graphdef, state, tokens, positions, hidden_index, weight, *, b
     return value, attention.weights
 
   grads, weights = jax.grad(loss_fn, has_aux=True)(zeros)
-  return jnp.stack([
+  return jnp.stack(
+    [
       block_influence_from_grads(weights[layer], grads[layer], block, magnitude).sum(0)
-      for layer in range(config.num_layers)])
+      for layer in range(config.num_layers)
+    ]
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "implementation", "padded", "loss"))
-def output_grads(graphdef, state, tokens, positions, hidden_index, weight, *,
-                 implementation=None, padded=True, loss="nll"):
+def output_grads(
+  graphdef,
+  state,
+  tokens,
+  positions,
+  hidden_index,
+  weight,
+  *,
+  implementation=None,
+  padded=True,
+  loss="nll",
+):
   """One backward pass: dO [B, T, N, H] and q, k, v of every layer (lists over layers).
 
   padded=False promises that no row has padding (attention then needs no sequence lengths).
@@ -140,13 +163,25 @@ def output_grads(graphdef, state, tokens, positions, hidden_index, weight, *,
 
 @functools.partial(jax.jit, static_argnames=("block", "tile", "magnitude"))
 def _layer_influence(q, k, v, d_out, lengths, *, block, tile, magnitude):
-  return block_influence_tiled(q, k, v, d_out, lengths, block=block, tile=tile,
-                               magnitude=magnitude).sum(0)
+  return block_influence_tiled(
+    q, k, v, d_out, lengths, block=block, tile=tile, magnitude=magnitude
+  ).sum(0)
 
 
-def batch_influence(model, tokens, positions, hidden_index, weight, *, block: int = 64,
-                    path: str = "lean", tile: int = 512, implementation: str | None = None,
-                    magnitude: str = "entries", loss: str = "nll") -> jax.Array:
+def batch_influence(
+  model,
+  tokens,
+  positions,
+  hidden_index,
+  weight,
+  *,
+  block: int = 64,
+  path: str = "lean",
+  tile: int = 512,
+  implementation: str | None = None,
+  magnitude: str = "entries",
+  loss: str = "nll",
+) -> jax.Array:
   """Per-block influence summed over one batch: [L, N, NB, NB] float32 (not yet averaged).
 
   Args:
@@ -165,17 +200,41 @@ def batch_influence(model, tokens, positions, hidden_index, weight, *, block: in
   graphdef, state = nnx.split(model)
   padded = bool(np.any(np.asarray(positions) < 0))
   tokens, positions, hidden_index, weight = sharding.shard_batch(  # on the model's mesh, if any
-      model, tokens, positions, hidden_index, weight)
+    model, tokens, positions, hidden_index, weight
+  )
   if path == "direct":
-    return _direct_batch(graphdef, state, tokens, positions, hidden_index, weight, block=block,
-                         magnitude=magnitude, loss=loss)
+    return _direct_batch(
+      graphdef,
+      state,
+      tokens,
+      positions,
+      hidden_index,
+      weight,
+      block=block,
+      magnitude=magnitude,
+      loss=loss,
+    )
   implementation = implementation or default_implementation(model.config.dtype)
-  d_outs, records = output_grads(graphdef, state, tokens, positions, hidden_index, weight,
-                                 implementation=implementation, padded=padded, loss=loss)
+  d_outs, records = output_grads(
+    graphdef,
+    state,
+    tokens,
+    positions,
+    hidden_index,
+    weight,
+    implementation=implementation,
+    padded=padded,
+    loss=loss,
+  )
   lengths = valid_lengths(jnp.asarray(positions))
-  return jnp.stack([_layer_influence(*records[layer], d_outs[layer], lengths, block=block,
-                                     tile=tile, magnitude=magnitude)
-                    for layer in range(len(d_outs))])
+  return jnp.stack(
+    [
+      _layer_influence(
+        *records[layer], d_outs[layer], lengths, block=block, tile=tile, magnitude=magnitude
+      )
+      for layer in range(len(d_outs))
+    ]
+  )
 
 
 def _buckets(samples) -> Mapping[int, CalibrationBucket]:
@@ -183,10 +242,19 @@ def _buckets(samples) -> Mapping[int, CalibrationBucket]:
 
 
 def profile_model(
-    model, config: LlamaConfig, samples: CalibrationSet | Mapping[int, CalibrationBucket],
-    lengths: Sequence[int] | None = None, block: int = 64, path: str = "lean", *,
-    batch_size: int = 1, tile: int = 512, implementation: str | None = None,
-    magnitude: str = "entries", loss: str = "nll", progress: bool = True,
+  model,
+  config: LlamaConfig,
+  samples: CalibrationSet | Mapping[int, CalibrationBucket],
+  lengths: Sequence[int] | None = None,
+  block: int = 64,
+  path: str = "lean",
+  *,
+  batch_size: int = 1,
+  tile: int = 512,
+  implementation: str | None = None,
+  magnitude: str = "entries",
+  loss: str = "nll",
+  progress: bool = True,
 ) -> dict[int, np.ndarray]:
   """E_bar per profile length: {N: float32 [L, num_heads, ceil(N/block), ceil(N/block)]}.
 
@@ -225,9 +293,18 @@ def profile_model(
       hidden_index, weight = response_targets(bucket.loss_mask[rows], width)
       weight = weight * real[:, None]
       total_influence += batch_influence(
-          model, jnp.asarray(bucket.tokens[rows]), jnp.asarray(bucket.positions()[rows]),
-          jnp.asarray(hidden_index), jnp.asarray(weight), block=block, path=path, tile=tile,
-          implementation=implementation, magnitude=magnitude, loss=loss)
+        model,
+        jnp.asarray(bucket.tokens[rows]),
+        jnp.asarray(bucket.positions()[rows]),
+        jnp.asarray(hidden_index),
+        jnp.asarray(weight),
+        block=block,
+        path=path,
+        tile=tile,
+        implementation=implementation,
+        magnitude=magnitude,
+        loss=loss,
+      )
       bar.update()
     result[n] = sharding.to_host(total_influence / bucket.num_samples).astype(np.float32)
   bar.close()

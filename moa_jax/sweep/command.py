@@ -39,20 +39,37 @@ def plan_tasks(config, workdir: Path) -> tuple[list[hyper.SweepPoint], list[laun
   tasks = []
   for key, members in groups.items():
     shared = workdir / "shared" / key
-    todo = [p for p in members
-            if not jobs.is_done(workdir / "points" / p.name, jobs.point_key(p.config))]
+    todo = [
+      p for p in members if not jobs.is_done(workdir / "points" / p.name, jobs.point_key(p.config))
+    ]
     if not todo:
       continue
     after = None
     if not jobs.is_done(shared, jobs.shared_key(members[0].config)):
       after = f"shared/{key}"
       tasks.append(launchers.Task(after, "shared", (members[0].config, str(shared), cache)))
-    tasks += [launchers.Task(f"points/{p.name}", "point",
-                             (p.config, str(workdir / "points" / p.name), str(shared), cache),
-                             after) for p in todo]
-  atomic_write_text(workdir / "sweep.json", json.dumps(
-      {"points": [{"name": p.name, "overrides": p.overrides, "group": jobs.group_key(p.config)}
-                  for p in points]}, indent=1, default=str))
+    tasks += [
+      launchers.Task(
+        f"points/{p.name}",
+        "point",
+        (p.config, str(workdir / "points" / p.name), str(shared), cache),
+        after,
+      )
+      for p in todo
+    ]
+  atomic_write_text(
+    workdir / "sweep.json",
+    json.dumps(
+      {
+        "points": [
+          {"name": p.name, "overrides": p.overrides, "group": jobs.group_key(p.config)}
+          for p in points
+        ]
+      },
+      indent=1,
+      default=str,
+    ),
+  )
   return points, tasks
 
 
@@ -64,8 +81,10 @@ def run_sweep(config, workdir: str | Path) -> dict[str, Any]:
   launcher = launchers.launcher(config, workdir / "logs")
   points, tasks = plan_tasks(config, workdir)
   finished_before = len(points) - sum(t.kind == "point" for t in tasks)
-  _log(f"{len(points)} points, {finished_before} finished; running {len(tasks)} jobs "
-       f"({config.launcher})")
+  _log(
+    f"{len(points)} points, {finished_before} finished; running {len(tasks)} jobs "
+    f"({config.launcher})"
+  )
 
   def report(name: str, outcome: launchers.Outcome) -> None:
     if outcome.ok:
@@ -83,14 +102,18 @@ def run_sweep(config, workdir: str | Path) -> dict[str, Any]:
         results[point.name] = (point.overrides, json.loads(Path(done["results"]).read_text()))
     else:
       outcome = outcomes.get(f"points/{point.name}")
-      failed[point.name] = (f"{outcome.detail}; log: {outcome.log}" if outcome
-                            else "not run")
+      failed[point.name] = f"{outcome.detail}; log: {outcome.log}" if outcome else "not run"
   gather.write(workdir, results, failed)
-  status = {"submitted": submitted,
-            "finished": sorted(set(p.name for p in points) - set(failed)), "failed": failed}
+  status = {
+    "submitted": submitted,
+    "finished": sorted(set(p.name for p in points) - set(failed)),
+    "failed": failed,
+  }
   atomic_write_text(workdir / "status.json", json.dumps(status, indent=1) + "\n")
-  _log(f"{len(status['finished'])} of {len(points)} points finished; table {workdir / 'sweep.md'}"
-       f", plot {workdir / 'sweep.png'}")
+  _log(
+    f"{len(status['finished'])} of {len(points)} points finished; table {workdir / 'sweep.md'}"
+    f", plot {workdir / 'sweep.png'}"
+  )
   return status
 
 
@@ -100,6 +123,8 @@ def sweep_command(config, workdir: Path | None) -> dict[str, Any]:
   status = run_sweep(config, workdir)
   if status["failed"]:
     details = "; ".join(f"{name}: {why}" for name, why in sorted(status["failed"].items()))
-    raise SystemExit(f"error: {len(status['failed'])} sweep points failed ({details}); the same "
-                     "command re-runs only those")
+    raise SystemExit(
+      f"error: {len(status['failed'])} sweep points failed ({details}); the same "
+      "command re-runs only those"
+    )
   return status

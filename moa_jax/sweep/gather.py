@@ -21,8 +21,9 @@ METHODS = ("moa", "uniform", "dense")
 PERPLEXITY_TASKS = ("longtext",)
 
 
-def rows(results: Mapping[str, tuple[Mapping[str, Any], Mapping[str, Any]]]
-         ) -> list[dict[str, Any]]:
+def rows(
+  results: Mapping[str, tuple[Mapping[str, Any], Mapping[str, Any]]],
+) -> list[dict[str, Any]]:
   """{point name: (overrides, eval results)} -> one row per (method, task, length, point);
   dense once (from the first point)."""
   out = []
@@ -32,16 +33,26 @@ def rows(results: Mapping[str, tuple[Mapping[str, Any], Mapping[str, Any]]]
     for method in METHODS:
       if method == "dense" and i > 0 or method not in kv:
         continue
-      tasks = sorted(set(summary["accuracy"].get(method, {}))
-                     | set(summary["perplexity"].get(method, {})))
+      tasks = sorted(
+        set(summary["accuracy"].get(method, {})) | set(summary["perplexity"].get(method, {}))
+      )
       for task in tasks:
         accuracy = summary["accuracy"].get(method, {}).get(task, {})
         perplexity = summary["perplexity"].get(method, {}).get(task, {})
         for length in sorted(set(accuracy) | set(perplexity), key=int):
-          out.append(dict(point=name if method != "dense" else "", overrides=dict(overrides),
-                          method=method, budget=1.0 if method == "dense" else budget, task=task,
-                          length=int(length), kv_density=kv[method][length],
-                          accuracy=accuracy.get(length), perplexity=perplexity.get(length)))
+          out.append(
+            dict(
+              point=name if method != "dense" else "",
+              overrides=dict(overrides),
+              method=method,
+              budget=1.0 if method == "dense" else budget,
+              task=task,
+              length=int(length),
+              kv_density=kv[method][length],
+              accuracy=accuracy.get(length),
+              perplexity=perplexity.get(length),
+            )
+          )
   return out
 
 
@@ -50,19 +61,28 @@ def _number(value: float | None, digits: int) -> str:
 
 
 def markdown(table: Sequence[Mapping[str, Any]], failed: Mapping[str, str]) -> str:
-  lines = ["# Sweep results", "",
-           "Accuracy and perplexity against KV density; dense is the reference above them.", "",
-           "| task | length | method | point | budget | KV density | accuracy | perplexity |",
-           "|---|---|---|---|---|---|---|---|"]
+  lines = [
+    "# Sweep results",
+    "",
+    "Accuracy and perplexity against KV density; dense is the reference above them.",
+    "",
+    "| task | length | method | point | budget | KV density | accuracy | perplexity |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   order = {m: i for i, m in enumerate(METHODS)}
-  for r in sorted(table, key=lambda r: (r["task"], r["length"], order[r["method"]],
-                                        r["budget"])):
-    lines.append(f"| {r['task']} | {r['length']} | {r['method']} | {r['point']} | "
-                 f"{r['budget']:g} | {r['kv_density']:.4f} | {_number(r['accuracy'], 3)} | "
-                 f"{_number(r['perplexity'], 3)} |")
+  for r in sorted(table, key=lambda r: (r["task"], r["length"], order[r["method"]], r["budget"])):
+    lines.append(
+      f"| {r['task']} | {r['length']} | {r['method']} | {r['point']} | "
+      f"{r['budget']:g} | {r['kv_density']:.4f} | {_number(r['accuracy'], 3)} | "
+      f"{_number(r['perplexity'], 3)} |"
+    )
   if failed:
-    lines += ["", "## Failed points (not in the table)", "",
-              *[f"- {name}: {why}" for name, why in sorted(failed.items())]]
+    lines += [
+      "",
+      "## Failed points (not in the table)",
+      "",
+      *[f"- {name}: {why}" for name, why in sorted(failed.items())],
+    ]
   return "\n".join(lines) + "\n"
 
 
@@ -75,16 +95,21 @@ def plot(table: Sequence[Mapping[str, Any]], path: Path) -> None:
 
   tasks = sorted({r["task"] for r in table})
   lengths = sorted({r["length"] for r in table})
-  fig, axes = plt.subplots(len(tasks), len(lengths), squeeze=False,
-                           figsize=(3.6 * len(lengths), 2.9 * len(tasks)), layout="constrained")
-  styles = {"moa": dict(color="tab:red", marker="o"), "uniform": dict(color="tab:blue",
-                                                                      marker="s")}
+  fig, axes = plt.subplots(
+    len(tasks),
+    len(lengths),
+    squeeze=False,
+    figsize=(3.6 * len(lengths), 2.9 * len(tasks)),
+    layout="constrained",
+  )
+  styles = {"moa": dict(color="tab:red", marker="o"), "uniform": dict(color="tab:blue", marker="s")}
   for i, task in enumerate(tasks):
     metric = "perplexity" if task in PERPLEXITY_TASKS else "accuracy"
     for j, length in enumerate(lengths):
       ax = axes[i][j]
-      cell = [r for r in table if r["task"] == task and r["length"] == length
-              and r[metric] is not None]
+      cell = [
+        r for r in table if r["task"] == task and r["length"] == length and r[metric] is not None
+      ]
       for method, style in styles.items():
         points = sorted((r["kv_density"], r[metric]) for r in cell if r["method"] == method)
         if points:
@@ -105,8 +130,11 @@ def plot(table: Sequence[Mapping[str, Any]], path: Path) -> None:
   plt.close(fig)
 
 
-def write(folder: Path, results: Mapping[str, tuple[Mapping[str, Any], Mapping[str, Any]]],
-          failed: Mapping[str, str]) -> dict[str, Any]:
+def write(
+  folder: Path,
+  results: Mapping[str, tuple[Mapping[str, Any], Mapping[str, Any]]],
+  failed: Mapping[str, str],
+) -> dict[str, Any]:
   """Write sweep_results.json, sweep.md and (when there is a row) sweep.png into folder."""
   table = rows(results)
   gathered = {"rows": table, "points": sorted(results), "failed": dict(failed)}

@@ -113,18 +113,24 @@ def expand(config: ConfigDict) -> list[SweepPoint]:
   points = []
   for point in raw:
     if not isinstance(point, (tuple, list)):
-      raise ValueError(f"sweep point {point!r} is not a tuple of (field, value) pairs; build the "
-                       "sweep with moa_jax.sweep.hyper.sweep / product / zipit / chain")
+      raise ValueError(
+        f"sweep point {point!r} is not a tuple of (field, value) pairs; build the "
+        "sweep with moa_jax.sweep.hyper.sweep / product / zipit / chain"
+      )
     overrides = {}
     for entry in point:
       if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)):
-        raise ValueError(f"sweep entry {entry!r} is not a (field, value) pair; build the sweep "
-                         "with moa_jax.sweep.hyper.sweep / product / zipit / chain")
+        raise ValueError(
+          f"sweep entry {entry!r} is not a (field, value) pair; build the sweep "
+          "with moa_jax.sweep.hyper.sweep / product / zipit / chain"
+        )
       field = _field(entry[0])
       if field not in valid:
-        raise ValueError(f"sweep field {entry[0]!r} is not a config field (run fields "
-                         f"{', '.join(RUN_FIELDS)} cannot be swept); valid: "
-                         f"{', '.join(sorted(valid))}")
+        raise ValueError(
+          f"sweep field {entry[0]!r} is not a config field (run fields "
+          f"{', '.join(RUN_FIELDS)} cannot be swept); valid: "
+          f"{', '.join(sorted(valid))}"
+        )
       if field in overrides:
         raise ValueError(f"sweep point sets {entry[0]!r} twice: {point!r}")
       overrides[field] = entry[1]

@@ -33,8 +33,9 @@ MOA = "moa"  # the method name of a point's plan in its evaluation
 
 def group_key(config) -> str:
   """What the shared stages depend on: model, seed, calibration and profile sections."""
-  return fingerprint(config.model.to_dict(), config.seed, config.calibration.to_dict(),
-                     config.profile.to_dict())
+  return fingerprint(
+    config.model.to_dict(), config.seed, config.calibration.to_dict(), config.profile.to_dict()
+  )
 
 
 def shared_key(config) -> str:
@@ -125,16 +126,23 @@ def run_shared(config, folder: str | Path, cache_dir: str = "") -> dict[str, Any
   folder = Path(folder)
   run = pipeline.run_stages(config, folder, until=SHARED_STAGES[-1])
   if "eval" in config:
-    run_eval(eval_config(config, ("dense",), ""), folder / "eval",
-             loaded=(run.model, run.tokenizer, run.model_id))
-  done = {"fingerprint": shared_key(config), "keys": run.outputs["keys"],
-          "seconds": time.perf_counter() - start}
+    run_eval(
+      eval_config(config, ("dense",), ""),
+      folder / "eval",
+      loaded=(run.model, run.tokenizer, run.model_id),
+    )
+  done = {
+    "fingerprint": shared_key(config),
+    "keys": run.outputs["keys"],
+    "seconds": time.perf_counter() - start,
+  }
   atomic_write_text(folder / DONE, json.dumps(done, indent=1))
   return done
 
 
-def run_point(config, folder: str | Path, shared: str | Path, cache_dir: str = ""
-              ) -> dict[str, Any]:
+def run_point(
+  config, folder: str | Path, shared: str | Path, cache_dir: str = ""
+) -> dict[str, Any]:
   """One point in `folder`: the shared stages linked from `shared`, then optimize, choose and
   the evaluation of dense, uniform and the chosen plan."""
   from moa_jax import pipeline
@@ -147,14 +155,19 @@ def run_point(config, folder: str | Path, shared: str | Path, cache_dir: str = "
   for stage in SHARED_STAGES:
     link_stage(shared / stage, folder / stage)
   compressed = pipeline.compress(config, folder)
-  done: dict[str, Any] = {"fingerprint": point_key(config),
-                          "kv_densities": compressed.plan.kv_densities}
+  done: dict[str, Any] = {
+    "fingerprint": point_key(config),
+    "kv_densities": compressed.plan.kv_densities,
+  }
   if "eval" in config:
     if (shared / "eval" / "cells").is_dir():
       _link_cells(shared / "eval" / "cells", folder / "eval" / "cells")
     plan = (folder / "plan.json").resolve()
-    run_eval(eval_config(config, ("dense", "uniform"), f"{MOA}={plan}"), folder / "eval",
-             loaded=(compressed.model, compressed.tokenizer, compressed.model_id))
+    run_eval(
+      eval_config(config, ("dense", "uniform"), f"{MOA}={plan}"),
+      folder / "eval",
+      loaded=(compressed.model, compressed.tokenizer, compressed.model_id),
+    )
     done["results"] = str(folder / "eval" / "results.json")
   done["seconds"] = time.perf_counter() - start
   atomic_write_text(folder / DONE, json.dumps(done, indent=1))

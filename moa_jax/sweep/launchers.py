@@ -27,8 +27,16 @@ from typing import Any
 
 from moa_jax.workdir import atomic_write, atomic_write_text
 
-ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "SUSPENDED",
-                 "RESIZING", "READY")
+ACTIVE_STATES = (
+  "PENDING",
+  "RUNNING",
+  "REQUEUED",
+  "COMPLETING",
+  "CONFIGURING",
+  "SUSPENDED",
+  "RESIZING",
+  "READY",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,16 +101,21 @@ class LocalLauncher:
             continue
           pending.remove(task)
           if task.after is not None and not outcomes[task.after].ok:
-            finish(task.name, Outcome(False, outcomes[task.after].log,
-                                      f"its shared job {task.after} failed"))
+            finish(
+              task.name,
+              Outcome(False, outcomes[task.after].log, f"its shared job {task.after} failed"),
+            )
             continue
           spec = self.folder / f"{_safe(task.name)}.pkl"
           atomic_write(spec, lambda f, task=task: pickle.dump((task.kind, task.args), f))
           log = self.folder / f"{_safe(task.name)}.log"
           with open(log, "w") as out:
-            process = subprocess.Popen([sys.executable, "-m", jobs.__name__, str(spec)],
-                                       stdout=out, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL)
+            process = subprocess.Popen(
+              [sys.executable, "-m", jobs.__name__, str(spec)],
+              stdout=out,
+              stderr=subprocess.STDOUT,
+              stdin=subprocess.DEVNULL,
+            )
           running[task.name] = (process, log)
           started.append(task.name)
         for name, (process, log) in list(running.items()):
@@ -150,15 +163,21 @@ def slurm_parameters(section) -> dict[str, Any]:
   for entry in [e.strip() for e in section.extra.split(",") if e.strip()]:
     key, sep, value = entry.partition("=")
     if not sep or not key.strip():
-      raise ValueError(f"slurm.extra entry {entry!r} is not key=value (sbatch option without"
-                       " the leading --, e.g. 'account=abc,qos=high')")
+      raise ValueError(
+        f"slurm.extra entry {entry!r} is not key=value (sbatch option without"
+        " the leading --, e.g. 'account=abc,qos=high')"
+      )
     extra[key.strip()] = value.strip()
   if section.timeout_min < 2:  # submitit's default USR2 signal 90 s before the end fires at once
     raise ValueError(f"slurm.timeout_min must be >= 2, got {section.timeout_min}")
-  params = dict(timeout_min=section.timeout_min, mem_gb=section.mem_gb,
-                cpus_per_task=section.cpus_per_job, slurm_additional_parameters=extra,
-                slurm_setup=list(section.setup), slurm_array_parallelism=section.max_parallel
-                or 256)
+  params = dict(
+    timeout_min=section.timeout_min,
+    mem_gb=section.mem_gb,
+    cpus_per_task=section.cpus_per_job,
+    slurm_additional_parameters=extra,
+    slurm_setup=list(section.setup),
+    slurm_array_parallelism=section.max_parallel or 256,
+  )
   if section.gpus_per_job:
     params["gpus_per_node"] = section.gpus_per_job
   if section.partition:
@@ -203,8 +222,10 @@ class SlurmLauncher:
     for task in [t for t in tasks if t.after is None] + [t for t in tasks if t.after]:
       job = None if task.after in resubmitted else self._active(task.name, recorded)
       if job is not None:
-        print(f"[moa_jax] sweep: {task.name} still {job.state} as job {job.job_id}; waiting "
-              "for it", flush=True)
+        print(
+          f"[moa_jax] sweep: {task.name} still {job.state} as job {job.job_id}; waiting for it",
+          flush=True,
+        )
         submitted[task.name] = job
       else:
         resubmitted.add(task.name)
@@ -222,12 +243,16 @@ class SlurmLauncher:
       submitted.update({t.name: job for t, job in zip(members, array)})
     recorded.update({name: job.job_id for name, job in submitted.items()})
     atomic_write_text(self.record, json.dumps(recorded, indent=1))
-    print(f"[moa_jax] sweep: {len(resubmitted)} jobs submitted, "
-          f"{len(submitted) - len(resubmitted)} reattached; logs in {self.folder}", flush=True)
+    print(
+      f"[moa_jax] sweep: {len(resubmitted)} jobs submitted, "
+      f"{len(submitted) - len(resubmitted)} reattached; logs in {self.folder}",
+      flush=True,
+    )
     return self._wait(tasks, submitted, report), [t.name for t in tasks if t.name in resubmitted]
 
-  def _wait(self, tasks: Sequence[Task], submitted: dict[str, Any], report: Report
-            ) -> dict[str, Outcome]:
+  def _wait(
+    self, tasks: Sequence[Task], submitted: dict[str, Any], report: Report
+  ) -> dict[str, Outcome]:
     dependents = {t.name: [d.name for d in tasks if d.after == t.name] for t in tasks}
     waiting, outcomes = dict(submitted), {}
     while waiting:
@@ -271,4 +296,3 @@ def launcher(config, folder: Path):
   if config.launcher == "slurm":
     return SlurmLauncher(folder / "slurm", config.slurm)
   raise ValueError(f"unknown launcher {config.launcher!r}; choose 'local' or 'slurm'")
-

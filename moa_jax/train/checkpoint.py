@@ -21,9 +21,11 @@ class Checkpointer:
       raise ValueError(f"checkpoint interval every={every} must be >= 1")
     self.directory = Path(directory).absolute()
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
-                                             create=True))
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=every, create=True
+      ),
+    )
 
   def maybe_save(self, step: int, state: Any, *, force: bool = False) -> bool:
     """Saves `state` as `step` when the interval says so (or `force`); True if it saved."""

@@ -49,8 +49,7 @@ class Doc:
   is_answer: tuple[bool, ...]
 
 
-def render_doc(rng: np.random.Generator, source: str, units: int, extra_questions: int = 0
-               ) -> Doc:
+def render_doc(rng: np.random.Generator, source: str, units: int, extra_questions: int = 0) -> Doc:
   """A chat-formatted document of task `source` with `units` units (lines, sentences, pairs);
   line retrieval adds `extra_questions` question/answer turns about other lines."""
   if source == "lines":
@@ -66,7 +65,10 @@ def _lines_doc(rng: np.random.Generator, units: int, extra_questions: int) -> Do
   asked = question.split(" in line ", 1)[1].split("?", 1)[0]
   for i in rng.choice(len(pairs), size=min(extra_questions, len(pairs)), replace=False):
     key, value = pairs[int(i)]
-    segments += [user_turn(question.replace(f" {asked}?", f" {key}?") + "\n"), answer_turn(value, EOS)]
+    segments += [
+      user_turn(question.replace(f" {asked}?", f" {key}?") + "\n"),
+      answer_turn(value, EOS),
+    ]
     is_answer += [False, True]
   return Doc(tuple(segments), tuple(is_answer))
 
@@ -88,13 +90,22 @@ class Mixture:
     full_row: probability that a row's first document fills the whole row.
   """
 
-  def __init__(self, tokenizer: Any, natural_tokens: np.ndarray, mix: dict[str, float], *,
-               answer_weight: float = 4.0, min_doc: int = 160, full_row: float = 0.5,
-               seed: int = 0):
+  def __init__(
+    self,
+    tokenizer: Any,
+    natural_tokens: np.ndarray,
+    mix: dict[str, float],
+    *,
+    answer_weight: float = 4.0,
+    min_doc: int = 160,
+    full_row: float = 0.5,
+    seed: int = 0,
+  ):
     unknown = set(mix) - {"natural", *TASK_NAMES}
     if unknown or not mix:
-      raise ValueError(f"mix sources {sorted(unknown)} unknown; use natural, "
-                       f"{', '.join(TASK_NAMES)}")
+      raise ValueError(
+        f"mix sources {sorted(unknown)} unknown; use natural, {', '.join(TASK_NAMES)}"
+      )
     if len(natural_tokens) < 1 << 14:
       raise ValueError(f"only {len(natural_tokens)} natural tokens; need at least 16384")
     self._backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
@@ -103,7 +114,11 @@ class Mixture:
     self.probs = np.asarray([mix[s] for s in self.sources], np.float64)
     self.probs /= self.probs.sum()
     self.answer_weight, self.min_doc, self.full_row, self.seed = (
-        answer_weight, min_doc, full_row, seed)
+      answer_weight,
+      min_doc,
+      full_row,
+      seed,
+    )
     self._tokens_per_unit = {t: self._probe(t) for t in self.sources if t != "natural"}
 
   def _encode(self, texts: Sequence[str]) -> list[list[int]]:
@@ -112,8 +127,9 @@ class Mixture:
   def _probe(self, task: str) -> tuple[float, float, float]:
     """(tokens of the fixed text, per unit, per extra question) of a task, from three renders."""
     rng = np.random.default_rng(12345)
-    size = lambda units, questions: sum(map(len, self._encode(
-        render_doc(rng, task, units, questions).segments)))
+    size = lambda units, questions: sum(
+      map(len, self._encode(render_doc(rng, task, units, questions).segments))
+    )
     low, high = size(8, 0), size(64, 0)
     per_unit = (high - low) / 56
     per_question = (size(64, 8) - high) / 8 if task == "lines" else 0.0
@@ -132,7 +148,7 @@ class Mixture:
 
   def _natural(self, rng: np.random.Generator, n: int) -> np.ndarray:
     start = int(rng.integers(0, len(self.natural) - n))
-    window = self.natural[start:start + n].astype(np.int32)
+    window = self.natural[start : start + n].astype(np.int32)
     window[0] = BOS_ID
     return window
 
@@ -144,10 +160,14 @@ class Mixture:
     for _ in range(batch_size):
       row, free = [], length
       while free >= self.min_doc:
-        size = free if (not row and rng.random() < self.full_row) else int(
-            rng.integers(self.min_doc, free + 1))
-        row.append(self._plan_doc(rng, self.sources[rng.choice(len(self.sources), p=self.probs)],
-                                  size))
+        size = (
+          free
+          if (not row and rng.random() < self.full_row)
+          else int(rng.integers(self.min_doc, free + 1))
+        )
+        row.append(
+          self._plan_doc(rng, self.sources[rng.choice(len(self.sources), p=self.probs)], size)
+        )
         free -= size
       plans.append(row)
     docs = [d for row in plans for d in row if isinstance(d, Doc)]
@@ -162,11 +182,15 @@ class Mixture:
         else:
           parts = [next(encoded) for _ in doc.segments]
           ids = np.concatenate([np.asarray(p, np.int32) for p in parts])
-          wts = np.concatenate([np.full(len(p), self.answer_weight if a else 1.0, np.float32)
-                                for p, a in zip(parts, doc.is_answer)])
+          wts = np.concatenate(
+            [
+              np.full(len(p), self.answer_weight if a else 1.0, np.float32)
+              for p, a in zip(parts, doc.is_answer)
+            ]
+          )
         if at + len(ids) > length:  # a rare over-long render: replace it with natural text
           ids, wts = self._natural(rng, length - at), np.ones(length - at, np.float32)
-        tokens[b, at:at + len(ids)], weights[b, at:at + len(ids)] = ids, wts
+        tokens[b, at : at + len(ids)], weights[b, at : at + len(ids)] = ids, wts
         at += len(ids)
       if at < length:
         tokens[b, at:], weights[b, at:] = self._natural(rng, length - at), 1.0
@@ -176,8 +200,9 @@ class Mixture:
     return Batch(tokens[:, :-1], np.array(positions), tokens[:, 1:], target_w)
 
 
-def line_retrieval_probe(tokenizer: Any, seq_len: int, lengths: Sequence[int], num: int,
-                         seed: int = 1) -> tuple[np.ndarray, list[tuple[int, int, list[int]]]]:
+def line_retrieval_probe(
+  tokenizer: Any, seq_len: int, lengths: Sequence[int], num: int, seed: int = 1
+) -> tuple[np.ndarray, list[tuple[int, int, list[int]]]]:
   """Held-out single-question line-retrieval prompts for teacher-forced accuracy in training.
 
   `num` chat-formatted prompts of each of `lengths` tokens (each < seq_len) with their answers,
@@ -196,12 +221,13 @@ def line_retrieval_probe(tokenizer: Any, seq_len: int, lengths: Sequence[int], n
       rows.append(prompt + answer)
   tokens = np.full((len(rows), seq_len), PAD_ID, np.int32)
   for i, ids in enumerate(rows):
-    tokens[i, :len(ids)] = ids
+    tokens[i, : len(ids)] = ids
   return tokens, spans
 
 
-def prefetch(make: Callable[[int], Batch], steps: Iterator[int], *, workers: int = 4,
-             depth: int = 8) -> Iterator[tuple[int, Batch]]:
+def prefetch(
+  make: Callable[[int], Batch], steps: Iterator[int], *, workers: int = 4, depth: int = 8
+) -> Iterator[tuple[int, Batch]]:
   """Yields (step, make(step)) in step order, with up to `depth` batches built ahead by
   `workers` threads (the tokenizer's Rust encoder runs outside the GIL)."""
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:

@@ -31,9 +31,11 @@ def stdlib_sources(root: str | Path | None = None) -> list[Path]:
   root = Path(root or sysconfig.get_paths()["stdlib"])
   if not root.is_dir():
     raise FileNotFoundError(f"no standard library at {root}: pass the directory holding os.py")
-  files = [p for p in root.rglob("*.py")
-           if "site-packages" not in p.relative_to(root).parts
-           and not p.name.startswith(_EXCLUDED_STDLIB)]
+  files = [
+    p
+    for p in root.rglob("*.py")
+    if "site-packages" not in p.relative_to(root).parts and not p.name.startswith(_EXCLUDED_STDLIB)
+  ]
   return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -48,12 +50,12 @@ def corpus_record(files: list[Path], texts: list[str]) -> dict:
   for text in texts:
     digest.update(text.encode("utf-8"))
   return {
-      "source": "Python standard library *.py (sysconfig.get_paths()['stdlib'], no site-packages, "
-                "no _sysconfigdata*)",
-      "python_version": platform.python_version(),
-      "files": len(files),
-      "bytes": sum(len(t.encode("utf-8")) for t in texts),
-      "sha256": digest.hexdigest(),
+    "source": "Python standard library *.py (sysconfig.get_paths()['stdlib'], no site-packages, "
+    "no _sysconfigdata*)",
+    "python_version": platform.python_version(),
+    "files": len(files),
+    "bytes": sum(len(t.encode("utf-8")) for t in texts),
+    "sha256": digest.hexdigest(),
   }
 
 
@@ -62,14 +64,20 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> PreTrainedT
   if vocab_size < 300:
     raise ValueError(f"vocab_size={vocab_size} is below the 256 bytes plus specials; use >= 300")
   tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.Sequence([
+  tok.pre_tokenizer = pre_tokenizers.Sequence(
+    [
       pre_tokenizers.Digits(individual_digits=True),
       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-  ])
+    ]
+  )
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
-      vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS], show_progress=False,
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), max_token_length=16)
+    vocab_size=vocab_size,
+    special_tokens=[PAD, BOS, EOS],
+    show_progress=False,
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    max_token_length=16,
+  )
   tok.train_from_iterator(texts, trainer=trainer)
   return wrap(tok)
 
@@ -80,6 +88,12 @@ def wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
   if ids != (PAD_ID, BOS_ID, EOS_ID):
     raise ValueError(f"special token ids {ids} are not ({PAD_ID}, {BOS_ID}, {EOS_ID})")
   return PreTrainedTokenizerFast(
-      tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-      chat_template=prompts.REFERENCE, padding_side="left", clean_up_tokenization_spaces=False,
-      model_max_length=1 << 20)
+    tokenizer_object=tok,
+    bos_token=BOS,
+    eos_token=EOS,
+    pad_token=PAD,
+    chat_template=prompts.REFERENCE,
+    padding_side="left",
+    clean_up_tokenization_spaces=False,
+    model_max_length=1 << 20,
+  )

@@ -25,9 +25,9 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from moa_jax.attention.fused import FusedCausalAttention, default_implementation
 from moa_jax.models.config import LlamaConfig
 from moa_jax.models.llama import Llama
-from moa_jax.attention.fused import FusedCausalAttention, default_implementation
 from moa_jax.train.checkpoint import Checkpointer
 from moa_jax.train.data import Batch, Mixture, line_retrieval_probe, prefetch
 
@@ -45,8 +45,9 @@ def phase_at(phases: Sequence[Phase], progress: float) -> Phase:
   return [p for p in phases if p.start <= progress][-1]
 
 
-def learning_rate(step: int, progress: float, *, peak: float, warmup_steps: int,
-                  final_ratio: float) -> float:
+def learning_rate(
+  step: int, progress: float, *, peak: float, warmup_steps: int, final_ratio: float
+) -> float:
   """Linear warmup over `warmup_steps`, then cosine from `peak` to `final_ratio * peak` at p=1."""
   cosine = final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
   return peak * cosine * min(1.0, (step + 1) / warmup_steps)
@@ -56,9 +57,10 @@ def optimizer(cfg: Any) -> optax.GradientTransformation:
   """Clipped AdamW direction without the learning rate (the step multiplies by lr)."""
   decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # no decay on norms
   return optax.chain(
-      optax.clip_by_global_norm(cfg.clip_norm),
-      optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=1e-8),
-      optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask))
+    optax.clip_by_global_norm(cfg.clip_norm),
+    optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=1e-8),
+    optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+  )
 
 
 def weighted_loss(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
@@ -68,13 +70,15 @@ def weighted_loss(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.A
   loss = jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1e-6)
   answers = (w > 1).astype(jnp.float32)  # answer tokens carry answer_weight > 1
   correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
-  metrics = {"loss": loss, "text_loss": jnp.sum(ce * (w == 1)) / jnp.maximum(jnp.sum(w == 1), 1),
-             "answer_acc": jnp.sum(correct * answers) / jnp.maximum(jnp.sum(answers), 1)}
+  metrics = {
+    "loss": loss,
+    "text_loss": jnp.sum(ce * (w == 1)) / jnp.maximum(jnp.sum(w == 1), 1),
+    "answer_acc": jnp.sum(correct * answers) / jnp.maximum(jnp.sum(answers), 1),
+  }
   return loss, metrics
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    attention: Any):
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, attention: Any):
   """jit step (state, batch, lr) -> (state, metrics); the state's buffers are donated."""
 
   def loss_fn(params, batch):
@@ -107,27 +111,38 @@ def make_probe(graphdef: nnx.GraphDef, attention: Any):
 
 def probe_accuracy(predictions: np.ndarray, spans: list[tuple[int, int, list[int]]]) -> float:
   """Share of prompts whose whole answer is the greedy continuation (see line_retrieval_probe)."""
-  hits = [list(predictions[row, first - 1:first - 1 + len(ans)]) == ans
-          for row, first, ans in spans]
+  hits = [
+    list(predictions[row, first - 1 : first - 1 + len(ans)]) == ans for row, first, ans in spans
+  ]
   return float(np.mean(hits))
 
 
-def init_state(model_cfg: LlamaConfig, tx: optax.GradientTransformation, seed: int
-               ) -> tuple[nnx.GraphDef, dict]:
+def init_state(
+  model_cfg: LlamaConfig, tx: optax.GradientTransformation, seed: int
+) -> tuple[nnx.GraphDef, dict]:
   model = Llama(model_cfg, rngs=nnx.Rngs(seed))
   graphdef, params = nnx.split(model, nnx.Param)
-  return graphdef, {"step": jnp.int32(0), "seconds": jnp.float32(0.0), "mtokens": jnp.float32(0.0),
-                    "params": params,
-                    "opt_state": tx.init(params)}
+  return graphdef, {
+    "step": jnp.int32(0),
+    "seconds": jnp.float32(0.0),
+    "mtokens": jnp.float32(0.0),
+    "params": params,
+    "opt_state": tx.init(params),
+  }
 
 
 def _device_batch(batch: Batch) -> dict[str, jax.Array]:
-  return {"tokens": batch.tokens, "positions": batch.positions, "targets": batch.targets,
-          "weights": batch.weights}
+  return {
+    "tokens": batch.tokens,
+    "positions": batch.positions,
+    "targets": batch.targets,
+    "weights": batch.weights,
+  }
 
 
-def train(cfg: Any, model_cfg: LlamaConfig, tokenizer: Any, natural_tokens: np.ndarray,
-          workdir: str | Path) -> tuple[nnx.GraphDef, dict, list[dict]]:
+def train(
+  cfg: Any, model_cfg: LlamaConfig, tokenizer: Any, natural_tokens: np.ndarray, workdir: str | Path
+) -> tuple[nnx.GraphDef, dict, list[dict]]:
   """Trains (or resumes) the reference model; returns graphdef, final state and the log rows.
 
   cfg fields: seed, phases [(start, seq_len, batch_size)], steps (0: time-based),
@@ -152,10 +167,18 @@ def train(cfg: Any, model_cfg: LlamaConfig, tokenizer: Any, natural_tokens: np.n
   attention = FusedCausalAttention(default_implementation(model_cfg.dtype))
   step_fn = make_train_step(graphdef, tx, attention)
   probe_fn = make_probe(graphdef, attention)
-  mixture = Mixture(tokenizer, natural_tokens, dict(cfg.mix), answer_weight=cfg.answer_weight,
-                    min_doc=cfg.min_doc, full_row=cfg.full_row, seed=cfg.seed)
+  mixture = Mixture(
+    tokenizer,
+    natural_tokens,
+    dict(cfg.mix),
+    answer_weight=cfg.answer_weight,
+    min_doc=cfg.min_doc,
+    full_row=cfg.full_row,
+    seed=cfg.seed,
+  )
   probe_tokens, probe_spans = line_retrieval_probe(
-      tokenizer, max(p.seq_len for p in phases), cfg.probe_lengths, cfg.probe_num)
+    tokenizer, max(p.seq_len for p in phases), cfg.probe_lengths, cfg.probe_num
+  )
 
   def progress(step: int, seconds: float) -> float:
     return step / cfg.steps if cfg.steps > 0 else seconds / cfg.time_budget_s
@@ -176,12 +199,18 @@ def train(cfg: Any, model_cfg: LlamaConfig, tokenizer: Any, natural_tokens: np.n
     return phase, mixture.batch(s, phase.batch_size, phase.seq_len)
 
   log, window, window_tokens = [], [], 0
-  bar = tqdm(desc="train", unit="step", initial=start_step,
-             total=cfg.steps if cfg.steps > 0 else None)
+  bar = tqdm(
+    desc="train", unit="step", initial=start_step, total=cfg.steps if cfg.steps > 0 else None
+  )
   last = time.perf_counter()
   for s, (phase, batch) in prefetch(make, steps()):
-    lr = learning_rate(s, progress(s, clock["seconds"]), peak=cfg.lr,
-                       warmup_steps=cfg.warmup_steps, final_ratio=cfg.final_lr_ratio)
+    lr = learning_rate(
+      s,
+      progress(s, clock["seconds"]),
+      peak=cfg.lr,
+      warmup_steps=cfg.warmup_steps,
+      final_ratio=cfg.final_lr_ratio,
+    )
     state, metrics = step_fn(state, _device_batch(batch), jnp.float32(lr))
     window.append(metrics)
     window_tokens += batch.tokens.size
@@ -191,14 +220,20 @@ def train(cfg: Any, model_cfg: LlamaConfig, tokenizer: Any, natural_tokens: np.n
       window = []
       now = time.perf_counter()
       clock["seconds"] += now - last
-      row = {"step": s + 1, "seconds": round(clock["seconds"], 1), "seq_len": phase.seq_len,
-             "batch": phase.batch_size, "lr": lr,
-             "tokens_per_s": round(window_tokens / (now - last)),
-             **{k: round(v, 4) for k, v in metrics.items()}}
+      row = {
+        "step": s + 1,
+        "seconds": round(clock["seconds"], 1),
+        "seq_len": phase.seq_len,
+        "batch": phase.batch_size,
+        "lr": lr,
+        "tokens_per_s": round(window_tokens / (now - last)),
+        **{k: round(v, 4) for k, v in metrics.items()},
+      }
       last, window_tokens = now, 0
       if (s + 1) % (cfg.log_every * cfg.probe_every) == 0:
-        row["probe_acc"] = probe_accuracy(np.asarray(probe_fn(state["params"], probe_tokens)),
-                                          probe_spans)
+        row["probe_acc"] = probe_accuracy(
+          np.asarray(probe_fn(state["params"], probe_tokens)), probe_spans
+        )
       log.append(row)
       bar.set_postfix(loss=row["loss"], ans=row["answer_acc"], L=phase.seq_len)
       tqdm.write(json.dumps(row))
@@ -213,10 +248,12 @@ def train(cfg: Any, model_cfg: LlamaConfig, tokenizer: Any, natural_tokens: np.n
   final_step = int(state["step"])
   ckpt.maybe_save(final_step, state, force=True)
   ckpt.close()
-  row = {"step": final_step, "seconds": round(float(state["seconds"]), 1),
-         "mtokens": round(float(state["mtokens"]), 1),
-         "probe_acc": probe_accuracy(np.asarray(probe_fn(state["params"], probe_tokens)),
-                                     probe_spans)}
+  row = {
+    "step": final_step,
+    "seconds": round(float(state["seconds"]), 1),
+    "mtokens": round(float(state["mtokens"]), 1),
+    "probe_acc": probe_accuracy(np.asarray(probe_fn(state["params"], probe_tokens)), probe_spans),
+  }
   log.append(row)
   tqdm.write(json.dumps(row))
   with open(workdir / "train_log.jsonl", "a") as f:
@@ -224,8 +261,14 @@ def train(cfg: Any, model_cfg: LlamaConfig, tokenizer: Any, natural_tokens: np.n
   return graphdef, state, log
 
 
-def export(graphdef: nnx.GraphDef, params: Any, model_cfg: LlamaConfig, tokenizer: Any,
-           directory: str | Path, dtype: str = "bfloat16") -> Path:
+def export(
+  graphdef: nnx.GraphDef,
+  params: Any,
+  model_cfg: LlamaConfig,
+  tokenizer: Any,
+  directory: str | Path,
+  dtype: str = "bfloat16",
+) -> Path:
   """Writes the model in HF format (config.json + model.safetensors, `dtype` weights) and the
   tokenizer files to `directory`."""
   from moa_jax.models import hf  # the HF checkpoint writer

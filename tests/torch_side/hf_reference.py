@@ -6,7 +6,8 @@ Usage: python hf_reference.py REQUEST.json OUTPUT.npz
 The request names (1) `families`: directories holding a tiny HF config.json; for each, a seeded
 random float32 LlamaForCausalLM is built, save_pretrained() into that directory, and its logits
 for `logit_tokens` (one [B, T] batch per length) and greedy `generate` of `max_new_tokens` for
-the left-padded `prompts` are recorded (with each step's top-2 tokens and their logit margin); (2) `saved_by_jax`: directories written by moa_jax's
+the left-padded `prompts` are recorded (with each step's top-2 tokens and their logit
+margin); (2) `saved_by_jax`: directories written by moa_jax's
 save_pretrained, loaded strictly with from_pretrained, with logits for `jax_tokens` recorded.
 """
 
@@ -23,8 +24,8 @@ def left_pad(prompts, pad_id):
   ids = torch.full((len(prompts), t), pad_id, dtype=torch.long)
   mask = torch.zeros((len(prompts), t), dtype=torch.long)
   for row, prompt in enumerate(prompts):
-    ids[row, t - len(prompt):] = torch.tensor(prompt)
-    mask[row, t - len(prompt):] = 1
+    ids[row, t - len(prompt) :] = torch.tensor(prompt)
+    mask[row, t - len(prompt) :] = 1
   return ids, mask
 
 
@@ -48,17 +49,24 @@ def main(request_file, output_file):
     ids, mask = left_pad(request["prompts"], pad_id=0)
     model.generation_config.eos_token_id = None  # always max_new_tokens, as moa_jax eos_id=()
     with torch.no_grad():
-      generated = model.generate(ids, attention_mask=mask, max_new_tokens=request["max_new_tokens"],
-                                 do_sample=False, pad_token_id=0, return_dict_in_generate=True,
-                                 output_logits=True)
-    out[f"{name}/generated"] = generated.sequences[:, ids.shape[1]:].numpy()
+      generated = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=request["max_new_tokens"],
+        do_sample=False,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_logits=True,
+      )
+    out[f"{name}/generated"] = generated.sequences[:, ids.shape[1] :].numpy()
     step_logits = torch.stack(generated.logits, dim=1).float()  # [B, new tokens, V]
     top2 = step_logits.topk(2, dim=-1)
     out[f"{name}/top2"] = top2.indices.numpy()  # [B, new tokens, 2]
     out[f"{name}/margin"] = (top2.values[..., 0] - top2.values[..., 1]).numpy()
   for name, directory in request["saved_by_jax"].items():
     model, info = LlamaForCausalLM.from_pretrained(
-        directory, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+      directory, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+    )
     problems = {key: value for key, value in info.items() if value}
     if problems:
       sys.exit(f"transformers could not load {directory} cleanly: {problems}")
