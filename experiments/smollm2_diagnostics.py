@@ -106,8 +106,9 @@ class Cache:
 
 
 def concat(buckets: list[CalibrationBucket]) -> CalibrationBucket:
-  return CalibrationBucket(*(np.concatenate([getattr(b, f) for b in buckets])
-                             for f in ("tokens", "loss_mask", "lengths")))
+  return CalibrationBucket(
+    *(np.concatenate([getattr(b, f) for b in buckets]) for f in ("tokens", "loss_mask", "lengths"))
+  )
 
 
 def take(bucket: CalibrationBucket, rows) -> CalibrationBucket:
@@ -117,23 +118,30 @@ def take(bucket: CalibrationBucket, rows) -> CalibrationBucket:
 
 # --- data ---------------------------------------------------------------------------------------
 
+
 def part_data(cache: Cache, model, tokenizer, n: int) -> None:
   docs = longtext.stdlib_documents(TEXT_CALIBRATION_RANK + POOL_SIZE.value)
   jobs = {
-      "val_text": lambda: buckets_lib.document_bucket(
-          model, tokenizer, docs[TEXT_VAL_RANK:TEXT_VAL_RANK + VAL_SIZE.value], n),
-      "val_passkey": lambda: buckets_lib.task_bucket(
-          model, tokenizer, "passkey", n, VAL_SIZE.value, seed=77),
+    "val_text": lambda: buckets_lib.document_bucket(
+      model, tokenizer, docs[TEXT_VAL_RANK : TEXT_VAL_RANK + VAL_SIZE.value], n
+    ),
+    "val_passkey": lambda: buckets_lib.task_bucket(
+      model, tokenizer, "passkey", n, VAL_SIZE.value, seed=77
+    ),
   }
-  calibration_docs = docs[TEXT_CALIBRATION_RANK:TEXT_CALIBRATION_RANK + POOL_SIZE.value]
+  calibration_docs = docs[TEXT_CALIBRATION_RANK : TEXT_CALIBRATION_RANK + POOL_SIZE.value]
   per_task = -(-POOL_SIZE.value // len(TASKS))
   for answers in ("ref", "model"):
     full = "reference" if answers == "ref" else "model"
     jobs[f"text_{answers}"] = lambda full=full: buckets_lib.document_bucket(
-        model, tokenizer, calibration_docs, n, answers=full)
-    jobs[f"tasks_{answers}"] = lambda full=full: concat([
+      model, tokenizer, calibration_docs, n, answers=full
+    )
+    jobs[f"tasks_{answers}"] = lambda full=full: concat(
+      [
         buckets_lib.task_bucket(model, tokenizer, task, n, per_task, seed=2025, answers=full)
-        for task in TASKS])
+        for task in TASKS
+      ]
+    )
   for name, build in jobs.items():
     key = f"bucket_{name}_{n}"
     if not cache.has(key):
@@ -144,10 +152,13 @@ def part_data(cache: Cache, model, tokenizer, n: int) -> None:
 
 # --- profiles -----------------------------------------------------------------------------------
 
+
 @jax.jit
 def _tiled_all(q, k, v, d_out, lengths):
-  return {m: block_influence_tiled(q, k, v, d_out, lengths, block=BLOCK, magnitude=m)[0]
-          for m in MAGNITUDES}
+  return {
+    m: block_influence_tiled(q, k, v, d_out, lengths, block=BLOCK, magnitude=m)[0]
+    for m in MAGNITUDES
+  }
 
 
 def per_sample_profile(model, bucket: CalibrationBucket, loss: str) -> dict[str, np.ndarray]:
@@ -156,11 +167,19 @@ def per_sample_profile(model, bucket: CalibrationBucket, loss: str) -> dict[str,
   out = {m: [] for m in MAGNITUDES}
   positions = bucket.positions()
   for row in range(bucket.num_samples):
-    hidden_index, weight = response_targets(bucket.loss_mask[row:row + 1])
-    tokens, pos = jnp.asarray(bucket.tokens[row:row + 1]), jnp.asarray(positions[row:row + 1])
-    d_outs, records = output_grads(graphdef, state, tokens, pos, jnp.asarray(hidden_index),
-                                   jnp.asarray(weight), implementation="xla", padded=True,
-                                   loss=loss)
+    hidden_index, weight = response_targets(bucket.loss_mask[row : row + 1])
+    tokens, pos = jnp.asarray(bucket.tokens[row : row + 1]), jnp.asarray(positions[row : row + 1])
+    d_outs, records = output_grads(
+      graphdef,
+      state,
+      tokens,
+      pos,
+      jnp.asarray(hidden_index),
+      jnp.asarray(weight),
+      implementation="xla",
+      padded=True,
+      loss=loss,
+    )
     lengths = valid_lengths(pos)
     layers = [_tiled_all(*records[l], d_outs[l], lengths) for l in range(len(d_outs))]
     for m in MAGNITUDES:
@@ -181,15 +200,19 @@ def part_profiles(cache: Cache, model, n: int) -> None:
 
 # --- measured masks -----------------------------------------------------------------------------
 
+
 def val_traces(cache: Cache, model, n: int) -> dict[str, measured.DenseTrace]:
-  return {name: measured.dense_trace(model, cache.bucket(f"bucket_{name}_{n}"))
-          for name in ("val_text", "val_passkey")}
+  return {
+    name: measured.dense_trace(model, cache.bucket(f"bucket_{name}_{n}"))
+    for name in ("val_text", "val_passkey")
+  }
 
 
 def measure(model, traces, windows) -> dict[str, np.ndarray]:
   """{held-out set: per-sample loss increase over dense}."""
-  return {name: measured.masked_losses(model, t, windows, SINK) - t.dense
-          for name, t in traces.items()}
+  return {
+    name: measured.masked_losses(model, t, windows, SINK) - t.dense for name, t in traces.items()
+  }
 
 
 def group_windows(config, n: int, cut: dict[tuple[int, int], int]) -> np.ndarray:
@@ -207,13 +230,17 @@ def part_ablation(cache: Cache, model, n: int) -> None:
     if cache.has(key):
       continue
     start = time.perf_counter()
-    units = ([(l, g) for l in range(config.num_layers) for g in range(config.num_kv_heads)]
-             if kind == "group" else [(l, -1) for l in range(config.num_layers)])
+    units = (
+      [(l, g) for l in range(config.num_layers) for g in range(config.num_kv_heads)]
+      if kind == "group"
+      else [(l, -1) for l in range(config.num_layers)]
+    )
     rows = {name: [] for name in traces}
     for l, g in units:
       groups = [g] if g >= 0 else range(config.num_kv_heads)
-      deltas = measure(model, traces, group_windows(config, n, {(l, k): WINDOW.value
-                                                                for k in groups}))
+      deltas = measure(
+        model, traces, group_windows(config, n, {(l, k): WINDOW.value for k in groups})
+      )
       for name, d in deltas.items():
         rows[name].append(d)
     cache.save(key, units=np.array(units), **{name: np.array(v) for name, v in rows.items()})
@@ -222,8 +249,10 @@ def part_ablation(cache: Cache, model, n: int) -> None:
 
 def variants(cache: Cache, n: int) -> list[str]:
   """Cached profile names at length n (profile_<pool>_<loss>_<n>)."""
-  return sorted(p.stem.removeprefix("profile_").removesuffix(f"_{n}")
-                for p in cache.root.glob(f"profile_*_{n}.npz"))
+  return sorted(
+    p.stem.removeprefix("profile_").removesuffix(f"_{n}")
+    for p in cache.root.glob(f"profile_*_{n}.npz")
+  )
 
 
 def e_bar(cache: Cache, variant: str, n: int, magnitude: str, rows=None) -> np.ndarray:
@@ -234,13 +263,21 @@ def e_bar(cache: Cache, variant: str, n: int, magnitude: str, rows=None) -> np.n
 def milp_plan(config, e: np.ndarray, n: int) -> np.ndarray:
   """[L, K] windows at n of the optimizer's plan for one E_bar (the smollm2 settings at one
   profile length)."""
-  rules = rules_lib.candidate_rules([n], CONSTRAINTS, alpha_step=256,
-                                    betas=tuple(i / 8 for i in range(9)))
-  problem = build_problem({n: loss_delta(e, rules, n, SINK, BLOCK)}, rules, CONSTRAINTS,
-                          num_kv_heads=config.num_kv_heads, budget=DENSITY, lo=0.9,
-                          max_rules_per_layer=2, sink=SINK, block=BLOCK)
-  front = pareto_front(problem, intervals=1, options=SolverOptions(time_limit=20.0),
-                       progress=False)
+  rules = rules_lib.candidate_rules(
+    [n], CONSTRAINTS, alpha_step=256, betas=tuple(i / 8 for i in range(9))
+  )
+  problem = build_problem(
+    {n: loss_delta(e, rules, n, SINK, BLOCK)},
+    rules,
+    CONSTRAINTS,
+    num_kv_heads=config.num_kv_heads,
+    budget=DENSITY,
+    lo=0.9,
+    max_rules_per_layer=2,
+    sink=SINK,
+    block=BLOCK,
+  )
+  front = pareto_front(problem, intervals=1, options=SolverOptions(time_limit=20.0), progress=False)
   return problem.to_plan(front.solutions[0]).cache_windows(n)
 
 
@@ -259,14 +296,18 @@ def random_masks(config, n: int, count: int, seed: int = 0) -> list[np.ndarray]:
 
 def part_masks(cache: Cache, model, n: int) -> None:
   config = model.config
-  masks = {"uniform": np.full((config.num_layers, config.num_kv_heads), int(
-      rules_lib.window_size(0, DENSITY - SINK / n, n)))}
+  masks = {
+    "uniform": np.full(
+      (config.num_layers, config.num_kv_heads), int(rules_lib.window_size(0, DENSITY - SINK / n, n))
+    )
+  }
   for i, w in enumerate(random_masks(config, n, 8)):
     masks[f"random{i}"] = w
   for variant in variants(cache, n):
     for magnitude in ("entries", "blocks"):
-      masks[f"plan_{variant}_{magnitude}"] = milp_plan(config, e_bar(cache, variant, n,
-                                                                     magnitude), n)
+      masks[f"plan_{variant}_{magnitude}"] = milp_plan(
+        config, e_bar(cache, variant, n, magnitude), n
+      )
   traces = None
   for name, windows in masks.items():
     key = f"mask_{name}_{n}"
@@ -279,6 +320,7 @@ def part_masks(cache: Cache, model, n: int) -> None:
 
 
 # --- report -------------------------------------------------------------------------------------
+
 
 def predicted(e: np.ndarray, windows_kv: np.ndarray, n: int) -> float:
   """Predicted dL of per-group windows [L, K] from E_bar [L, N, NB, NB] (query heads)."""
@@ -298,26 +340,43 @@ def spearman(a, b) -> float:
 def summary(pred: np.ndarray, meas: np.ndarray) -> dict:
   pred, meas = np.asarray(pred, float), np.asarray(meas, float)
   keep = np.abs(pred) > 0
-  return {"spearman": spearman(pred, meas), "pearson": float(np.corrcoef(pred, meas)[0, 1]),
-          "median_ratio_measured_over_predicted": float(np.median(meas[keep] / pred[keep]))
-          if keep.any() else None, "n": int(len(pred))}
+  return {
+    "spearman": spearman(pred, meas),
+    "pearson": float(np.corrcoef(pred, meas)[0, 1]),
+    "median_ratio_measured_over_predicted": float(np.median(meas[keep] / pred[keep]))
+    if keep.any()
+    else None,
+    "n": int(len(pred)),
+  }
 
 
 def part_report(cache: Cache, config, n: int, start: float) -> dict:
   held_out = ("val_text", "val_passkey")
-  result = {"command": shlex.join(["python", "experiments/smollm2_diagnostics.py",
-                                   *sys.argv[1:]]),
-            "length": n, "sink": SINK, "block": BLOCK, "window": WINDOW.value,
-            "held_out": {"val_text": f"stdlib size ranks {TEXT_VAL_RANK}..{TEXT_VAL_RANK + 3}, "
-                         "own last 64 tokens", "val_passkey": "passkey seed 77, true key"}}
+  result = {
+    "command": shlex.join(["python", "experiments/smollm2_diagnostics.py", *sys.argv[1:]]),
+    "length": n,
+    "sink": SINK,
+    "block": BLOCK,
+    "window": WINDOW.value,
+    "held_out": {
+      "val_text": f"stdlib size ranks {TEXT_VAL_RANK}..{TEXT_VAL_RANK + 3}, own last 64 tokens",
+      "val_passkey": "passkey seed 77, true key",
+    },
+  }
   # Measured whole-model masks and ablations: mean loss increase over both held-out sets.
   mean = lambda d: float(np.mean([d[name].mean() for name in held_out]))
-  masks = {p.stem.removeprefix("mask_").removesuffix(f"_{n}"): cache.load(p.stem)
-           for p in sorted(cache.root.glob(f"mask_*_{n}.npz"))}
+  masks = {
+    p.stem.removeprefix("mask_").removesuffix(f"_{n}"): cache.load(p.stem)
+    for p in sorted(cache.root.glob(f"mask_*_{n}.npz"))
+  }
   result["masks_measured"] = {
-      name: {"mean_increase": mean(d), **{h: float(d[h].mean()) for h in held_out},
-             "kv_density": float(rules_lib.kv_density(d["windows"], SINK, n))}
-      for name, d in masks.items()}
+    name: {
+      "mean_increase": mean(d),
+      **{h: float(d[h].mean()) for h in held_out},
+      "kv_density": float(rules_lib.kv_density(d["windows"], SINK, n)),
+    }
+    for name, d in masks.items()
+  }
   ablations = {}
   for kind in ("group", "layer"):
     key = f"ablation_{kind}_w{WINDOW.value}_{n}"
@@ -331,24 +390,35 @@ def part_report(cache: Cache, config, n: int, start: float) -> dict:
       row = {}
       for kind, d in ablations.items():
         units = [tuple(u) for u in d["units"]]
-        pred = [predicted(e, group_windows(config, n, {(l, k): WINDOW.value for k in (
-            [g] if g >= 0 else range(config.num_kv_heads))}), n) for l, g in units]
+        pred = [
+          predicted(
+            e,
+            group_windows(
+              config,
+              n,
+              {(l, k): WINDOW.value for k in ([g] if g >= 0 else range(config.num_kv_heads))},
+            ),
+            n,
+          )
+          for l, g in units
+        ]
         meas = np.mean([d[h] for h in held_out], 0).mean(-1)
         row[f"single_{kind}"] = summary(pred, meas)
         if kind == "group":
           order = np.argsort(-meas)
           pred_rank = stats.rankdata(-np.asarray(pred))
           ranking[f"{variant}/{magnitude}"] = {
-              "spearman": spearman(pred, meas),
-              "profile_rank_of_top5_measured": {f"{units[i][0]}/{units[i][1]}":
-                                                int(pred_rank[i]) for i in order[:5]},
-              "top10_overlap": len(set(order[:10]) & set(np.argsort(-np.asarray(pred))[:10]))}
+            "spearman": spearman(pred, meas),
+            "profile_rank_of_top5_measured": {
+              f"{units[i][0]}/{units[i][1]}": int(pred_rank[i]) for i in order[:5]
+            },
+            "top10_overlap": len(set(order[:10]) & set(np.argsort(-np.asarray(pred))[:10])),
+          }
       if masks:
         pred = [predicted(e, d["windows"], n) for d in masks.values()]
         meas = [mean(d) for d in masks.values()]
         row["whole_model_masks"] = summary(pred, meas)
-        row["whole_model_masks"]["pairs"] = {
-            name: [p, m] for name, p, m in zip(masks, pred, meas)}
+        row["whole_model_masks"]["pairs"] = {name: [p, m] for name, p, m in zip(masks, pred, meas)}
       first_order[f"{variant}/{magnitude}"] = row
   result["first_order_check"] = first_order
   result["ablation_vs_profile_ranking"] = ranking
@@ -357,10 +427,10 @@ def part_report(cache: Cache, config, n: int, start: float) -> dict:
     meas = np.mean([d[h] for h in held_out], 0).mean(-1)
     order = np.argsort(-meas)
     result["ablation_groups"] = {
-        "top10": [[int(d["units"][i][0]), int(d["units"][i][1]), float(meas[i])]
-                  for i in order[:10]],
-        "sum_of_single_group_increases": float(meas.sum()),
-        "per_set_spearman": spearman(d[held_out[0]].mean(-1), d[held_out[1]].mean(-1))}
+      "top10": [[int(d["units"][i][0]), int(d["units"][i][1]), float(meas[i])] for i in order[:10]],
+      "sum_of_single_group_increases": float(meas.sum()),
+      "per_set_spearman": spearman(d[held_out[0]].mean(-1), d[held_out[1]].mean(-1)),
+    }
   result["sensitivity"] = sensitivity(cache, config, n, names, ablations, held_out)
   result["seconds_report"] = time.perf_counter() - start
   return result
@@ -386,9 +456,10 @@ def sensitivity(cache, config, n, names, ablations, held_out) -> dict:
           continue
         e = per_sample[:size].mean(0)
         rows[str(size)] = spearman([predicted(e, w, n) for w in cut], meas)
-      half = [per_sample[: s // 2].mean(0), per_sample[s // 2:].mean(0)]
-      rows["split_half_agreement"] = spearman(*[[predicted(e, w, n) for w in cut]
-                                                for e in half]) if s >= 2 else None
+      half = [per_sample[: s // 2].mean(0), per_sample[s // 2 :].mean(0)]
+      rows["split_half_agreement"] = (
+        spearman(*[[predicted(e, w, n) for w in cut] for e in half]) if s >= 2 else None
+      )
       out[f"{variant}/{magnitude}"] = rows
   return out
 

@@ -33,32 +33,64 @@ def main(argv):
   config = load_config("configs/demo.py")
   ev = config.eval
   model, tokenizer, model_id = load_model(config.model)
-  factory = harness.plan_factory(model.config, density=config.optimize.density,
-                                 plans={"moa": Plan.load(PLAN.value)}, sink=config.optimize.sink)
+  factory = harness.plan_factory(
+    model.config,
+    density=config.optimize.density,
+    plans={"moa": Plan.load(PLAN.value)},
+    sink=config.optimize.sink,
+  )
   compiles = []
   jax.monitoring.register_event_duration_secs_listener(
-      lambda event, seconds, **kwargs: compiles.append(seconds)
-      if event == "/jax/core/compile/backend_compile_duration" else None)
+    lambda event, seconds, **kwargs: compiles.append(seconds)
+    if event == "/jax/core/compile/backend_compile_duration"
+    else None
+  )
   load = os.getloadavg()[0]
   start = time.perf_counter()
   records = harness.evaluate(
-      model, tokenizer, methods=("dense", "uniform", "moa"), attention_factory=factory,
-      tasks=tuple(ev.tasks), lengths=tuple(ev.lengths), samples_per_depth=ev.samples_per_depth,
-      seed=ev.seed, batch_size=ev.batch_size, progress=False)
+    model,
+    tokenizer,
+    methods=("dense", "uniform", "moa"),
+    attention_factory=factory,
+    tasks=tuple(ev.tasks),
+    lengths=tuple(ev.lengths),
+    samples_per_depth=ev.samples_per_depth,
+    seed=ev.seed,
+    batch_size=ev.batch_size,
+    progress=False,
+  )
   seconds = time.perf_counter() - start
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip() or "unknown"
-  entry = {"label": LABEL.value, "commit": commit, "model": model_id,
-           "plan": PLAN.value, "seconds": round(seconds, 1),
-           "backend_compiles": len(compiles), "compile_seconds": round(sum(compiles), 1),
-           "generations": sum(r["num_samples"] for r in records),
-           "load_average_1min": [round(load, 1), round(os.getloadavg()[0], 1)],  # start, end
-           "accuracy": {m: {t: {str(n): a for n, a in by_n.items()} for t, by_n in by_t.items()}
-                        for m, by_t in harness.accuracy_table(records).items()}}
+  commit = (
+    subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    or "unknown"
+  )
+  entry = {
+    "label": LABEL.value,
+    "commit": commit,
+    "model": model_id,
+    "plan": PLAN.value,
+    "seconds": round(seconds, 1),
+    "backend_compiles": len(compiles),
+    "compile_seconds": round(sum(compiles), 1),
+    "generations": sum(r["num_samples"] for r in records),
+    "load_average_1min": [round(load, 1), round(os.getloadavg()[0], 1)],  # start, end
+    "accuracy": {
+      m: {t: {str(n): a for n, a in by_n.items()} for t, by_n in by_t.items()}
+      for m, by_t in harness.accuracy_table(records).items()
+    },
+  }
   out = Path(OUT.value)
-  results = json.loads(out.read_text()) if out.exists() else {
+  results = (
+    json.loads(out.read_text())
+    if out.exists()
+    else {
       "command": "python experiments/time_demo_eval.py --plan=PLAN --label=LABEL",
-      "what": __doc__.split("\n")[0], "runs": []}
+      "what": __doc__.split("\n")[0],
+      "runs": [],
+    }
+  )
   results["runs"].append(entry)
   out.write_text(json.dumps(results, indent=1) + "\n")
   print(json.dumps(entry, indent=1))

@@ -17,8 +17,7 @@ T, SINK = 160, 8
 
 @pytest.fixture(scope="module")
 def setup():
-  config = LlamaConfig.tiny(num_layers=2, num_heads=6, num_kv_heads=2,
-                            max_position_embeddings=T)
+  config = LlamaConfig.tiny(num_layers=2, num_heads=6, num_kv_heads=2, max_position_embeddings=T)
   model = Llama(config, rngs=nnx.Rngs(5))
   rng = np.random.default_rng(11)
   lengths = np.array([T, T - 37], np.int32)
@@ -26,7 +25,7 @@ def setup():
   loss_mask = np.zeros((2, T), bool)
   for row, n in enumerate(lengths):
     tokens[row, n:] = 0
-    loss_mask[row, n - 12:n] = True
+    loss_mask[row, n - 12 : n] = True
   return model, CalibrationBucket(tokens, loss_mask, lengths)
 
 
@@ -36,12 +35,19 @@ def _brute_force(model, bucket, windows, candidates, loss):
   config = model.config
   out = np.zeros((bucket.num_samples, config.num_layers, config.num_heads, len(candidates)))
   for row in range(bucket.num_samples):
-    hidden_index, weight = response_targets(bucket.loss_mask[row:row + 1])
-    pos = jnp.asarray(bucket.positions()[row:row + 1])
+    hidden_index, weight = response_targets(bucket.loss_mask[row : row + 1])
+    pos = jnp.asarray(bucket.positions()[row : row + 1])
     d_outs, records = at_plan._plan_grads(
-        graphdef, state, jnp.asarray(bucket.tokens[row:row + 1]), pos,
-        jnp.asarray(hidden_index), jnp.asarray(weight), jnp.asarray(windows), sink=SINK,
-        loss=loss)
+      graphdef,
+      state,
+      jnp.asarray(bucket.tokens[row : row + 1]),
+      pos,
+      jnp.asarray(hidden_index),
+      jnp.asarray(weight),
+      jnp.asarray(windows),
+      sink=SINK,
+      loss=loss,
+    )
     for layer in range(config.num_layers):
       q, k, v = records[layer]
       base = reference_attention(q, k, v, pos, pos, windows=windows[layer], sink=SINK)

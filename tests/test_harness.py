@@ -47,9 +47,15 @@ def model():
 @pytest.fixture(scope="module")
 def moa_plan(model):
   """A hand-made heterogeneous plan: layer 0 local + growing, layer 1 one wide, one fixed."""
-  return Plan(num_layers=2, num_heads=4, num_kv_heads=2,
-              alphas=np.array([[64.0, 0.0], [-32.0, 96.0]]),
-              betas=np.array([[0.0, 0.25], [1.0, 0.0]]), sink=16, block=16)
+  return Plan(
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    alphas=np.array([[64.0, 0.0], [-32.0, 96.0]]),
+    betas=np.array([[0.0, 0.25], [1.0, 0.0]]),
+    sink=16,
+    block=16,
+  )
 
 
 def random_tokens(seed, shape):
@@ -78,7 +84,7 @@ def test_moa_decode_matches_prefill(model, moa_plan):
   caches = attention.init_cache(model.config, 1, 96)
   _, caches = forward(model, tokens[:, :80], positions[:, :80], caches)
   for t in range(80, 90):
-    step, caches = forward(model, tokens[:, t:t + 1], positions[:, t:t + 1], caches)
+    step, caches = forward(model, tokens[:, t : t + 1], positions[:, t : t + 1], caches)
     np.testing.assert_allclose(step[:, 0], full[:, t], rtol=1e-4, atol=1e-4)
 
 
@@ -101,8 +107,9 @@ def test_response_cross_entropy_matches_manual(model):
   prompts = [[1, 50, 60, 70, 80, 90], [1, 33, 44]]
   answers = [[65, 66, 67], [100, 101]]
   ce = harness.response_cross_entropy(model, prompts, answers)
-  forward = nnx.jit(lambda m, t: jax.nn.log_softmax(
-      m(t, jnp.arange(t.shape[1], dtype=jnp.int32)[None])[0][0], -1))
+  forward = nnx.jit(
+    lambda m, t: jax.nn.log_softmax(m(t, jnp.arange(t.shape[1], dtype=jnp.int32)[None])[0][0], -1)
+  )
   for p, a, value in zip(prompts, answers, ce):
     logp = forward(model, jnp.asarray([p + a], jnp.int32))
     manual = -np.mean([logp[len(p) - 1 + j, token] for j, token in enumerate(a)])
@@ -125,21 +132,22 @@ def test_scoring_on_the_moa_cache_equals_one_forward(model, moa_plan):
   prompts = [[1] + list(range(3, 102)), [1] + list(range(8, 127))]  # 100 and 120 tokens
   targets = [[5, 6, 7, 8, 9], [11, 12, 13]]
   factory = harness.plan_factory(model.config, plans={"moa": moa_plan}, sink=16)
-  outputs, nll = harness.run_prompts(model, prompts, "moa", factory, batch_size=2,
-                                     new_tokens=6, targets=targets, eos_ids=())
+  outputs, nll = harness.run_prompts(
+    model, prompts, "moa", factory, batch_size=2, new_tokens=6, targets=targets, eos_ids=()
+  )
   assert [len(o) for o in outputs] == [6, 6]
   planned = 128 + 6  # both prompts pad to 128 (one bucket), then 6 new tokens
   fixed = MoAAttention(moa_plan.windows(planned), sink=moa_plan.sink)
   forward = nnx.jit(lambda m, t, p: jax.nn.log_softmax(m(t, p, attention=fixed)[0], -1))
-  tokens, positions = generate_lib.left_pad([p + t[:-1] for p, t in zip(prompts, targets)],
-                                            multiple=1)
+  tokens, positions = generate_lib.left_pad(
+    [p + t[:-1] for p, t in zip(prompts, targets)], multiple=1
+  )
   logp = forward(model, jnp.asarray(tokens), jnp.asarray(positions))
   for row, t in enumerate(targets):
     start = tokens.shape[1] - len(t)
     manual = [-float(logp[row, start + j, token]) for j, token in enumerate(t)]
     np.testing.assert_allclose(nll[row], manual, rtol=2e-4, atol=2e-4)
-  _, dense = harness.run_prompts(model, prompts, "dense", factory, batch_size=2,
-                                 targets=targets)
+  _, dense = harness.run_prompts(model, prompts, "dense", factory, batch_size=2, targets=targets)
   assert not np.allclose(np.concatenate(dense), np.concatenate(nll), atol=1e-3)
 
 
@@ -159,11 +167,13 @@ def test_a_cell_compiles_once_per_shape_bucket(model, moa_plan):
   """Five prompts in batches of two (the last with a filler row) compile no more programs than
   one batch of five: one program per shape bucket, not per batch; a repeat compiles nothing."""
   tok = CharTokenizer()
-  inputs = harness.synthetic_inputs(tok, "passkey", 300, depths=(0.1, 0.3, 0.5, 0.7, 0.9),
-                                    seed=3, max_new_tokens=6)
+  inputs = harness.synthetic_inputs(
+    tok, "passkey", 300, depths=(0.1, 0.3, 0.5, 0.7, 0.9), seed=3, max_new_tokens=6
+  )
   assert len(harness.shape_buckets([len(p) for p in inputs.prompts])) == 1
-  cell = lambda factory, size: harness.evaluate_cell(model, tok, inputs, "moa", factory,
-                                                     batch_size=size)
+  cell = lambda factory, size: harness.evaluate_cell(
+    model, tok, inputs, "moa", factory, batch_size=size
+  )
   fresh = lambda: harness.plan_factory(model.config, plans={"moa": moa_plan}, sink=16)
   one_batch = count_compiles(lambda: cell(fresh(), 5))
   factory, out = fresh(), {}
@@ -177,16 +187,30 @@ def test_a_cell_compiles_once_per_shape_bucket(model, moa_plan):
 @pytest.mark.slow
 def test_evaluate_records_json_plots_and_determinism(model, moa_plan, tmp_path):
   factory = harness.plan_factory(model.config, density=0.5, plans={"moa": moa_plan}, sink=16)
-  kwargs = dict(methods=("dense", "uniform", "moa"), attention_factory=factory,
-                tasks=("passkey",), lengths=(400,), depths=(0.25, 0.75), samples_per_depth=2,
-                seed=4, max_new_tokens=6, batch_size=4, progress=False)
+  kwargs = dict(
+    methods=("dense", "uniform", "moa"),
+    attention_factory=factory,
+    tasks=("passkey",),
+    lengths=(400,),
+    depths=(0.25, 0.75),
+    samples_per_depth=2,
+    seed=4,
+    max_new_tokens=6,
+    batch_size=4,
+    progress=False,
+  )
   records = harness.evaluate(model, CharTokenizer(), **kwargs)
-  cells = {m: {(r["task"], r["length"], r["decile"], r["num_samples"]) for r in records
-               if r["method"] == m} for m in ("dense", "uniform", "moa")}
+  cells = {
+    m: {
+      (r["task"], r["length"], r["decile"], r["num_samples"]) for r in records if r["method"] == m
+    }
+    for m in ("dense", "uniform", "moa")
+  }
   assert cells["dense"] == cells["uniform"] == cells["moa"]
   assert {(t, n, d) for t, n, d, _ in cells["dense"]} == {
-      ("passkey", 400, s.decile)
-      for s in make_samples("passkey", CharTokenizer(), 400, 4, seed=4, depths=(0.25, 0.75))}
+    ("passkey", 400, s.decile)
+    for s in make_samples("passkey", CharTokenizer(), 400, 4, seed=4, depths=(0.25, 0.75))
+  }
   for r in records:
     assert r["num_samples"] == 2 and 0.0 <= r["accuracy"] <= 1.0
     assert abs(r["mean_tokens"] - r["length"]) <= 0.05 * r["length"] + 1  # + BOS
@@ -203,7 +227,9 @@ def test_evaluate_records_json_plots_and_determinism(model, moa_plan, tmp_path):
     with open(path, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
-      "accuracy_vs_length.png", "heatmap_passkey.png"]
+    "accuracy_vs_length.png",
+    "heatmap_passkey.png",
+  ]
 
   again = harness.evaluate(model, CharTokenizer(), **kwargs)
   assert again == records
@@ -211,34 +237,45 @@ def test_evaluate_records_json_plots_and_determinism(model, moa_plan, tmp_path):
 
 def test_accuracy_table_and_effective_context_length():
   def rec(method, length, decile, accuracy, n=2):
-    return dict(method=method, task="lines", length=length, decile=decile, accuracy=accuracy,
-                num_samples=n)
-  records = [rec("dense", 1024, 0, 1.0), rec("dense", 1024, 9, 1.0),
-             rec("dense", 2048, 0, 1.0), rec("dense", 2048, 9, 0.8, n=6),  # (2 + 4.8) / 8
-             rec("dense", 4096, 0, 0.9), rec("dense", 4096, 9, 0.9),
-             rec("uniform", 1024, 0, 0.5), rec("uniform", 2048, 0, 0.0)]
+    return dict(
+      method=method, task="lines", length=length, decile=decile, accuracy=accuracy, num_samples=n
+    )
+
+  records = [
+    rec("dense", 1024, 0, 1.0),
+    rec("dense", 1024, 9, 1.0),
+    rec("dense", 2048, 0, 1.0),
+    rec("dense", 2048, 9, 0.8, n=6),  # (2 + 4.8) / 8
+    rec("dense", 4096, 0, 0.9),
+    rec("dense", 4096, 9, 0.9),
+    rec("uniform", 1024, 0, 0.5),
+    rec("uniform", 2048, 0, 0.0),
+  ]
   table = harness.accuracy_table(records)
   assert table["dense"]["lines"] == {1024: 1.0, 2048: pytest.approx(0.85), 4096: 0.9}
-  assert harness.effective_context_length(records) == {"dense": {"lines": 4096},
-                                                       "uniform": {"lines": 0}}
+  assert harness.effective_context_length(records) == {
+    "dense": {"lines": 4096},
+    "uniform": {"lines": 0},
+  }
 
 
 def test_truncate_middle_and_longbench(model, tmp_path):
   assert harness.truncate_middle(list(range(10)), 4) == [0, 1, 8, 9]
   assert harness.truncate_middle(list(range(10)), 5) == [0, 1, 7, 8, 9]
   assert harness.truncate_middle([1, 2], 5) == [1, 2]
-  records = list(longbench_lib.load_longbench("hotpotqa", data_dir=LONGBENCH_TINY,
-                                              cache_dir=str(tmp_path)))
+  records = list(
+    longbench_lib.load_longbench("hotpotqa", data_dir=LONGBENCH_TINY, cache_dir=str(tmp_path))
+  )
   inputs = harness.longbench_inputs(CharTokenizer(), records, 160)
   assert inputs.task == "longbench/hotpotqa" and inputs.new_tokens == 32
   assert max(len(p) for p in inputs.prompts) <= 160 + 2  # cut in the text, re-encoded
   factory = harness.plan_factory(model.config, density=0.5, sink=16)
-  (record,) = harness.evaluate_cell(model, CharTokenizer(), inputs, "uniform", factory,
-                                    batch_size=4)
+  (record,) = harness.evaluate_cell(
+    model, CharTokenizer(), inputs, "uniform", factory, batch_size=4
+  )
   assert record["num_samples"] == 3 and 0 <= record["score"] <= 100
   assert record["accuracy"] == pytest.approx(record["score"] / 100)
-  assert {b: v["count"] for b, v in record["buckets"].items()} == {
-      "0-4k": 1, "4-8k": 1, "8k+": 1}
+  assert {b: v["count"] for b, v in record["buckets"].items()} == {"0-4k": 1, "4-8k": 1, "8k+": 1}
 
 
 def test_group_cut_factory_and_far_influence_share(model):

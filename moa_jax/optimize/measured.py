@@ -55,8 +55,13 @@ class _PrefixAttention:
 def _layer_rows(graphdef, state, x, positions, k_prefix, v_prefix, prefix_pos, windows, *, sink):
   """One decoder layer on rows x [B, T', D] at positions [B, T'] -> (x', k, v of those rows)."""
   layer = nnx.merge(graphdef, state)
-  out, (k, v) = layer(x, positions, layer=0, attention=_PrefixAttention(windows, sink),
-                      cache=(k_prefix, v_prefix, prefix_pos))
+  out, (k, v) = layer(
+    x,
+    positions,
+    layer=0,
+    attention=_PrefixAttention(windows, sink),
+    cache=(k_prefix, v_prefix, prefix_pos),
+  )
   return out, k, v
 
 
@@ -66,8 +71,9 @@ def _response_nll(graphdef, state, hidden, hidden_index, targets, weight):
   model = nnx.merge(graphdef, state)
   picked = jnp.take_along_axis(hidden, hidden_index[..., None], axis=1)  # [B, R, D]
   picked = model.model.norm(picked)
-  logits = jnp.einsum("brd,vd->brv", picked, model.output_embedding(),
-                      preferred_element_type=jnp.float32)  # [B, R, V]
+  logits = jnp.einsum(
+    "brd,vd->brv", picked, model.output_embedding(), preferred_element_type=jnp.float32
+  )  # [B, R, V]
   target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   return jnp.sum(weight * (jax.nn.logsumexp(logits, axis=-1) - target_logits), axis=-1)
 
@@ -123,15 +129,25 @@ def dense_trace(model, bucket: CalibrationBucket) -> DenseTrace:
   inputs, keys, values = [], [], []
   for graphdef, state in _layers(model):
     inputs.append(x)
-    x, k, v = _layer_rows(graphdef, state, x, positions, empty_kv, empty_kv, empty_pos, dense,
-                          sink=0)
+    x, k, v = _layer_rows(
+      graphdef, state, x, positions, empty_kv, empty_kv, empty_pos, dense, sink=0
+    )
     keys.append(k)
     values.append(v)
   graphdef, state = _model_rest(model)
-  nll = _response_nll(graphdef, state, x, jnp.asarray(hidden_index), jnp.asarray(targets),
-                      jnp.asarray(weight))
-  return DenseTrace(jnp.stack(inputs), jnp.stack(keys), jnp.stack(values), positions,
-                    hidden_index, weight, targets, np.asarray(nll, np.float64))
+  nll = _response_nll(
+    graphdef, state, x, jnp.asarray(hidden_index), jnp.asarray(targets), jnp.asarray(weight)
+  )
+  return DenseTrace(
+    jnp.stack(inputs),
+    jnp.stack(keys),
+    jnp.stack(values),
+    positions,
+    hidden_index,
+    weight,
+    targets,
+    np.asarray(nll, np.float64),
+  )
 
 
 def _first_changed(windows: np.ndarray, length: int, sink: int) -> tuple[int, int] | None:
@@ -173,10 +189,24 @@ def masked_losses(model, trace: DenseTrace, windows, sink: int = DEFAULT_SINK) -
   for layer, (graphdef, state) in enumerate(_layers(model)):
     if layer < l0:
       continue
-    x, _, _ = _layer_rows(graphdef, state, x, positions, trace.keys[layer][:, :p0],
-                          trace.values[layer][:, :p0], prefix_pos, jnp.asarray(clipped[layer]),
-                          sink=sink)
+    x, _, _ = _layer_rows(
+      graphdef,
+      state,
+      x,
+      positions,
+      trace.keys[layer][:, :p0],
+      trace.values[layer][:, :p0],
+      prefix_pos,
+      jnp.asarray(clipped[layer]),
+      sink=sink,
+    )
   graphdef, state = _model_rest(model)
-  nll = _response_nll(graphdef, state, x, jnp.asarray(np.maximum(trace.hidden_index - p0, 0)),
-                      jnp.asarray(trace.targets), jnp.asarray(trace.weight))
+  nll = _response_nll(
+    graphdef,
+    state,
+    x,
+    jnp.asarray(np.maximum(trace.hidden_index - p0, 0)),
+    jnp.asarray(trace.targets),
+    jnp.asarray(trace.weight),
+  )
   return np.asarray(nll, np.float64)

@@ -54,8 +54,9 @@ class _WindowProbeAttention:
   def __call__(self, layer, q, k, v, q_pos, cache):
     del cache
     sink = self.sink
-    attend = jax.checkpoint(lambda q, k, v, pos, w: blocked_attention(q, k, v, pos, windows=w,
-                                                                      sink=sink))
+    attend = jax.checkpoint(
+      lambda q, k, v, pos, w: blocked_attention(q, k, v, pos, windows=w, sink=sink)
+    )
     out = attend(q, k, v, q_pos, self.windows[layer])
     self.records[layer] = (q, k, v)
     return out + self.probes[layer].astype(out.dtype), None
@@ -66,8 +67,10 @@ def _plan_grads(graphdef, state, tokens, positions, hidden_index, weight, window
   """dO [B, T, N, H] per layer under the windows [L, N], and every layer's q, k, v."""
   config = nnx.merge(graphdef, state).config
   b, t = tokens.shape
-  zeros = [jnp.zeros((b, t, config.num_heads, config.head_dim), config.dtype)
-           for _ in range(config.num_layers)]
+  zeros = [
+    jnp.zeros((b, t, config.num_heads, config.head_dim), config.dtype)
+    for _ in range(config.num_layers)
+  ]
 
   def loss_fn(probes):
     attention = _WindowProbeAttention(probes, windows, sink)
@@ -104,23 +107,32 @@ def _layer_deltas(q, k, v, d_out, lengths, current, candidates, *, sink, tile):
   kv_heads = k.shape[2]
   g = n // kv_heads
   tile = min(tile, t)
-  windows = jnp.concatenate([current[:, None], jnp.broadcast_to(candidates, (n, len(candidates)))],
-                            axis=1).reshape(kv_heads, g, -1)  # [K, G, 1 + C]
+  windows = jnp.concatenate(
+    [current[:, None], jnp.broadcast_to(candidates, (n, len(candidates)))], axis=1
+  ).reshape(kv_heads, g, -1)  # [K, G, 1 + C]
   total = jnp.zeros((b, kv_heads, g, windows.shape[-1]), jnp.float32)
   for start in range(0, t, tile):
     stop = min(start + tile, t)
     rows = jnp.arange(start, stop)
     qg = q[:, start:stop].reshape(b, stop - start, kv_heads, g, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k[:, :stop], preferred_element_type=jnp.float32,
-                        precision=HIGHEST) * h ** -0.5  # [B, K, G, R, S]
+    logits = (
+      jnp.einsum(
+        "btkgh,bskh->bkgts", qg, k[:, :stop], preferred_element_type=jnp.float32, precision=HIGHEST
+      )
+      * h**-0.5
+    )  # [B, K, G, R, S]
     keys = jnp.arange(stop)
     causal = (keys[None, :] <= rows[:, None])[None, None, None]  # [1, 1, 1, R, S]
     valid = causal & (keys < lengths[:, None])[:, None, None, None, :]
     weights = jax.nn.softmax(jnp.where(valid, logits, MASKED_LOGIT), axis=-1)
     weights = jnp.where(valid, weights, 0.0)
     do_g = d_out[:, start:stop].reshape(b, stop - start, kv_heads, g, h)
-    grads = jnp.einsum("btkgh,bskh->bkgts", do_g.astype(jnp.float32), v[:, :stop].astype(
-        jnp.float32), precision=HIGHEST)  # [B, K, G, R, S] = dO_i . v_j
+    grads = jnp.einsum(
+      "btkgh,bskh->bkgts",
+      do_g.astype(jnp.float32),
+      v[:, :stop].astype(jnp.float32),
+      precision=HIGHEST,
+    )  # [B, K, G, R, S] = dO_i . v_j
     mass = _window_sums(jnp.cumsum(weights, -1), rows, windows, sink)  # [B, K, G, R, 1 + C]
     proj = _window_sums(jnp.cumsum(weights * grads, -1), rows, windows, sink)
     value = proj / jnp.maximum(mass, 1e-30)  # dO_i . O_i(w)
@@ -130,9 +142,17 @@ def _layer_deltas(q, k, v, d_out, lengths, current, candidates, *, sink, tile):
   return total[..., 1:].reshape(b, n, -1)
 
 
-def window_deltas(model, bucket: CalibrationBucket, windows, candidates, *,
-                  sink: int = DEFAULT_SINK, loss: str = "nll", tile: int = 256,
-                  progress_every: int = 0) -> np.ndarray:
+def window_deltas(
+  model,
+  bucket: CalibrationBucket,
+  windows,
+  candidates,
+  *,
+  sink: int = DEFAULT_SINK,
+  loss: str = "nll",
+  tile: int = 256,
+  progress_every: int = 0,
+) -> np.ndarray:
   """float64 [S, L, N, C]: per sample, the first-order change of its mean response loss when
   one head moves from its plan window to each candidate window, every other head at the plan.
 
@@ -157,15 +177,37 @@ def window_deltas(model, bucket: CalibrationBucket, windows, candidates, *,
   positions = bucket.positions()
   out = []
   for row in range(bucket.num_samples):
-    hidden_index, weight = response_targets(bucket.loss_mask[row:row + 1])
+    hidden_index, weight = response_targets(bucket.loss_mask[row : row + 1])
     d_outs, records = _plan_grads(
-        graphdef, state, jnp.asarray(bucket.tokens[row:row + 1]),
-        jnp.asarray(positions[row:row + 1]), jnp.asarray(hidden_index), jnp.asarray(weight),
-        jnp.asarray(windows), sink=sink, loss=loss)
-    lengths = jnp.asarray(bucket.lengths[row:row + 1])
-    out.append(np.stack([np.asarray(_layer_deltas(
-        *records[l], d_outs[l], lengths, jnp.asarray(windows[l]), jnp.asarray(candidates),
-        sink=sink, tile=tile))[0] for l in range(config.num_layers)]))
+      graphdef,
+      state,
+      jnp.asarray(bucket.tokens[row : row + 1]),
+      jnp.asarray(positions[row : row + 1]),
+      jnp.asarray(hidden_index),
+      jnp.asarray(weight),
+      jnp.asarray(windows),
+      sink=sink,
+      loss=loss,
+    )
+    lengths = jnp.asarray(bucket.lengths[row : row + 1])
+    out.append(
+      np.stack(
+        [
+          np.asarray(
+            _layer_deltas(
+              *records[l],
+              d_outs[l],
+              lengths,
+              jnp.asarray(windows[l]),
+              jnp.asarray(candidates),
+              sink=sink,
+              tile=tile,
+            )
+          )[0]
+          for l in range(config.num_layers)
+        ]
+      )
+    )
     if progress_every and (row + 1) % progress_every == 0:
       print(f"[at_plan] sample {row + 1}/{bucket.num_samples}", flush=True)
   return np.stack(out).astype(np.float64)
