@@ -1,106 +1,91 @@
 """Which KV groups does line retrieval need, and does the profile see them?
 
-  python experiments/ablate_groups.py --workdir=runs/demo --out=benchmarks/ablation.json
+  python experiments/ablate_groups.py --workdir=runs/demo_agnostic --out=benchmarks/ablation.json
 
 For every (layer, KV group) of the reference model, that group alone is cut to a short window
-(sink + `--window` tokens) while every other group stays dense; LongEval line-retrieval accuracy
-at `--length` tokens (one prompt per depth decile x `--per-decile`) tells how much retrieval
-depends on the group's long-range attention. Beside it: the group's share of the profiled
-influence E_bar outside that window (from `<workdir>/compress/profile/influence.npz`), and the
-window the chosen plan gives it at that length. Prints a table; writes JSON.
+(sink + `--window` tokens) while every other group stays dense (`moa_jax.eval.ablation`); the
+harness's LongEval line-retrieval accuracy at `--length` tokens (one prompt per depth decile x
+`--per_decile`) tells how much retrieval depends on the group's long-range attention. Beside it:
+the group's share of the profiled influence outside that window (from
+`<workdir>/compress/profile/influence.npz`), and the window the chosen plan gives it at that
+length. Prints a table; writes JSON.
 """
 
-import argparse
 import json
+import shlex
+import sys
 import time
 
 import numpy as np
+from absl import app, flags
 from scipy import stats
 
-from moa_jax.attention.dense import DenseAttention
-from moa_jax.attention.moa import MoAAttention
-from moa_jax.calibration import prompts
-from moa_jax.data import tasks
-from moa_jax.eval import metrics
-from moa_jax.generate import generate
-from moa_jax.models.hf import load_pretrained, load_tokenizer
-from moa_jax.models.loading import reference_model_dir
+from moa_jax.eval import ablation, harness
+from moa_jax.models.loading import load_model, model_section
 from moa_jax.plans.plan import Plan
-from moa_jax.plans.rules import DEFAULT_SINK, expand_to_query_heads
+from moa_jax.plans.rules import DEFAULT_SINK
+
+WORKDIR = flags.DEFINE_string("workdir", "runs/demo_agnostic", "a finished demo/compress run")
+LENGTH = flags.DEFINE_integer("length", 1024, "prompt tokens")
+WINDOW = flags.DEFINE_integer("window", 128, "window of the cut group (tokens, besides the sink)")
+PER_DECILE = flags.DEFINE_integer("per_decile", 1, "prompts per needle-depth decile")
+OUT = flags.DEFINE_string("out", "benchmarks/ablation.json", "results file")
 
 
-def accuracy(model, tokenizer, samples, attention) -> float:
-  prompts = [prompts.chat_prompt_ids(tokenizer, s.prompt) for s in samples]
-  outputs = generate(model, prompts, 12, attention=attention, eos_id=tokenizer.eos_token_id)
-  return float(
-    np.mean(
-      [
-        metrics.score(s.metric, tokenizer.decode(o).split("\n")[0], s.answer)
-        for s, o in zip(samples, outputs)
-      ]
-    )
-  )
-
-
-def far_influence(e_bar: np.ndarray, window: int, block: int, group_size: int) -> np.ndarray:
-  """[L, K] influence outside the window (non-sink blocks with r - c >= window / block),
-  summed over each group's query heads, as a share of the total."""
-  nb = e_bar.shape[-1]
-  r, c = np.tril_indices(nb)
-  far = (r - c >= window // block) & (c > 0)
-  share = e_bar[..., r[far], c[far]].sum(-1)  # [L, N]
-  l, n = share.shape
-  return share.reshape(l, n // group_size, group_size).sum(-1) / share.sum()
-
-
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", default="runs/demo")
-  parser.add_argument("--length", type=int, default=1024)
-  parser.add_argument("--window", type=int, default=128)
-  parser.add_argument("--per-decile", type=int, default=1)
-  parser.add_argument("--out", default="benchmarks/ablation.json")
-  args = parser.parse_args()
+def main(argv):
+  del argv
   start = time.perf_counter()
-  model, config = load_pretrained(reference_model_dir(), dtype="float32")
-  tokenizer = load_tokenizer(reference_model_dir())
-  samples = tasks.make_samples(
-    "lines", tokenizer, args.length, 10 * args.per_decile, seed=99, depths=tasks.DECILES
+  model, tokenizer, model_id = load_model(model_section())  # the embedded reference model
+  config = model.config
+  plan = Plan.load(f"{WORKDIR.value}/compress/plan.json").validate(config)
+  with np.load(f"{WORKDIR.value}/compress/profile/influence.npz") as data:
+    profiled = min((int(n) for n in data.files), key=lambda n: abs(n - LENGTH.value))
+    share = ablation.far_influence_share(
+      data[str(profiled)], WINDOW.value, plan.block, config.group_size
+    )  # [L, K]
+  groups = [(l, g) for l in range(config.num_layers) for g in range(config.num_kv_heads)]
+  methods = ["dense"] + [ablation.cut_method(l, g) for l, g in groups]
+  records = harness.evaluate(
+    model,
+    tokenizer,
+    methods=methods,
+    attention_factory=ablation.group_cut_factory(config, WINDOW.value, sink=DEFAULT_SINK),
+    tasks=("lines",),
+    lengths=(LENGTH.value,),
+    samples_per_depth=PER_DECILE.value,
+    seed=99,
+    max_new_tokens=12,
+    batch_size=10,
+    with_ce=False,
   )
-  plan = Plan.load(f"{args.workdir}/compress/plan.json")
-  with np.load(f"{args.workdir}/compress/profile/influence.npz") as data:
-    profiled = min((int(n) for n in data.files), key=lambda n: abs(n - args.length))
-    share = far_influence(data[str(profiled)], args.window, plan.block, config.group_size)
-  plan_windows = plan.cache_windows(args.length)  # [L, K]
-  dense = accuracy(model, tokenizer, samples, DenseAttention())
-  rows = []
-  for layer in range(config.num_layers):
-    for group in range(config.num_kv_heads):
-      windows = np.full((config.num_layers, config.num_kv_heads), args.length)
-      windows[layer, group] = args.window
-      attention = MoAAttention(expand_to_query_heads(windows, config.num_heads), sink=DEFAULT_SINK)
-      rows.append(
-        dict(
-          layer=layer,
-          group=group,
-          accuracy=accuracy(model, tokenizer, samples, attention),
-          far_influence_share=float(share[layer, group]),
-          plan_window=int(plan_windows[layer, group]),
-        )
-      )
-      print(
-        f"layer {layer} group {group}: accuracy {rows[-1]['accuracy']:.2f}  far-influence "
-        f"share {share[layer, group]:.3f}  plan window {plan_windows[layer, group]}",
-        flush=True,
-      )
+  accuracy = {
+    m: by_task["lines"][LENGTH.value] for m, by_task in harness.accuracy_table(records).items()
+  }
+  plan_windows = plan.cache_windows(LENGTH.value)  # [L, K]
+  rows = [
+    dict(
+      layer=l,
+      group=g,
+      accuracy=accuracy[ablation.cut_method(l, g)],
+      far_influence_share=float(share[l, g]),
+      plan_window=int(plan_windows[l, g]),
+    )
+    for l, g in groups
+  ]
+  for r in rows:
+    print(
+      f"layer {r['layer']} group {r['group']}: accuracy {r['accuracy']:.2f}  far-influence "
+      f"share {r['far_influence_share']:.3f}  plan window {r['plan_window']}"
+    )
+  dense = accuracy["dense"]
   drop = np.array([dense - r["accuracy"] for r in rows])
   result = dict(
-    command="python experiments/ablate_groups.py "
-    + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()),
-    length=args.length,
-    window=args.window,
+    command=shlex.join(["python", "experiments/ablate_groups.py", *sys.argv[1:]]),
+    model=model_id,
+    length=LENGTH.value,
+    window=WINDOW.value,
     profiled_length=profiled,
-    num_prompts=len(samples),
+    num_prompts=10 * PER_DECILE.value,
     dense_accuracy=dense,
     rows=rows,
     spearman_drop_vs_far_influence=float(
@@ -108,7 +93,7 @@ def main():
     ),
     seconds=time.perf_counter() - start,
   )
-  with open(args.out, "w") as f:
+  with open(OUT.value, "w") as f:
     json.dump(result, f, indent=1)
   print(
     f"dense {dense:.2f}; Spearman(accuracy drop, far-influence share) = "
@@ -117,4 +102,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

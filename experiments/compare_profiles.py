@@ -5,49 +5,53 @@
 
 Profiles the reference model on the calibration set of a finished compress/demo run
 (`<workdir>/compress/calibration/train`) at `--length`, once per profile loss ('nll', 'log_odds')
-and magnitude ('entries' = sum |E|, 'blocks' = |sum E|), and compares each
-KV group's share of the influence outside a `--window`-token window (the measure of
-experiments/ablate_groups.py) with the accuracy drop that cutting that group alone causes
-(`--ablation`, written by ablate_groups.py with the same window). Prints a table; writes JSON.
+and magnitude ('entries' = sum |E|, 'blocks' = |sum E|), and compares each KV group's share of
+the influence outside the ablation's window (`moa_jax.eval.ablation.far_influence_share`) with
+the accuracy drop that cutting that group alone causes (`--ablation`, written by
+experiments/ablate_groups.py). Prints a table; writes JSON.
 """
 
-import argparse
 import itertools
 import json
+import shlex
+import sys
 import time
 
 import numpy as np
-from ablate_groups import far_influence
+from absl import app, flags
 from scipy import stats
 
 from moa_jax.calibration.build import CalibrationSet
-from moa_jax.models.hf import load_pretrained
-from moa_jax.models.loading import reference_model_dir
+from moa_jax.eval.ablation import far_influence_share
+from moa_jax.models.loading import load_model, model_section
 from moa_jax.profile.profiler import profile_model
 
+WORKDIR = flags.DEFINE_string("workdir", "runs/demo_agnostic", "a finished demo/compress run")
+ABLATION = flags.DEFINE_string(
+  "ablation", "benchmarks/ablation.json", "results of experiments/ablate_groups.py"
+)
+LENGTH = flags.DEFINE_integer("length", 1024, "profile length")
+BLOCK = flags.DEFINE_integer("block", 64, "profile block size")
+OUT = flags.DEFINE_string("out", "benchmarks/profile_variants.json", "results file")
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", default="runs/demo_agnostic")
-  parser.add_argument("--ablation", default="benchmarks/ablation.json")
-  parser.add_argument("--length", type=int, default=1024)
-  parser.add_argument("--block", type=int, default=64)
-  parser.add_argument("--out", default="benchmarks/profile_variants.json")
-  args = parser.parse_args()
+
+def main(argv):
+  del argv
   start = time.perf_counter()
-  with open(args.ablation) as f:
+  with open(ABLATION.value) as f:
     ablation = json.load(f)
-  model, config = load_pretrained(reference_model_dir(), dtype="float32")
-  calibration = CalibrationSet.load(f"{args.workdir}/compress/calibration/train")
+  model, _, _ = load_model(model_section())  # the embedded reference model, float32
+  config = model.config
+  calibration = CalibrationSet.load(f"{WORKDIR.value}/compress/calibration/train")
   groups = [(r["layer"], r["group"]) for r in ablation["rows"]]
   drop = np.array([ablation["dense_accuracy"] - r["accuracy"] for r in ablation["rows"]])
   needed = [g for g, d in zip(groups, drop) if d > 0]
   records = []
   for loss, magnitude in itertools.product(("nll", "log_odds"), ("entries", "blocks")):
     e_bar = profile_model(
-      model, config, calibration, [args.length], args.block, magnitude=magnitude, loss=loss
-    )[args.length]
-    share = far_influence(e_bar, ablation["window"], args.block, config.group_size)  # [L, K]
+      model, config, calibration, [LENGTH.value], BLOCK.value, magnitude=magnitude, loss=loss
+    )[LENGTH.value]
+    share = far_influence_share(e_bar, ablation["window"], BLOCK.value, config.group_size)  # [L, K]
     order = [groups[i] for i in np.argsort(-share.ravel())]
     records.append(
       dict(
@@ -62,16 +66,15 @@ def main():
       )
     )
   result = dict(
-    command="python experiments/compare_profiles.py "
-    + " ".join(f"--{k}={v}" for k, v in vars(args).items()),
-    length=args.length,
+    command=shlex.join(["python", "experiments/compare_profiles.py", *sys.argv[1:]]),
+    length=LENGTH.value,
     window=ablation["window"],
-    num_samples=int(calibration.buckets[args.length].num_samples),
+    num_samples=int(calibration.buckets[LENGTH.value].num_samples),
     groups_retrieval_needs=[f"{l}/{g}" for l, g in needed],
     records=records,
     seconds=time.perf_counter() - start,
   )
-  with open(args.out, "w") as f:
+  with open(OUT.value, "w") as f:
     json.dump(result, f, indent=1)
   print(f"groups whose cut drops line retrieval: {result['groups_retrieval_needs']}")
   print(
@@ -86,4 +89,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)
