@@ -50,12 +50,13 @@ from moa_jax.optimize.loss_delta import loss_delta
 from moa_jax.optimize.pareto import pareto_front
 from moa_jax.optimize.problem import build_problem
 from moa_jax.plans import rules as rules_lib
+from moa_jax.profile import at_plan
 from moa_jax.profile.influence import MAGNITUDES, block_influence_tiled
 from moa_jax.profile.probes import valid_lengths
 from moa_jax.profile.profiler import output_grads, response_targets
 from moa_jax.workdir import atomic_write, atomic_write_text
 
-PARTS = ("data", "profiles", "ablation", "masks", "report")
+PARTS = ("data", "profiles", "ablation", "masks", "at_plan", "report")
 MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "model.path or a .gguf file")
 PARTS_FLAG = flags.DEFINE_list("parts", list(PARTS), f"parts to run, of {PARTS}")
 LENGTH = flags.DEFINE_integer("length", 1024, "calibration / measurement length")
@@ -63,6 +64,7 @@ POOL_SIZE = flags.DEFINE_integer("pool_size", 8, "samples per calibration pool")
 VAL_SIZE = flags.DEFINE_integer("val_size", 4, "held-out samples per held-out set")
 POOLS = flags.DEFINE_list("pools", ["text_ref", "tasks_ref"], "pools to profile")
 LOSSES = flags.DEFINE_list("losses", ["nll"], "profile losses")
+FISHER = flags.DEFINE_integer("fisher_draws", 0, "part at_plan: second-order label draws")
 WINDOW = flags.DEFINE_integer("window", 128, "window of an ablated group (tokens, plus the sink)")
 CACHE = flags.DEFINE_string("cache", "runs/smollm2_diag", "cache folder")
 OUT = flags.DEFINE_string("out", "benchmarks/smollm2_diagnostics.json", "results file")
@@ -248,14 +250,29 @@ def part_ablation(cache: Cache, model, n: int) -> None:
 
 
 def variants(cache: Cache, n: int) -> list[str]:
-  """Cached profile names at length n (profile_<pool>_<loss>_<n>)."""
-  return sorted(
+  """Cached profile names at length n (profile_<pool>_<loss>_<n>), plus 'mix_<answers>_<loss>'
+  (the mean of the text and tasks pools' E_bar) where both exist."""
+  names = sorted(
     p.stem.removeprefix("profile_").removesuffix(f"_{n}")
     for p in cache.root.glob(f"profile_*_{n}.npz")
   )
+  mixes = [
+    name.replace("text_", "mix_", 1)
+    for name in names
+    if name.startswith("text_") and name.replace("text_", "tasks_", 1) in names
+  ]
+  return names + mixes
 
 
 def e_bar(cache: Cache, variant: str, n: int, magnitude: str, rows=None) -> np.ndarray:
+  if variant.startswith("mix_"):
+    return np.mean(
+      [
+        e_bar(cache, variant.replace("mix_", pool, 1), n, magnitude, rows)
+        for pool in ("text_", "tasks_")
+      ],
+      0,
+    )
   per_sample = cache.load(f"profile_{variant}_{n}")[magnitude]
   return (per_sample if rows is None else per_sample[rows]).mean(0)
 
@@ -319,6 +336,38 @@ def part_masks(cache: Cache, model, n: int) -> None:
     log(f"mask {key}: {time.perf_counter() - start:.0f} s")
 
 
+def part_at_plan(cache: Cache, model, n: int) -> None:
+  """The at-plan estimator linearized at dense (profile/at_plan.py) for every pool, at every
+  window some measured mask uses."""
+  config = model.config
+  windows = {
+    int(w)
+    for p in cache.root.glob(f"mask_*_{n}.npz")
+    for w in np.unique(cache.load(p.stem)["windows"])
+  } | {WINDOW.value}
+  candidates = np.array(sorted(w for w in windows if w < n))
+  dense = np.full((config.num_layers, config.num_heads), n)
+  for pool in POOLS.value:
+    for loss in LOSSES.value:
+      draws = FISHER.value
+      key = f"atplan{f'f{draws}' if draws else ''}_{pool}_{loss}_{n}"
+      if cache.has(key) and np.array_equal(cache.load(key)["candidates"], candidates):
+        continue
+      start = time.perf_counter()
+      first, second = at_plan.window_deltas(
+        model,
+        cache.bucket(f"bucket_{pool}_{n}"),
+        dense,
+        candidates,
+        sink=SINK,
+        loss=loss,
+        fisher_draws=draws,
+        components=True,
+      )
+      cache.save(key, candidates=candidates, deltas=first, second=second)
+      log(f"at_plan {key}: {time.perf_counter() - start:.0f} s")
+
+
 # --- report -------------------------------------------------------------------------------------
 
 
@@ -350,6 +399,57 @@ def summary(pred: np.ndarray, meas: np.ndarray) -> dict:
   }
 
 
+def predictors(cache: Cache, n: int, rows=None) -> dict:
+  """{name: windows [L, K] -> predicted loss increase} for every cached profile variant and
+  magnitude ('<pool>_<loss>/<magnitude>') and every at-plan estimate ('<pool>_<loss>/at_plan'),
+  from the samples `rows` of each pool (None: all)."""
+  out = {}
+  for variant in variants(cache, n):
+    for magnitude in MAGNITUDES:
+      e = e_bar(cache, variant, n, magnitude, rows)
+      out[f"{variant}/{magnitude}"] = lambda w, e=e: predicted(e, w, n)
+  for path in sorted(cache.root.glob(f"atplan_*_{n}.npz")):
+    d = cache.load(path.stem)
+    deltas = d["deltas"] if rows is None else d["deltas"][rows]
+    mean = deltas.mean(0)  # [L, N, C]
+    out[path.stem.removeprefix("atplan_").removesuffix(f"_{n}") + "/at_plan"] = (
+      lambda w, mean=mean, c=d["candidates"]: predicted_at_plan(mean, c, w, n)
+    )
+  for path in sorted(cache.root.glob(f"atplanf*_{n}.npz")):
+    d = cache.load(path.stem)
+    draws, name = path.stem.removeprefix("atplanf").removesuffix(f"_{n}").split("_", 1)
+    pick = (lambda x: x) if rows is None else (lambda x: x[rows])
+    first, second = pick(d["deltas"]).mean(0), pick(d["second"]).mean(0)
+    for label, mean in ((f"fisher{draws}", second), (f"at_plan+fisher{draws}", first + second)):
+      out[f"{name}/{label}"] = lambda w, mean=mean, c=d["candidates"]: predicted_at_plan(
+        mean, c, w, n
+      )
+  return out
+
+
+def predicted_at_plan(
+  mean: np.ndarray, candidates: np.ndarray, windows_kv: np.ndarray, n: int
+) -> float:
+  """Sum over heads of the at-plan (dense) estimate [L, N, C] at each head's window."""
+  windows = rules_lib.expand_to_query_heads(windows_kv, mean.shape[1])
+  narrowed = windows < n
+  index = np.searchsorted(candidates, np.where(narrowed, windows, candidates[0]))
+  if not np.all(candidates[index][narrowed] == windows[narrowed]):
+    raise ValueError("a mask window is not among the at-plan candidates: rerun part at_plan")
+  return float(
+    np.where(narrowed, np.take_along_axis(mean, index[..., None], -1)[..., 0], 0.0).sum()
+  )
+
+
+def ablation_cuts(config, n: int, units) -> list[np.ndarray]:
+  return [
+    group_windows(
+      config, n, {(l, k): WINDOW.value for k in ([g] if g >= 0 else range(config.num_kv_heads))}
+    )
+    for l, g in units
+  ]
+
+
 def part_report(cache: Cache, config, n: int, start: float) -> dict:
   held_out = ("val_text", "val_passkey")
   result = {
@@ -359,12 +459,18 @@ def part_report(cache: Cache, config, n: int, start: float) -> dict:
     "block": BLOCK,
     "window": WINDOW.value,
     "held_out": {
-      "val_text": f"stdlib size ranks {TEXT_VAL_RANK}..{TEXT_VAL_RANK + 3}, own last 64 tokens",
-      "val_passkey": "passkey seed 77, true key",
+      "val_text": f"stdlib size ranks {TEXT_VAL_RANK}.."
+      f"{TEXT_VAL_RANK + VAL_SIZE.value - 1}, their own last 64 tokens",
+      "val_passkey": f"{VAL_SIZE.value} passkey prompts, seed 77, true key",
+    },
+    "pools": {
+      "text": f"stdlib size ranks {TEXT_CALIBRATION_RANK}..",
+      "tasks": f"{', '.join(TASKS)}, seed 2025",
+      "_ref": "ground-truth responses",
+      "_model": "the model's own",
     },
   }
-  # Measured whole-model masks and ablations: mean loss increase over both held-out sets.
-  mean = lambda d: float(np.mean([d[name].mean() for name in held_out]))
+  mean = lambda d, sets=held_out: float(np.mean([d[name].mean() for name in sets]))
   masks = {
     p.stem.removeprefix("mask_").removesuffix(f"_{n}"): cache.load(p.stem)
     for p in sorted(cache.root.glob(f"mask_*_{n}.npz"))
@@ -377,90 +483,98 @@ def part_report(cache: Cache, config, n: int, start: float) -> dict:
     }
     for name, d in masks.items()
   }
-  ablations = {}
-  for kind in ("group", "layer"):
-    key = f"ablation_{kind}_w{WINDOW.value}_{n}"
-    if cache.has(key):
-      ablations[kind] = cache.load(key)
-  names = variants(cache, n)
+  ablations = {
+    kind: cache.load(f"ablation_{kind}_w{WINDOW.value}_{n}")
+    for kind in ("group", "layer")
+    if cache.has(f"ablation_{kind}_w{WINDOW.value}_{n}")
+  }
   first_order, ranking = {}, {}
-  for variant in names:
-    for magnitude in MAGNITUDES:
-      e = e_bar(cache, variant, n, magnitude)
-      row = {}
-      for kind, d in ablations.items():
-        units = [tuple(u) for u in d["units"]]
-        pred = [
-          predicted(
-            e,
-            group_windows(
-              config,
-              n,
-              {(l, k): WINDOW.value for k in ([g] if g >= 0 else range(config.num_kv_heads))},
-            ),
-            n,
-          )
-          for l, g in units
-        ]
+  for name, predict in predictors(cache, n).items():
+    row = {}
+    for kind, d in ablations.items():
+      units = [tuple(u) for u in d["units"]]
+      pred = np.array([predict(w) for w in ablation_cuts(config, n, units)])
+      for sets in (held_out, *[(h,) for h in held_out]):
+        meas = np.mean([d[h] for h in sets], 0).mean(-1)
+        row[f"single_{kind}" + ("" if len(sets) > 1 else f"/{sets[0]}")] = summary(pred, meas)
+      if kind == "group":
         meas = np.mean([d[h] for h in held_out], 0).mean(-1)
-        row[f"single_{kind}"] = summary(pred, meas)
-        if kind == "group":
-          order = np.argsort(-meas)
-          pred_rank = stats.rankdata(-np.asarray(pred))
-          ranking[f"{variant}/{magnitude}"] = {
-            "spearman": spearman(pred, meas),
-            "profile_rank_of_top5_measured": {
-              f"{units[i][0]}/{units[i][1]}": int(pred_rank[i]) for i in order[:5]
-            },
-            "top10_overlap": len(set(order[:10]) & set(np.argsort(-np.asarray(pred))[:10])),
-          }
-      if masks:
-        pred = [predicted(e, d["windows"], n) for d in masks.values()]
-        meas = [mean(d) for d in masks.values()]
-        row["whole_model_masks"] = summary(pred, meas)
-        row["whole_model_masks"]["pairs"] = {name: [p, m] for name, p, m in zip(masks, pred, meas)}
-      first_order[f"{variant}/{magnitude}"] = row
+        order, pred_order = np.argsort(-meas), np.argsort(-pred)
+        pred_rank = stats.rankdata(-pred)
+        ranking[name] = {
+          "spearman": spearman(pred, meas),
+          "profile_rank_of_top5_measured": {
+            f"{units[i][0]}/{units[i][1]}": int(pred_rank[i]) for i in order[:5]
+          },
+          "top10_overlap": len(set(order[:10]) & set(pred_order[:10])),
+          "profile_top5": [f"{units[i][0]}/{units[i][1]}" for i in pred_order[:5]],
+        }
+    if masks:
+      pred = [predict(d["windows"]) for d in masks.values()]
+      meas = [mean(d) for d in masks.values()]
+      row["whole_model_masks"] = dict(
+        summary(pred, meas),
+        pairs={name: {"predicted": p, "measured": m} for name, p, m in zip(masks, pred, meas)},
+      )
+    first_order[name] = row
   result["first_order_check"] = first_order
   result["ablation_vs_profile_ranking"] = ranking
+  objective = {}
+  all_predictors = predictors(cache, n)
+  for name, d in masks.items():
+    if name.startswith("plan_") and "uniform" in masks:
+      variant, magnitude = name.removeprefix("plan_").rsplit("_", 1)
+      own = all_predictors[f"{variant}/{magnitude}"]
+      objective[name] = {
+        "plan": {"predicted": own(d["windows"]), "measured": mean(d)},
+        "uniform": {
+          "predicted": own(masks["uniform"]["windows"]),
+          "measured": mean(masks["uniform"]),
+        },
+        "predicted_better_but_measured_worse": bool(
+          own(d["windows"]) < own(masks["uniform"]["windows"]) and mean(d) > mean(masks["uniform"])
+        ),
+      }
+  result["optimizer_vs_own_objective"] = objective
   if "group" in ablations:
     d = ablations["group"]
     meas = np.mean([d[h] for h in held_out], 0).mean(-1)
     order = np.argsort(-meas)
     result["ablation_groups"] = {
-      "top10": [[int(d["units"][i][0]), int(d["units"][i][1]), float(meas[i])] for i in order[:10]],
+      "top10_layer_group_increase": [
+        [int(d["units"][i][0]), int(d["units"][i][1]), float(meas[i])] for i in order[:10]
+      ],
       "sum_of_single_group_increases": float(meas.sum()),
-      "per_set_spearman": spearman(d[held_out[0]].mean(-1), d[held_out[1]].mean(-1)),
+      "spearman_between_held_out_sets": spearman(d[held_out[0]].mean(-1), d[held_out[1]].mean(-1)),
+      "per_group": {h: d[h].mean(-1).round(6).tolist() for h in held_out},
     }
-  result["sensitivity"] = sensitivity(cache, config, n, names, ablations, held_out)
+  if "layer" in ablations:
+    d = ablations["layer"]
+    result["ablation_layers"] = {h: d[h].mean(-1).round(6).tolist() for h in held_out}
+  result["sensitivity"] = sensitivity(cache, config, n, ablations, held_out)
   result["seconds_report"] = time.perf_counter() - start
   return result
 
 
-def sensitivity(cache, config, n, names, ablations, held_out) -> dict:
-  """Agreement of profile variants with each other (group scores: far influence beyond the
-  ablation window) and with the measured single-group ablation, for subsets of samples."""
+def sensitivity(cache, config, n, ablations, held_out) -> dict:
+  """Spearman with the measured single-group ablation of each predictor built from the first
+  2, 4, ... samples of its pool, and the split-half agreement of its group ranking."""
   if "group" not in ablations:
     return {}
   d = ablations["group"]
   meas = np.mean([d[h] for h in held_out], 0).mean(-1)
-  units = [tuple(u) for u in d["units"]]
-  cut = [group_windows(config, n, {u: WINDOW.value}) for u in units]
+  cuts = ablation_cuts(config, n, [tuple(u) for u in d["units"]])
+  size = POOL_SIZE.value
   out = {}
-  for variant in names:
-    for magnitude in ("entries", "blocks", "signed"):
-      per_sample = cache.load(f"profile_{variant}_{n}")[magnitude]
-      s = len(per_sample)
-      rows = {}
-      for size in sorted({2, 4, s // 2, s} - {0}):
-        if size > s:
-          continue
-        e = per_sample[:size].mean(0)
-        rows[str(size)] = spearman([predicted(e, w, n) for w in cut], meas)
-      half = [per_sample[: s // 2].mean(0), per_sample[s // 2 :].mean(0)]
-      rows["split_half_agreement"] = (
-        spearman(*[[predicted(e, w, n) for w in cut] for e in half]) if s >= 2 else None
-      )
-      out[f"{variant}/{magnitude}"] = rows
+  for rows in [np.arange(k) for k in sorted({2, 4, size // 2, size}) if k <= size]:
+    for name, predict in predictors(cache, n, rows).items():
+      out.setdefault(name, {})[str(len(rows))] = spearman([predict(w) for w in cuts], meas)
+  halves = [
+    predictors(cache, n, np.arange(size // 2)),
+    predictors(cache, n, np.arange(size // 2, size)),
+  ]
+  for name in halves[0]:
+    out[name]["split_half_agreement"] = spearman(*[[h[name](w) for w in cuts] for h in halves])
   return out
 
 
@@ -482,6 +596,8 @@ def main(argv):
     part_ablation(cache, model, n)
   if "masks" in PARTS_FLAG.value:
     part_masks(cache, model, n)
+  if "at_plan" in PARTS_FLAG.value:
+    part_at_plan(cache, model, n)
   if "report" in PARTS_FLAG.value:
     result = part_report(cache, config, n, start)
     atomic_write_text(OUT.value, json.dumps(result, indent=1) + "\n")

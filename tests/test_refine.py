@@ -39,7 +39,13 @@ def test_refine_never_raises_the_measured_loss(setup):
   rules = rules_lib.candidate_rules([T], [T, 2 * T], alpha_step=64)
   validation = [measured.dense_trace(model, _bucket(1, config))]
   plan, history = refine.refine_plan(
-    model, start, rules, {T: _bucket(0, config)}, validation, options, log=lambda _: None
+    model,
+    start,
+    rules,
+    {T: [refine.Linearization(_bucket(0, config), fisher_draws=2)]},
+    validation,
+    options,
+    log=lambda _: None,
   )
   scores = [row["measured"] for row in history if row["accepted"]]
   assert scores == sorted(scores, reverse=True)  # each accepted step lowers the loss
@@ -57,3 +63,5 @@ def test_refine_rejects_bad_input(setup):
     refine.refine_plan(model, dense_plan(config), rules, {}, [])
   with pytest.raises(ValueError, match="rounds >= 1"):
     refine.RefineOptions(rounds=0)
+  with pytest.raises(ValueError, match="first-order term or fisher_draws"):
+    refine.Linearization(_bucket(0, config), first_order=False)

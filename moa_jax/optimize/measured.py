@@ -28,6 +28,7 @@ from flax import nnx
 from moa_jax.attention.reference import blocked_attention
 from moa_jax.calibration.build import CalibrationBucket
 from moa_jax.plans.rules import DEFAULT_SINK, expand_to_query_heads
+from moa_jax.profile.at_plan import head_loss
 from moa_jax.profile.profiler import response_targets
 
 ROW_MULTIPLE = 64  # p0 is rounded down to a multiple of this (fewer compiled shapes)
@@ -68,14 +69,7 @@ def _layer_rows(graphdef, state, x, positions, k_prefix, v_prefix, prefix_pos, w
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _response_nll(graphdef, state, hidden, hidden_index, targets, weight):
   """Per-sample mean response cross-entropy [B] from the last layer's rows hidden [B, T', D]."""
-  model = nnx.merge(graphdef, state)
-  picked = jnp.take_along_axis(hidden, hidden_index[..., None], axis=1)  # [B, R, D]
-  picked = model.model.norm(picked)
-  logits = jnp.einsum(
-    "brd,vd->brv", picked, model.output_embedding(), preferred_element_type=jnp.float32
-  )  # [B, R, V]
-  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return jnp.sum(weight * (jax.nn.logsumexp(logits, axis=-1) - target_logits), axis=-1)
+  return head_loss(nnx.merge(graphdef, state), hidden, targets, hidden_index, weight, "nll")
 
 
 @dataclasses.dataclass

@@ -6,15 +6,17 @@ is checked by the measured loss:
 
 Each round, starting from a plan P (e.g. the uniform window or MoA's own plan):
   1. at every profile length n, `profile.at_plan.window_deltas` at P's windows gives each head's
-     first-order loss change for the window of every candidate rule at n, exact in the head's
+     estimated loss change for the window of every candidate rule at n, exact in the head's
      output (so restoring keys P masks is scored as well as removing more), averaged over the
-     calibration samples;
+     calibration samples of every `Linearization` source at n: the first-order term and/or the
+     second-order (Fisher) term, which is what text the model predicts well responds to;
   2. the MILP of `problem.py` (same rules, density band and rules-per-layer limit as MoA)
      minimizes the sum over profile lengths of those changes plus `penalty * spread` for every
      KV group that changes its rule, once per penalty in `penalties` (spread: the mean over
      groups of their cost range; larger penalties move fewer groups, a trust region);
   3. every distinct solution is scored by its measured response loss on the validation traces
-     (`optimize.measured`, exact); the best one replaces P if it lowers the measured loss.
+     (`optimize.measured`, exact; the weighted mean over traces of their mean loss); the best
+     one replaces P if it lowers that score.
 It stops after `rounds` rounds or when no candidate beats P. Only 'kv_group' plans.
 """
 
@@ -34,6 +36,20 @@ from moa_jax.optimize.problem import build_problem
 from moa_jax.plans import rules as rules_lib
 from moa_jax.plans.plan import Plan
 from moa_jax.profile import at_plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Linearization:
+  """Calibration samples the loss is linearized on: their first-order term (first_order) and a
+  second-order term from fisher_draws label draws (0: none), see `at_plan.window_deltas`."""
+
+  bucket: CalibrationBucket
+  first_order: bool = True
+  fisher_draws: int = 0
+
+  def __post_init__(self):
+    if not self.first_order and self.fisher_draws < 1:
+      raise ValueError("a Linearization needs the first-order term or fisher_draws >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,26 +78,43 @@ def plan_rules(plan: Plan, rules: Sequence[rules_lib.ElasticRule]) -> list[rules
   return sorted(set(rules) | {r for row in plan.rules() for r in row})
 
 
-def validation_score(model, plan: Plan, traces: Sequence[measured.DenseTrace]) -> float:
-  """Mean response cross-entropy of every validation sample under the plan's windows."""
-  losses = [measured.masked_losses(model, t, plan.windows(t.length), plan.sink) for t in traces]
-  return float(np.mean(np.concatenate(losses)))
+def validation_score(
+  model, plan: Plan, traces: Sequence[measured.DenseTrace], weights: Sequence[float] | None = None
+) -> float:
+  """Weighted mean over the traces of their mean response cross-entropy under the plan."""
+  means = [
+    float(np.mean(measured.masked_losses(model, t, plan.windows(t.length), plan.sink)))
+    for t in traces
+  ]
+  return float(np.average(means, weights=weights))
 
 
 def _costs(
-  model, plan: Plan, rules, calibration: Mapping[int, CalibrationBucket], loss: str
+  model, plan: Plan, rules, calibration: Mapping[int, Sequence[Linearization]], loss: str, seed: int
 ) -> dict[int, np.ndarray]:
-  """{n: float64 [L, N, R]}: mean first-order loss change of each head under each rule."""
+  """{n: float64 [L, N, R]}: mean estimated loss change of each head under each rule."""
   costs = {}
-  for n, bucket in sorted(calibration.items()):
+  for n, sources in sorted(calibration.items()):
     windows = rules_lib.window_size(
       [r.alpha for r in rules], [r.beta for r in rules], n, plan.block
     )  # [R]
     candidates, index = np.unique(windows, return_inverse=True)
-    deltas = at_plan.window_deltas(
-      model, bucket, plan.windows(n), candidates, sink=plan.sink, loss=loss
-    ).mean(0)  # [L, N, C]
-    costs[n] = deltas[..., index]
+    total, count = 0.0, 0
+    for source in sources:
+      first, second = at_plan.window_deltas(
+        model,
+        source.bucket,
+        plan.windows(n),
+        candidates,
+        sink=plan.sink,
+        loss=loss,
+        fisher_draws=source.fisher_draws,
+        seed=seed,
+        components=True,
+      )
+      total = total + (first.sum(0) if source.first_order else 0.0) + second.sum(0)
+      count += source.bucket.num_samples
+    costs[n] = (total / count)[..., index]
   return costs
 
 
@@ -89,15 +122,17 @@ def refine_plan(
   model,
   plan: Plan,
   rules: Sequence[rules_lib.ElasticRule],
-  calibration: Mapping[int, CalibrationBucket],
+  calibration: Mapping[int, Sequence[Linearization]],
   validation: Sequence[measured.DenseTrace],
   options: RefineOptions = RefineOptions(),
   log: Callable[[str], None] = print,
+  validation_weights: Sequence[float] | None = None,
 ) -> tuple[Plan, list[dict[str, Any]]]:
   """The refined plan and one history row per candidate measured (see the module docstring).
 
-  calibration: {profile length: bucket} to linearize on; validation: dense traces of other
-  samples (`measured.dense_trace`) that score the candidates.
+  calibration: {profile length: [Linearization, ...]} to linearize on; validation: dense
+  traces of other samples (`measured.dense_trace`) that score the candidates, weighted by
+  validation_weights (default equal).
   """
   if plan.grouping != "kv_group":
     raise ValueError("refine_plan handles 'kv_group' plans only")
@@ -107,7 +142,8 @@ def refine_plan(
   rules = plan_rules(plan, rules)
   rule_of = {r: i for i, r in enumerate(rules)}
   lengths = sorted(calibration)
-  best, best_score = plan, validation_score(model, plan, validation)
+  score = lambda p: validation_score(model, p, validation, validation_weights)
+  best, best_score = plan, score(plan)
   history = [
     dict(
       round=0,
@@ -122,7 +158,7 @@ def refine_plan(
   for round_ in range(1, options.rounds + 1):
     start = time.perf_counter()
     current = np.array([[rule_of[r] for r in row] for row in best.rules()])  # [L, K]
-    costs = _costs(model, best, rules, calibration, options.loss)
+    costs = _costs(model, best, rules, calibration, options.loss, seed=round_)
     total = sum(costs.values())  # [L, N, R]: summed over profile lengths
     g = model.config.num_heads // model.config.num_kv_heads
     grouped = total.reshape(total.shape[0], -1, g, total.shape[-1]).sum(2)  # [L, K, R]
@@ -154,25 +190,25 @@ def refine_plan(
       break
     improved = False
     for penalty, predicted, candidate, moves in candidates.values():
-      score = validation_score(model, candidate, validation)
-      accepted = score < best_score
+      value = score(candidate)
+      accepted = value < best_score
       history.append(
         dict(
           round=round_,
           penalty=penalty,
           predicted=predicted,
           moves=moves,
-          measured=score,
+          measured=value,
           accepted=False,
           kv_densities=candidate.kv_densities,
         )
       )
       log(
         f"refine: round {round_} penalty {penalty}: {moves} groups moved, predicted "
-        f"{predicted:+.5f}, measured {score:.5f} (best {best_score:.5f})"
+        f"{predicted:+.5f}, measured {value:.5f} (best {best_score:.5f})"
       )
       if accepted:
-        best, best_score, improved = candidate, score, True
+        best, best_score, improved = candidate, value, True
         winner = len(history) - 1
     if not improved:
       log(f"refine: round {round_}: no candidate lowers the measured loss; stop")
