@@ -3,6 +3,7 @@ KV budgets) end to end with the local launcher and, marked `slurm`, through a re
 SLURM cluster (tools/slurm/local_cluster.sh) via submitit: the profile computed once, a killed
 point reported and redone alone, the same plans as the local launcher."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -134,6 +135,43 @@ def test_slurm_parameters():
   section.extra, section.timeout_min = "", 1
   with pytest.raises(ValueError, match="timeout_min must be >= 2"):
     launchers.slurm_parameters(section)
+
+
+def _fake_slurm_clients(folder: Path, sacct: str, squeue: str = "") -> None:
+  """sacct and squeue scripts in `folder` printing the given text (a ! prefix: fail)."""
+  folder.mkdir(exist_ok=True)
+  for name, text in (("sacct", sacct), ("squeue", squeue)):
+    fail = text.startswith("!")
+    body = f"echo '{text[1:]}' >&2; exit 1" if fail else f"printf '%s' '{text}'"
+    (folder / name).write_text(f'#!/bin/sh\necho "$@" >> {folder}/calls\n{body}\n')
+    (folder / name).chmod(0o755)
+
+
+def test_job_states_from_sacct_then_squeue(tmp_path, monkeypatch):
+  bin_dir = tmp_path / "bin"
+  monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+  _fake_slurm_clients(
+    bin_dir,
+    "4|COMPLETED\n5_0|RUNNING\n5_[0-2,4%2]|PENDING\n6|CANCELLED by 0\n",
+    "7|PENDING\n",
+  )
+  ids = ["4", "5_0", "5_1", "5_4", "6", "7", "8"]
+  assert launchers.job_states(ids) == {
+    "4": "COMPLETED",
+    "5_0": "RUNNING",  # its own line, not the array's
+    "5_1": "PENDING",
+    "5_4": "PENDING",
+    "6": "CANCELLED",
+    "7": "PENDING",  # not in accounting yet: the controller's state
+  }  # 8: unknown to both
+  calls = (bin_dir / "calls").read_text().splitlines()
+  assert calls == ["-X -n -P -o JobID,State -j 4,5,6,7,8", "-h -r -o %i|%T -j 7,8"]
+  assert launchers.job_states([]) == {}
+  # A cluster that does not answer: an error, never 'not running' (that would submit twice).
+  monkeypatch.setattr(launchers.time, "sleep", lambda s: None)
+  _fake_slurm_clients(bin_dir, "!sacct: error: slurmdbd: connection refused")
+  with pytest.raises(ChildProcessError, match="sacct failed .*connection refused.*nothing is sub"):
+    launchers.job_states(["4"])
 
 
 # --- gathering ---------------------------------------------------------------------------------
@@ -311,6 +349,18 @@ def slurm_cluster(tmp_path_factory):
       assert len(pids) == 5 and not [p for p in pids if Path(f"/proc/{p}").exists()]
 
 
+@contextlib.contextmanager
+def _drained():
+  """The test cluster's node drained (no job starts; running ones go on), resumed after."""
+  node = subprocess.run(["sinfo", "-h", "-o", "%N"], capture_output=True, text=True).stdout
+  update = ["scontrol", "update", f"NodeName={node.strip()}"]
+  subprocess.run([*update, "State=DRAIN", "Reason=moa_jax test"], check=True)
+  try:
+    yield
+  finally:
+    subprocess.run([*update, "State=RESUME"], check=True)
+
+
 def _slurm_state(job_id: str) -> str:
   out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
   return out.stdout.strip()
@@ -341,38 +391,35 @@ def _start_sweep(workdir: Path, xla_cache: str, output: Path) -> subprocess.Pope
     return subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
 
 
-@pytest.mark.skip(
-  reason="open defect: in two full-suite runs on a loaded 2-core machine (2026-12-02) the second "
-  "sweep run did not re-attach to the running jobs within 300 s; it passed when run alone. "
-  "Skipped until fixed (closing note, issue 12)"
-)
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_tiny_sweep_slurm_kill_rerun_and_same_plans(
   slurm_cluster, local_sweep, xla_cache, tmp_path
 ):
   workdir, record = tmp_path / "sweep", tmp_path / "sweep" / "logs" / "slurm" / "jobs.json"
-  # The command stops waiting (its jobs go on); the same command again waits for them.
-  first = _start_sweep(workdir, xla_cache, tmp_path / "first.out")
+  output, victim, second = tmp_path / "second.out", f"points/{NAMES[1]}", None
   try:
-    ids = _wait_for(
-      lambda: record.is_file() and json.loads(record.read_text()),
-      300,
-      "the sweep's jobs to be submitted",
-    )
-  finally:
-    first.terminate()
-    first.wait(timeout=60)
-  assert len(ids) == 4 and all(f"points/{n}" in ids for n in NAMES)
-  output = tmp_path / "second.out"
-  second = _start_sweep(workdir, xla_cache, output)
-  victim = f"points/{NAMES[1]}"
-  try:
-    _wait_for(
-      lambda: "0 jobs submitted, 4 reattached" in output.read_text(),
-      300,
-      "the second run to take over the running jobs",
-    )
+    # The command stops waiting (its jobs go on); the same command again waits for them. The
+    # node is drained until then: the jobs stay pending whatever the second command's start-up
+    # takes (on a loaded machine it took longer than the whole shared job).
+    with _drained():
+      first = _start_sweep(workdir, xla_cache, tmp_path / "first.out")
+      try:
+        ids = _wait_for(
+          lambda: record.is_file() and json.loads(record.read_text()),
+          300,
+          "the sweep's jobs to be submitted",
+        )
+      finally:
+        first.terminate()
+        first.wait(timeout=60)
+      assert len(ids) == 4 and all(f"points/{n}" in ids for n in NAMES)
+      second = _start_sweep(workdir, xla_cache, output)
+      _wait_for(
+        lambda: "0 jobs submitted, 4 reattached" in output.read_text(),
+        300,
+        "the second run to take over the pending jobs",
+      )
     _wait_for(lambda: _slurm_state(ids[victim]) == "RUNNING", 240, f"{victim} to run")
     subprocess.run(["scancel", ids[victim]], check=True)
     killed = time.monotonic()
@@ -382,7 +429,7 @@ def test_tiny_sweep_slurm_kill_rerun_and_same_plans(
     assert time.monotonic() - killed < 60
     assert second.wait(timeout=300) == 1  # the others finish first
   finally:
-    if second.poll() is None:
+    if second is not None and second.poll() is None:
       second.kill()
   text = output.read_text()
   failure = next(line for line in text.splitlines() if f"{victim} FAILED" in line)

@@ -10,7 +10,9 @@ SLURM: the shared jobs are submitted one by one, the points of each group as one
 `--dependency=afterok:<shared job>`; states are read through sacct every `poll_s` seconds, so a
 job killed outside (scancel, out of memory, node failure) is reported as failed within about
 `poll_s` + 10 seconds. Job ids go to DIR/logs/slurm/jobs.json: a re-run while jobs of the last
-run are still pending or running waits for those instead of submitting them again.
+run are still pending or running waits for those instead of submitting them again (their states
+from one sacct call, squeue for jobs accounting has not recorded yet; when neither answers,
+nothing is submitted).
 """
 
 from __future__ import annotations
@@ -185,6 +187,57 @@ def slurm_parameters(section) -> dict[str, Any]:
   return params
 
 
+def _slurm_output(argv: list[str], tries: int = 3) -> str:
+  """The output of a SLURM client command, tried `tries` times 2 s apart; an unknown job id is
+  no error (empty output). Fails with a one-line ChildProcessError."""
+  for attempt in range(tries):
+    try:
+      done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+      why = "no answer within 60 s"
+    else:
+      if done.returncode == 0 or "Invalid job id" in done.stderr:
+        return done.stdout
+      why = done.stderr.strip().replace("\n", " ") or f"exit status {done.returncode}"
+    if attempt + 1 < tries:
+      time.sleep(2)
+  raise ChildProcessError(
+    f"{argv[0]} failed ({why}): cannot tell whether the last run's jobs still run, so"
+    " nothing is submitted; run the same command again when the cluster answers"
+  )
+
+
+def job_states(job_ids: Sequence[str]) -> dict[str, str]:
+  """The SLURM state of each of `job_ids` ('<job>' or '<job>_<array task>') that the cluster
+  knows: from accounting (sacct, one call), else from the controller (squeue: a job that
+  accounting has not recorded yet). An unknown id is left out; a failing command is an error,
+  never 'not running' (a job that may still run must not be submitted twice)."""
+  if not job_ids:
+    return {}
+  bases = ",".join(sorted({j.split("_")[0] for j in job_ids}))
+  known: dict[str, str] = {}
+  accounting = _slurm_output(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", bases])
+  for line in accounting.splitlines():
+    job, _, state = line.strip().partition("|")
+    if not state:
+      continue
+    state = state.split()[0]  # 'CANCELLED by 0'
+    if "_[" in job:  # array tasks not started yet, as one line: '7_[0-2,5%4]'
+      base, _, spec = job.partition("_[")
+      for part in spec.rstrip("]").split("%")[0].split(","):
+        first, _, last = part.partition("-")
+        for i in range(int(first), int(last or first) + 1):
+          known.setdefault(f"{base}_{i}", state)  # a task's own line wins
+    else:
+      known[job] = state
+  missing = ",".join(j for j in job_ids if j not in known)
+  if missing:
+    for line in _slurm_output(["squeue", "-h", "-r", "-o", "%i|%T", "-j", missing]).splitlines():
+      job, _, state = line.strip().partition("|")
+      known.setdefault(job, state)
+  return {j: known[j] for j in job_ids if known.get(j)}
+
+
 class SlurmLauncher:
   """Jobs through submitit on the SLURM cluster that sbatch reaches; logs in DIR/logs/slurm/."""
 
@@ -202,31 +255,25 @@ class SlurmLauncher:
       executor.update_parameters(slurm_dependency=dependency)
     return executor
 
-  def _active(self, name: str, recorded: dict[str, str]):
-    """The job of `name` from the last run if it is still pending or running, else None."""
+  def run(self, tasks: Sequence[Task], report: Report) -> tuple[dict[str, Outcome], list[str]]:
     import submitit
 
-    if name not in recorded:
-      return None
-    job = submitit.SlurmJob(folder=self.folder / "%j", job_id=recorded[name])
-    state = job.get_info(mode="force").get("State", "UNKNOWN").split()[0]
-    return job if state in ACTIVE_STATES else None
-
-  def run(self, tasks: Sequence[Task], report: Report) -> tuple[dict[str, Outcome], list[str]]:
     from moa_jax.sweep import jobs as jobs_lib
 
     self.folder.mkdir(parents=True, exist_ok=True)
     recorded = json.loads(self.record.read_text()) if self.record.is_file() else {}
+    states = job_states([recorded[t.name] for t in tasks if t.name in recorded])
     submitted: dict[str, Any] = {}
     resubmitted = set()
     for task in [t for t in tasks if t.after is None] + [t for t in tasks if t.after]:
-      job = None if task.after in resubmitted else self._active(task.name, recorded)
-      if job is not None:
+      job_id = recorded.get(task.name)
+      state = states.get(job_id) if task.after not in resubmitted else None
+      if state in ACTIVE_STATES:
         print(
-          f"[moa_jax] sweep: {task.name} still {job.state} as job {job.job_id}; waiting for it",
+          f"[moa_jax] sweep: {task.name} still {state} as job {job_id}; waiting for it",
           flush=True,
         )
-        submitted[task.name] = job
+        submitted[task.name] = submitit.SlurmJob(folder=self.folder / "%j", job_id=job_id)
       else:
         resubmitted.add(task.name)
     for task in tasks:  # the shared jobs, one by one
