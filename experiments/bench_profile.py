@@ -8,8 +8,9 @@ CPU smoke run of the same code at a small size:
 (the package must be importable: pip install -e . or PYTHONPATH=. from the repository root)
 
 Random bf16 weights, initialised on the device (no float32 host copy); one sample of `--length`
-random tokens whose last 128 are the response. Phases (baselines are skipped once `--budget-s`
-is spent; GEMM autotuning is off unless --autotune, to keep compilation short):
+random tokens whose last 128 are the response. Phase 0: the matmul floor (the bf16 GEMM rate
+measured here times the model's matmul FLOPs, `matmul_floor`). Phases (baselines are skipped
+once `--budget-s` is spent; GEMM autotuning is off unless --autotune, to keep compilation short):
   1. profile: the full model, lean path (`batch_influence`): its time, and its first stage alone
      (one forward + backward yielding every layer's dO, q, k, v).
   2. baselines on the same batch: forward + backward to the activations only (no weight
@@ -130,8 +131,33 @@ def check(config: LlamaConfig, length: int) -> dict:
   return result
 
 
+def matmul_floor(config: LlamaConfig, length: int) -> dict:
+  """The matmul floor of a forward + backward at T = `length`: its matmul FLOPs over the bf16
+  GEMM rate measured here (an 8192^3 product, median of 5 after a warm-up).
+
+  FLOPs: linear layers 2 x P_lin x T forward (P_lin: every weight matrix but the embedding,
+  the LM head included); causal attention 2 x 2 x T^2 / 2 x N x H per layer forward; the
+  backward costs twice the forward with weight gradients, once without (activations only).
+  """
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((8192, 8192)), jnp.bfloat16)
+  product = jax.jit(lambda x: x @ x)
+  rate = 2 * 8192**3 / timed(lambda: product(a), 5)["median_s"]
+  d, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+  per_layer = d * (n + 2 * k) * h + n * h * d + 3 * d * config.intermediate_size
+  linear = 2 * (config.num_layers * per_layer + d * config.vocab_size) * length
+  attention = config.num_layers * 2 * length**2 * n * h
+  forward = linear + attention
+  return {
+    "gemm_tflops": rate / 1e12,
+    "forward_tflop": forward / 1e12,
+    "floor_fwd_bwd_weights_s": 3 * forward / rate,
+    "floor_fwd_bwd_activations_s": 2 * forward / rate,
+  }
+
+
 def bench(config: LlamaConfig, length: int, reps: int, deadline: float, report) -> None:
   """Profile time and memory of the full model, then the baselines, while time is left."""
+  report("matmul_floor", matmul_floor(config, length))
   model = init_model(config)
   jax.block_until_ready(nnx.state(model))
   batch = sample(config, length)
@@ -267,6 +293,11 @@ def main(argv) -> None:
       results[f"ratio_profile_to_{name.removeprefix('baseline_')}"] = (
         profile / results[name]["median_s"]
       )
+  floor = results["matmul_floor"]
+  for name in ("activations", "weights"):
+    if "median_s" in results.get(f"baseline_fwd_bwd_{name}", {}):
+      measured = results[f"baseline_fwd_bwd_{name}"]["median_s"]
+      results[f"ratio_fwd_bwd_{name}_to_matmul_floor"] = measured / floor[f"floor_fwd_bwd_{name}_s"]
   report("summary", {name: t for name, t in rows})
   print(f"\n{config.num_layers} layers, T={args.length}, {results['device']}")
   for name, t in rows:

@@ -16,8 +16,9 @@ Tasks (every method decodes on its own cache, `moa_jax.eval.harness`):
     of the --longtext_documents largest stdlib modules (size ranks 0.., never used for
     calibration, which takes ranks 40 and beyond), or of the documents in --docs (a JSONL of
     {name, sha256, text} written by --write_docs, so that another machine scores the same text).
-Writes --out: {meta (command, device, plans, KV densities), summary (accuracy, CE, perplexity,
-CE increase over dense), records}.
+Writes --out after every cell (meta.finished is false until the last): {meta (command, device,
+plans, KV densities), summary (accuracy, CE, perplexity, CE increase over dense), records}.
+Cells run shortest length first.
 """
 
 from __future__ import annotations
@@ -128,7 +129,45 @@ def main(argv):
   docs_all = documents(LONGTEXT_DOCUMENTS.value)
   jobs = [("passkey", int(n)) for n in PASSKEY_LENGTHS.value]
   jobs += [("longtext", int(n)) for n in LONGTEXT_LENGTHS.value]
+  jobs.sort(key=lambda job: job[1])  # short lengths first: a run cut short keeps them
+  lengths = sorted({n for _, n in jobs})
+  kv = {
+    m: {
+      str(n): (
+        1.0
+        if m == "dense"
+        else (uniform_plan(config, DENSITY.value, n) if m == "uniform" else plans[m]).kv_density(n)
+      )
+      for n in lengths
+    }
+    for m in methods
+  }
   records, seconds = [], {}
+
+  def write_results(finished: bool) -> dict:
+    result = {
+      "meta": {
+        "command": shlex.join(["python", "experiments/smollm2_results.py", *sys.argv[1:]]),
+        "model": GGUF.value,
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "methods": methods,
+        "plans": dict(entry.partition("=")[::2] for entry in PLANS.value),
+        "kv_density": kv,
+        "passkey_seed": SEED.value,
+        "passkey_prompts_per_length": 10 * PASSKEY_PER_DEPTH.value,
+        "longtext": longtext.provenance(docs_all),
+        "docs_file": DOCS.value or None,
+        "cell_seconds": seconds,
+        "seconds": time.perf_counter() - start,
+        "finished": finished,
+      },
+      "summary": summarize(records, methods),
+      "records": records,
+    }
+    atomic_write_text(OUT.value, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    return result
+
   for task, n in jobs:
     if task == "passkey":
       inputs = harness.synthetic_inputs(
@@ -164,39 +203,8 @@ def main(argv):
       seconds[f"{method} {task}@{n}"] = cell["seconds"]
       records += cell["records"]
       log(f"{method} {task}@{n}: {cell['seconds']:.0f} s")
-  lengths = sorted({n for _, n in jobs})
-  kv = {
-    m: {
-      str(n): (
-        1.0
-        if m == "dense"
-        else (uniform_plan(config, DENSITY.value, n) if m == "uniform" else plans[m]).kv_density(n)
-      )
-      for n in lengths
-    }
-    for m in methods
-  }
-  result = {
-    "meta": {
-      "command": shlex.join(["python", "experiments/smollm2_results.py", *sys.argv[1:]]),
-      "model": GGUF.value,
-      "backend": jax.default_backend(),
-      "device": jax.devices()[0].device_kind,
-      "methods": methods,
-      "plans": dict(entry.partition("=")[::2] for entry in PLANS.value),
-      "kv_density": kv,
-      "passkey_seed": SEED.value,
-      "passkey_prompts_per_length": 10 * PASSKEY_PER_DEPTH.value,
-      "longtext": longtext.provenance(docs_all),
-      "docs_file": DOCS.value or None,
-      "cell_seconds": seconds,
-      "seconds": time.perf_counter() - start,
-    },
-    "summary": summarize(records, methods),
-    "records": records,
-  }
-  atomic_write_text(OUT.value, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-  summary = result["summary"]
+      write_results(finished=False)
+  summary = write_results(finished=True)["summary"]
   for task, n in jobs:
     row = " | ".join(
       f"{m}: "
