@@ -10,7 +10,8 @@ CPU smoke run of the same code at a small size:
 Random bf16 weights, initialised on the device (no float32 host copy); one sample of `--length`
 random tokens whose last 128 are the response. Phase 0: the matmul floor (the bf16 GEMM rate
 measured here times the model's matmul FLOPs, `matmul_floor`). Phases (baselines are skipped
-once `--budget-s` is spent; GEMM autotuning is off unless --autotune, to keep compilation short):
+once `--budget_s` is spent; --noautotune turns XLA's GEMM autotuning off, which on the H200 made
+its bf16 GEMMs ~50x slower, `benchmarks/profile_no_autotune.json`):
   1. profile: the full model, lean path (`batch_influence`): its time, and its first stage alone
      (one forward + backward yielding every layer's dO, q, k, v).
   2. baselines on the same batch: forward + backward to the activations only (no weight
@@ -34,7 +35,7 @@ import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
-if "--autotune" not in sys.argv:
+if "--noautotune" in sys.argv:
   os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_gpu_autotune_level=0"]
   ).strip()
@@ -234,7 +235,7 @@ flags.DEFINE_integer("reps", 3, "timed repetitions")
 flags.DEFINE_float("budget_s", 170.0, "time budget of the bench phase (seconds)")
 flags.DEFINE_bool("small", False, "a small model (CPU smoke run)")
 flags.DEFINE_bool("check", False, "run the 2-layer agreement check too")
-flags.DEFINE_bool("autotune", False, "keep XLA's GEMM autotuning")
+flags.DEFINE_bool("autotune", True, "XLA's GEMM autotuning (--noautotune: off)")
 
 
 def main(argv) -> None:
