@@ -26,7 +26,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.eval.lengths = (1024, 2048, 3072)
   c.eval.samples_per_depth = 1  # x 10 depth deciles per length
   c.eval.seed = 1234
-  c.eval.batch_size = 4
+  c.eval.batch_size = 5  # 10 prompts per cell: two full batches (4 ran 12 rows)
   if variant == "tiny":
     c.eval.lengths = (256, 512)
     c.eval.samples_per_depth = 1

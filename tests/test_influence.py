@@ -23,6 +23,7 @@ from moa_jax.profile.probes import (
   BlockMaskedAttention,
   MapProbeAttention,
   OutputProbeAttention,
+  tiled_attention,
   valid_lengths,
 )
 from moa_jax.profile.profiler import profile_model, response_loss, response_targets
@@ -171,6 +172,7 @@ def test_probe_attentions_compute_dense_attention(tiny_model, tiny_config):
   attentions = [
     MapProbeAttention([jnp.zeros((2, k, g, 24, 24))] * l),
     OutputProbeAttention([jnp.zeros((2, 24, n, h))] * l, implementation="xla"),
+    OutputProbeAttention([jnp.zeros((2, 24, n, h))] * l, implementation="tiled"),
     BlockMaskedAttention(jnp.ones((l, n, 3, 3), bool), block=8),
   ]
   valid = np.asarray(positions) >= 0
@@ -179,6 +181,26 @@ def test_probe_attentions_compute_dense_attention(tiny_model, tiny_config):
     np.testing.assert_allclose(
       np.asarray(logits)[valid], np.asarray(dense)[valid], rtol=2e-5, atol=2e-5
     )
+
+
+@pytest.mark.parametrize("tile", [8, 10, 64])
+def test_tiled_attention_matches_fused(tile):
+  rng = np.random.default_rng(tile)
+  q = jnp.asarray(rng.normal(size=(2, 24, 4, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(2, 24, 2, 8)), jnp.float32) for _ in range(2))
+  q_pos = jnp.asarray(np.where(np.arange(24) < np.array([[24], [17]]), np.arange(24), -1))
+  fused = jax.nn.dot_product_attention(
+    q,
+    k,
+    v,
+    is_causal=True,
+    query_seq_lengths=valid_lengths(q_pos),
+    key_value_seq_lengths=valid_lengths(q_pos),
+    implementation="xla",
+  )
+  valid = np.asarray(q_pos) >= 0
+  out = np.asarray(tiled_attention(q, k, v, q_pos, tile=tile))
+  np.testing.assert_allclose(out[valid], np.asarray(fused)[valid], rtol=1e-5, atol=1e-5)
 
 
 def test_profile_paths_agree_on_tiny_model(tiny_model, tiny_config):

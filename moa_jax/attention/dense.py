@@ -56,8 +56,12 @@ class DenseAttention:
     if self.impl == "reference":
       if cache is None:
         return blocked_attention(q, k, v, q_pos), None
-      cache = write_cache(cache, k, v, q_pos)
-      return blocked_attention(q, cache.k, cache.v, q_pos, cache.pos), cache
+      written = write_cache(cache, k, v, q_pos)
+      cached = lambda: blocked_attention(q, written.k, written.v, q_pos, written.pos)
+      if q.shape[1] == 1:
+        return cached(), written
+      fresh = lambda: blocked_attention(q, k, v, q_pos)  # empty cache: causal blocks, no S slots
+      return jax.lax.cond(cache.index == 0, fresh, cached), written
     if cache is None:
       return self._fused(q, k, v, is_causal=True), None
     b, t = q_pos.shape

@@ -7,9 +7,9 @@ All of them assume right padding: a sequence's valid tokens come first and have 
     is added to A before A @ V, so `jax.grad` against the probes is dL/dA for every layer. The maps
     are recorded for the influence formula (direct path).
   * `OutputProbeAttention`: memory-efficient attention
-    (`moa_jax.attention.fused.FusedCausalAttention`: cuDNN on GPU) with a probe added to the
-    output, so `jax.grad` against the probes is dO for every layer; q, k and v are recorded for
-    the tiled pass (lean path).
+    (`moa_jax.attention.fused.FusedCausalAttention`: cuDNN on GPU; on CPU `tiled_attention`)
+    with a probe added to the output, so `jax.grad` against the probes is dO for every layer;
+    q, k and v are recorded for the tiled pass (lean path).
   * `BlockMaskedAttention`: explicit softmax with a block mask, entries removed and rows
     renormalized; it measures the actual loss change the influence predicts.
 """
@@ -21,8 +21,25 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from moa_jax.attention.fused import FusedCausalAttention, valid_lengths
+from moa_jax.attention.fused import FusedCausalAttention, default_implementation, valid_lengths
+from moa_jax.plans.rules import num_blocks
 from moa_jax.profile.influence import HIGHEST, causal_weights
+
+TILED = "tiled"  # OutputProbeAttention's CPU attention (`tiled_attention`)
+TILE = 256  # query rows per tile on CPU: [N, 256, T] float32 maps stay cache-friendly
+
+
+def lean_tile() -> int:
+  """Query rows per tile of the lean path (its tiled pass and `tiled_attention`): 256 on CPU
+  (about 2x faster there than 512 at T = 3072, benchmarks/README.md "Demo speed"), else 512."""
+  return TILE if jax.default_backend() == "cpu" else 512
+
+
+def lean_implementation(dtype) -> str:
+  """The lean path's attention: 'tiled' on CPU (measured ~1.6x faster there than XLA's
+  dot_product_attention for the backward pass, benchmarks/README.md "Demo speed"), else
+  `moa_jax.attention.fused.default_implementation`."""
+  return TILED if jax.default_backend() == "cpu" else default_implementation(dtype)
 
 
 def _apply_weights(weights: jax.Array, v: jax.Array, dtype) -> jax.Array:
@@ -54,15 +71,35 @@ class MapProbeAttention:
     return _apply_weights(weights + self.probes[layer], v, q.dtype), None
 
 
+def tiled_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, tile: int = TILE):
+  """Causal attention of right-padded rows, one tile of query rows at a time against its causal
+  key prefix (the softmax of `causal_weights`, which the influence pass recomputes).
+
+  q [B, T, N, H], k/v [B, T, K, H], q_pos [B, T] (negative: padding) -> [B, T, N, H].
+  """
+  lengths = valid_lengths(q_pos)
+  t = q.shape[1]
+  outs = []
+  for r in range(num_blocks(t, tile)):
+    stop = min((r + 1) * tile, t)
+    weights = causal_weights(q[:, r * tile : stop], k[:, :stop], lengths, q_offset=r * tile)
+    outs.append(_apply_weights(weights, v[:, :stop], q.dtype))
+  return jnp.concatenate(outs, axis=1)
+
+
 class OutputProbeAttention:
-  """FusedCausalAttention + probe[layer] on the output; records q, k, v per layer in `records`."""
+  """Causal attention + probe[layer] on the output; records q, k, v per layer in `records`."""
 
   def __init__(
     self, probes: Sequence[jax.Array], implementation: str | None = None, padded: bool = True
   ):
-    """probes: one [B, T, N, H] array per layer; implementation and padded: those of
-    `FusedCausalAttention`."""
-    self.attention = FusedCausalAttention(implementation, padded)
+    """probes: one [B, T, N, H] array per layer; implementation: 'tiled' (`tiled_attention`)
+    or one of `FusedCausalAttention` (with `padded`)."""
+    self.attention = (
+      (lambda layer, q, k, v, q_pos, cache: (tiled_attention(q, k, v, q_pos), None))
+      if implementation == TILED
+      else FusedCausalAttention(implementation, padded)
+    )
     self.probes = probes
     self.records: dict[int, tuple[jax.Array, ...]] = {}
 

@@ -9,8 +9,8 @@ in float32.
 Paths (both give dL/dA through `jax.grad`, see influence.py):
   'direct': probes on the maps A of every layer; holds [L, B, N, T, T]: small inputs only.
   'lean': probes on every layer's attention output give dO in one backward pass through a
-    memory-efficient attention (cuDNN on GPU for bf16/f16, XLA otherwise); then a tiled pass per
-    layer recomputes A and G = dO V^T one query tile at a time.
+    memory-efficient attention (cuDNN on GPU for bf16/f16, query tiles on CPU, XLA otherwise);
+    then a tiled pass per layer recomputes A and G = dO V^T one query tile at a time.
 """
 
 from __future__ import annotations
@@ -24,13 +24,19 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from moa_jax.attention.fused import default_implementation
 from moa_jax.calibration.build import CalibrationBucket, CalibrationSet
 from moa_jax.models import sharding
 from moa_jax.models.config import LlamaConfig
 from moa_jax.plans.rules import num_blocks
 from moa_jax.profile.influence import MAGNITUDES, block_influence_from_grads, block_influence_tiled
-from moa_jax.profile.probes import MapProbeAttention, OutputProbeAttention, valid_lengths
+from moa_jax.profile.probes import (
+  TILED,
+  MapProbeAttention,
+  OutputProbeAttention,
+  lean_implementation,
+  lean_tile,
+  valid_lengths,
+)
 
 PATHS = ("lean", "direct")
 
@@ -177,7 +183,7 @@ def batch_influence(
   *,
   block: int = 64,
   path: str = "lean",
-  tile: int = 512,
+  tile: int | None = None,
   implementation: str | None = None,
   magnitude: str = "entries",
   loss: str = "nll",
@@ -214,7 +220,9 @@ def batch_influence(
       magnitude=magnitude,
       loss=loss,
     )
-  implementation = implementation or default_implementation(model.config.dtype)
+  implementation = implementation or lean_implementation(model.config.dtype)
+  tile = tile or lean_tile()
+  padded = padded or implementation == TILED  # tiled attention always masks: one compile
   d_outs, records = output_grads(
     graphdef,
     state,
@@ -250,7 +258,7 @@ def profile_model(
   path: str = "lean",
   *,
   batch_size: int = 1,
-  tile: int = 512,
+  tile: int | None = None,
   implementation: str | None = None,
   magnitude: str = "entries",
   loss: str = "nll",
@@ -264,8 +272,9 @@ def profile_model(
     lengths: the lengths to profile (default: every bucket).
     block: block size b; path: 'lean' or 'direct'; batch_size: samples per step (the last
       batch of a bucket is filled with weightless copies, so one compile serves a bucket).
-    tile: query rows per step of the lean path's tiled pass.
-    implementation: attention for the lean path's backward ('cudnn', 'xla'; default by device).
+    tile: query rows per step of the lean path's tiled pass (default: `lean_tile()`).
+    implementation: attention for the lean path's backward ('tiled', 'cudnn', 'xla'; default by
+      device, `lean_implementation`).
     magnitude: per-sample block value averaged: 'entries' (sum of |E|, MoA's profile as
       published), 'blocks' (|sum of E|) or 'signed' (sum of E, for validation); see influence.py.
     loss: the loss differentiated: 'nll' (MoA's) or 'log_odds' (see `response_loss`).
