@@ -93,7 +93,7 @@ def blocked_attention(
     k_pos: [B, S] or [B, K, S] key positions; None for self-attention over this call's tokens
       (k_pos = q_pos, positions increasing along each row where >= 0): block i then reads only
       the keys up to its last row, the later ones being causally masked.
-    block_q: query rows per block (256: ~1.4x faster than 512 on 2 CPU cores at T = 3072,
+    block_q: query rows per block (256: 1.3-1.4x faster than 512 on 2 CPU cores at T = 3072,
       benchmarks/README.md "Demo speed").
   Returns:
     [B, T, N, H] in q's dtype.

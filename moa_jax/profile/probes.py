@@ -31,7 +31,7 @@ TILE = 256  # query rows per tile on CPU: [N, 256, T] float32 maps stay cache-fr
 
 def lean_tile() -> int:
   """Query rows per tile of the lean path (its tiled pass and `tiled_attention`): 256 on CPU
-  (about 2x faster there than 512 at T = 3072, benchmarks/README.md "Demo speed"), else 512."""
+  (about 1.7x faster there than 512 at T = 3072, benchmarks/README.md "Demo speed"), else 512."""
   return TILE if jax.default_backend() == "cpu" else 512
 
 
