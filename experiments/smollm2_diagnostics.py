@@ -16,7 +16,11 @@ Parts (each caches its arrays under --cache, so a later part or a re-run reuses 
   ablation  the measured response loss of the held-out samples with one KV group (or one layer)
             narrowed to sink + --window tokens and everything else dense (optimize/measured.py).
   masks     measured loss of whole-model masks: uniform (StreamingLLM) at KV density 0.5, the
-            MILP plan of every profile variant, and random masks.
+            MILP plan of every profile variant, random masks, and in-sample oracles (the k
+            groups the held-out ablation finds costliest kept whole, the rest narrowed to the
+            same KV budget: an optimistic bound on what any allocation of that kind reaches).
+  ablation_plan  a plan from the measured ablation ranking (part_ablation_plan), for the
+            evaluation script.
   report    the analyses, from the caches: (1) first-order check: predicted dL (each variant's
             E_bar) against the measured loss increase for single groups, single layers, random
             masks, the uniform and the chosen plans (Spearman and measured / predicted);
@@ -27,6 +31,7 @@ Parts (each caches its arrays under --cache, so a later part or a re-run reuses 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import sys
@@ -50,13 +55,14 @@ from moa_jax.optimize.loss_delta import loss_delta
 from moa_jax.optimize.pareto import pareto_front
 from moa_jax.optimize.problem import build_problem
 from moa_jax.plans import rules as rules_lib
+from moa_jax.plans.plan import dense_plan
 from moa_jax.profile import at_plan
 from moa_jax.profile.influence import MAGNITUDES, block_influence_tiled
 from moa_jax.profile.probes import valid_lengths
 from moa_jax.profile.profiler import output_grads, response_targets
 from moa_jax.workdir import atomic_write, atomic_write_text
 
-PARTS = ("data", "profiles", "ablation", "masks", "at_plan", "report")
+PARTS = ("data", "profiles", "ablation", "masks", "at_plan", "report", "ablation_plan")
 MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "model.path or a .gguf file")
 PARTS_FLAG = flags.DEFINE_list("parts", list(PARTS), f"parts to run, of {PARTS}")
 LENGTH = flags.DEFINE_integer("length", 1024, "calibration / measurement length")
@@ -68,6 +74,10 @@ FISHER = flags.DEFINE_integer("fisher_draws", 0, "part at_plan: second-order lab
 WINDOW = flags.DEFINE_integer("window", 128, "window of an ablated group (tokens, plus the sink)")
 CACHE = flags.DEFINE_string("cache", "runs/smollm2_diag", "cache folder")
 OUT = flags.DEFINE_string("out", "benchmarks/smollm2_diagnostics.json", "results file")
+KEEP = flags.DEFINE_integer("keep", 30, "part ablation_plan: KV groups kept whole")
+PLAN_OUT = flags.DEFINE_string(
+  "plan_out", "benchmarks/smollm2_plans/ablation_both_k30.json", "part ablation_plan: plan file"
+)
 
 SINK, BLOCK, DENSITY = 64, 64, 0.5
 TASKS = ("passkey", "niah", "vt", "uuid")
@@ -311,6 +321,60 @@ def random_masks(config, n: int, count: int, seed: int = 0) -> list[np.ndarray]:
   return out
 
 
+def oracle_masks(cache: Cache, config, n: int) -> dict[str, np.ndarray]:
+  """Upper-bound [L, K] windows at KV density 0.5 from the held-out sets' own single-group
+  ablation (in-sample, so optimistic): the k groups whose narrowing costs most (on val_text, or
+  on the mean of both sets) keep all n tokens; the others share the rest of the budget as one
+  window, rounded down to the block."""
+  key = f"ablation_group_w{WINDOW.value}_{n}"
+  if not cache.has(key):
+    return {}
+  ablation = cache.load(key)
+  costs = {
+    "text": ablation["val_text"].mean(-1),
+    "both": (ablation["val_text"].mean(-1) + ablation["val_passkey"].mean(-1)) / 2,
+  }
+  groups = config.num_layers * config.num_kv_heads
+  out = {}
+  for name, cost in costs.items():
+    for k in (5, 10, 20, 30):
+      rest = (DENSITY * groups * n - k * n) / (groups - k) - SINK
+      windows = np.full((config.num_layers, config.num_kv_heads), int(rest // BLOCK * BLOCK))
+      for unit in np.argsort(-cost)[:k]:
+        layer, group = ablation["units"][unit]
+        windows[layer, group] = n
+      out[f"oracle_{name}_k{k}"] = windows
+  return out
+
+
+def part_ablation_plan(cache: Cache, config, n: int) -> None:
+  """A plan from the measured single-group ablation (both held-out sets, 8 samples at n): the
+  --keep costliest KV groups attend everything (alpha 0, beta 1); every other group keeps the
+  sink and a window of its share of KV density 0.5 at every length (alpha = -sink, beta =
+  (0.5 * G - keep) / (G - keep) for G groups). Evaluated on other prompts by
+  experiments/smollm2_results.py."""
+  ablation = cache.load(f"ablation_group_w{WINDOW.value}_{n}")
+  cost = (ablation["val_text"].mean(-1) + ablation["val_passkey"].mean(-1)) / 2
+  groups = config.num_layers * config.num_kv_heads
+  base = dense_plan(config, sink=SINK, block=BLOCK)
+  alphas, betas = np.full(base.alphas.shape, -float(SINK)), base.betas.copy()
+  betas[:] = (DENSITY * groups - KEEP.value) / (groups - KEEP.value)
+  for unit in np.argsort(-cost)[: KEEP.value]:
+    layer, group = ablation["units"][unit]
+    alphas[layer, group], betas[layer, group] = 0.0, 1.0
+  provenance = {
+    "method": "measured single-group ablation ranking",
+    "command": shlex.join(["python", "experiments/smollm2_diagnostics.py", *sys.argv[1:]]),
+    "ranking_samples": "diagnostics held-out sets: stdlib ranks 40-43, passkey seed 77",
+    "keep": KEEP.value,
+  }
+  plan = dataclasses.replace(
+    base, alphas=alphas, betas=betas, provenance=provenance
+  ).with_densities([1024, 2048, 4096])
+  plan.save(PLAN_OUT.value)
+  log(f"wrote {PLAN_OUT.value}: KV density {plan.kv_densities}")
+
+
 def part_masks(cache: Cache, model, n: int) -> None:
   config = model.config
   masks = {
@@ -320,6 +384,7 @@ def part_masks(cache: Cache, model, n: int) -> None:
   }
   for i, w in enumerate(random_masks(config, n, 8)):
     masks[f"random{i}"] = w
+  masks.update(oracle_masks(cache, config, n))
   for variant in variants(cache, n):
     for magnitude in ("entries", "blocks"):
       masks[f"plan_{variant}_{magnitude}"] = milp_plan(
@@ -509,12 +574,13 @@ def part_report(cache: Cache, config, n: int, start: float) -> dict:
           "top10_overlap": len(set(order[:10]) & set(pred_order[:10])),
           "profile_top5": [f"{units[i][0]}/{units[i][1]}" for i in pred_order[:5]],
         }
-    if masks:
-      pred = [predict(d["windows"]) for d in masks.values()]
-      meas = [mean(d) for d in masks.values()]
+    checked = {k: d for k, d in masks.items() if not k.startswith("oracle_")}  # bounds only
+    if checked:
+      pred = [predict(d["windows"]) for d in checked.values()]
+      meas = [mean(d) for d in checked.values()]
       row["whole_model_masks"] = dict(
         summary(pred, meas),
-        pairs={name: {"predicted": p, "measured": m} for name, p, m in zip(masks, pred, meas)},
+        pairs={name: {"predicted": p, "measured": m} for name, p, m in zip(checked, pred, meas)},
       )
     first_order[name] = row
   result["first_order_check"] = first_order
@@ -598,6 +664,8 @@ def main(argv):
     part_masks(cache, model, n)
   if "at_plan" in PARTS_FLAG.value:
     part_at_plan(cache, model, n)
+  if "ablation_plan" in PARTS_FLAG.value:
+    part_ablation_plan(cache, config, n)
   if "report" in PARTS_FLAG.value:
     result = part_report(cache, config, n, start)
     atomic_write_text(OUT.value, json.dumps(result, indent=1) + "\n")
