@@ -1,4 +1,4 @@
-"""The static per-head MoA KV cache (MOA_SPEC.md section 6).
+"""The static per-head MoA KV cache (docs/method.md section 6).
 
 Every KV head keeps `s` sink slots (positions 0..s-1) and a ring buffer for later positions:
 position p >= s lives in slot s + (p - s) mod ring. The ring holds at least the head's window

@@ -1,4 +1,4 @@
-"""Synthetic long-context tasks (MOA_SPEC.md section 7): seeded, offline, sized in tokens.
+"""Synthetic long-context tasks (docs/method.md section 7): seeded, offline, sized in tokens.
 
 Tasks (the `TASKS` registry):
   lines    LongEval line retrieval: `line <adjective-noun>: REGISTER_CONTENT is <n>` lines

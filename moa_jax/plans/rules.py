@@ -1,4 +1,4 @@
-"""Elastic rules and the one token-exact MoA mask (MOA_SPEC.md section 3).
+"""Elastic rules and the one token-exact MoA mask (docs/method.md section 3).
 
 This module is the single definition of which keys a query may attend. The kernels, the
 caches, the profiler, the optimizer and the evaluation all ask `attend_mask`, or use block
@@ -149,7 +149,7 @@ def candidate_rules(
   alpha_step: int = 1024,
   betas: Sequence[float] = tuple(i / 8 for i in range(9)),
 ) -> list[ElasticRule]:
-  """The candidate grid of MOA_SPEC.md section 3.
+  """The candidate grid of docs/method.md section 3.
 
   alpha runs over {-m, -m + alpha_step, ..., P} (m: smallest constraint length, P: largest
   profile length). A rule is kept if its unclamped window is positive at the smallest length

@@ -1,4 +1,4 @@
-"""Attention influence (MOA_SPEC.md section 2): the first-order loss change of masking one entry.
+"""Attention influence (docs/method.md section 2): the first-order loss change of masking one entry.
 
 For one head with attention map A = softmax(causal logits) [T, S], output O = A V, loss L and
 G = dL/dA, masking entry (i, j) and renormalizing row i changes the loss, to first order, by

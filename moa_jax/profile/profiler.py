@@ -1,4 +1,4 @@
-"""Profile a model: E_bar[L, N, NB, NB] per length from calibration samples (MOA_SPEC.md section 2).
+"""Profile a model: E_bar[L, N, NB, NB] per length from calibration samples (docs/method.md 2).
 
 The loss is the next-token cross-entropy (or, optionally, the negative log-odds) on response
 tokens only, averaged over each sample's response tokens; a batch's loss is the sum of its
