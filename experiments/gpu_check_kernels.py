@@ -1,4 +1,4 @@
-"""Launch-setting sweeps of the MoA Pallas Triton kernels on the GPU (for `bench_attention.py`).
+"""Launch-setting sweeps of the MoA Pallas kernels on the GPU (for `bench_attention.py`).
 
 Run on the GPU machine from the repository root:
 
@@ -10,13 +10,15 @@ The kernels' correctness, compiled, is checked by the test suite, not here:
 (the default and other launch configurations on GPU-sized inputs, bf16/fp16/fp32, GQA ratios
 1, 3, 4, 7 and 8, the Hopper kernel). A sweep reports a configuration that fails to launch.
 
-Sweeps (`--sweep`, any of prefill, decode, overheads):
+Sweeps (`--sweep`, any of prefill, decode, overheads, hopper):
 1. prefill at T=16k (or `--sweep_t`; dense and attention density 0.125 / 0.25 / 0.5 with uniform
    windows, 0.125 / 0.25 with mixed windows, or `--sweep_densities` / `--nosweep_dense`), 8 and
    32 KV heads, every configuration of PREFILL_CONFIGS, timed like the benchmark next to the
    dense cuDNN baseline of the same run;
 2. decode on the cells of the benchmark grid with the smallest caches (DECODE_CELLS);
-3. overheads: where the fixed time of a small decode call goes.
+3. overheads: where the fixed time of a small decode call goes;
+4. hopper: the Mosaic GPU prefill kernel's (block_q, block_kv, num_stages) of HOPPER_CONFIGS on
+   the prefill sweep's lengths, KV heads and sparse plans, against dense cuDNN of the same run.
 The best configurations are written out for `bench_attention.py --config`. `--budget_s` stops a
 sweep once the run has taken that long.
 """
@@ -36,6 +38,7 @@ from moa_jax.attention import benchmark as bench
 from moa_jax.attention import cache as cache_lib
 from moa_jax.attention import decode as decode_lib
 from moa_jax.attention.prefill_gpu import sparse_prefill_gpu
+from moa_jax.attention.prefill_hopper import sparse_prefill_hopper
 from moa_jax.plans.rules import attended_pairs
 
 PREFILL_CONFIGS = [  # block_rows, block_k, num_warps, num_stages, single_loop, edge_block_k
@@ -62,6 +65,18 @@ DECODE_CELLS = [  # context, batch, KV density, windows
   (32768, 16, 0.25, "uniform"),
   (32768, 64, 0.125, "mixed"),
   (32768, 16, 0.5, "uniform"),
+]
+HOPPER_CONFIGS = [  # block_q (rows per consumer warpgroup), block_kv, num_stages
+  (64, 128, 2),
+  (64, 64, 2),
+  (64, 64, 3),
+  (64, 64, 4),
+  (64, 128, 3),
+  (64, 192, 2),
+  (64, 256, 2),
+  (128, 64, 2),
+  (128, 64, 3),
+  (128, 128, 2),
 ]
 SWEEP_T = (16384,)
 SWEEP_DENSITIES = (0.125, 0.25, 0.5)  # uniform windows at each, mixed below 0.5
@@ -140,6 +155,66 @@ def sweep_prefill(results, deadline: float) -> dict:
       score = -sum(x for _, x in ratios.values())
       if (t, kv) not in best or score < best[t, kv][0]:
         best[t, kv] = (score, cfg)
+  return {f"T={t} kv={kv}": cfg for (t, kv), (_, cfg) in best.items()}
+
+
+def sweep_hopper(results, deadline: float) -> dict:
+  """HOPPER_CONFIGS of `sparse_prefill_hopper` on the sparse plans of the prefill sweep (static
+  windows: one compile per plan); best = largest sum of effective TFLOP/s / cuDNN dense's."""
+  best = {}
+  key = jax.random.key(5)
+  for t, kv in ((t, kv) for t in SWEEP_T for kv in (8, 32)):
+    qs = [bench.normal(key, (1, t, bench.HEADS, bench.HEAD_DIM), i) for i in range(4)]
+    k = bench.normal(key, (1, t, kv, bench.HEAD_DIM), 10)
+    v = bench.normal(key, (1, t, kv, bench.HEAD_DIM), 11)
+    dense = lambda k, v, q: jax.nn.dot_product_attention(
+      q, k, v, is_causal=True, implementation="cudnn"
+    )
+    cudnn = bench.time_calls(dense, (k, v), qs)
+    print(f"sweep hopper T={t} kv={kv} cudnn dense {cudnn * 1e3:.3f} ms", flush=True)
+    plans = {
+      f"{kind[0]}{d}": bench.plan_windows(kind, d, t, kv)
+      for d in SWEEP_DENSITIES
+      for kind in ("uniform", "mixed")
+      if kind == "uniform" or d < 0.25
+    }
+    for block_q, block_kv, stages in HOPPER_CONFIGS:
+      if time.time() > deadline:
+        print("sweep hopper: out of time budget", flush=True)
+        break
+      cfg = dict(block_q=block_q, block_kv=block_kv, num_stages=stages)
+      ratios = {}
+      try:
+        for name, win in plans.items():
+          fn = lambda k, v, q, w=tuple(int(x) for x in win), cfg=cfg: sparse_prefill_hopper(
+            q, k, v, w, sink=bench.SINK, **cfg
+          )
+          seconds = bench.time_calls(fn, (k, v), qs)
+          pairs = float(attended_pairs(win, bench.SINK, t).mean())
+          ratios[name] = (seconds * 1e3, pairs / (t * (t + 1) / 2) * cudnn / seconds)
+      except Exception as error:  # e.g. shared memory exceeded
+        print(f"sweep hopper T={t} kv={kv} {cfg} FAILED: {str(error)[:300]}", flush=True)
+        continue
+      results.append(
+        dict(
+          check="sweep_hopper",
+          T=t,
+          kv_heads=kv,
+          config=cfg,
+          ms_cudnn_dense=cudnn * 1e3,
+          **{f"ms_{n}": ms for n, (ms, _) in ratios.items()},
+          **{f"x_cudnn_{n}": x for n, (_, x) in ratios.items()},
+        )
+      )
+      print(
+        f"sweep hopper T={t} kv={kv} {cfg} "
+        + " ".join(f"{n} {ms:.3f} ms ({x:.2f}x)" for n, (ms, x) in ratios.items()),
+        flush=True,
+      )
+      score = sum(x for _, x in ratios.values())
+      if (t, kv) not in best or score > best[t, kv][0]:
+        best[t, kv] = (score, cfg)
+    del qs, k, v
   return {f"T={t} kv={kv}": cfg for (t, kv), (_, cfg) in best.items()}
 
 
@@ -284,7 +359,9 @@ def decode_overheads(results):
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "gpu_check.json", "results file (JSON)")
-flags.DEFINE_list("sweep", ["prefill", "decode"], "timings to run: prefill, decode, overheads")
+flags.DEFINE_list(
+  "sweep", ["prefill", "decode"], "timings to run: prefill, decode, overheads, hopper"
+)
 flags.DEFINE_string(
   "prefill_configs",
   None,
@@ -294,6 +371,9 @@ flags.DEFINE_string(
   "decode_configs",
   None,
   "'block_k,warps,stages,target_programs,min_split_blocks;...' (default: DECODE_CONFIGS)",
+)
+flags.DEFINE_string(
+  "hopper_configs", None, "'block_q,block_kv,num_stages;...' (default: HOPPER_CONFIGS)"
 )
 flags.DEFINE_float("budget_s", 1e9, "stop a sweep once the run has taken this long (seconds)")
 flags.DEFINE_list("sweep_t", ["16384"], "prefill sweep lengths")
@@ -310,7 +390,7 @@ def configs_arg(text: str) -> list[tuple]:
 
 def main(argv):
   del argv
-  global PREFILL_CONFIGS, DECODE_CONFIGS, SWEEP_T, SWEEP_DENSITIES, SWEEP_DENSE
+  global PREFILL_CONFIGS, DECODE_CONFIGS, HOPPER_CONFIGS, SWEEP_T, SWEEP_DENSITIES, SWEEP_DENSE
   SWEEP_T = tuple(int(x) for x in FLAGS.sweep_t)
   SWEEP_DENSITIES = tuple(float(x) for x in FLAGS.sweep_densities)
   SWEEP_DENSE = FLAGS.sweep_dense
@@ -318,11 +398,13 @@ def main(argv):
     PREFILL_CONFIGS = configs_arg(FLAGS.prefill_configs)
   if FLAGS.decode_configs:
     DECODE_CONFIGS = configs_arg(FLAGS.decode_configs)
+  if FLAGS.hopper_configs:
+    HOPPER_CONFIGS = configs_arg(FLAGS.hopper_configs)
   sweeps = set(FLAGS.sweep)
   deadline = time.time() + FLAGS.budget_s
   print(jax.devices(), jax.__version__, flush=True)
   results = []
-  best = dict(prefill={}, decode={})
+  best = dict(prefill={}, decode={}, hopper={})
   if "overheads" in sweeps:
     decode_overheads(results)
   if "decode" in sweeps:
@@ -330,6 +412,8 @@ def main(argv):
     best["decode"] = sweep_decode(results, deadline)
   if "prefill" in sweeps:
     best["prefill"] = sweep_prefill(results, deadline)
+  if "hopper" in sweeps:
+    best["hopper"] = sweep_hopper(results, deadline)
   with open(FLAGS.out, "w") as f:
     json.dump(
       dict(
