@@ -1,4 +1,5 @@
-"""Plans for SmolLM2-135M-Instruct at KV density 0.5, one variant per run, all in one results file.
+"""Plans for SmolLM2-135M-Instruct at a KV density budget (--density, 0.5 by default), one
+variant per run, all in one results file.
 
   python experiments/smollm2_method.py --variant=NAME --method=METHOD [options]
 
@@ -8,7 +9,7 @@ densities and its measured response loss on the choice sets (exact masked forwar
 optimize/measured.py), beside dense and the uniform window on the same samples.
 
 Methods:
-  uniform      StreamingLLM: alpha = 0, beta = 0.5 - 64 / 1024 for every KV group.
+  uniform      StreamingLLM: alpha = 0, beta = --density - 64 / 1024 for every KV group.
   moa          MoA's pipeline: E_bar profiled at the dense model (--loss, --magnitude) at
                --profile_lengths, the MILP's Pareto front, the plan of lowest choice-set loss.
   atplan       the at-plan first-order estimate linearized at the dense model
@@ -63,6 +64,7 @@ ANSWERS = flags.DEFINE_enum("answers", "reference", list(buckets_lib.ANSWERS), "
 SAMPLES = flags.DEFINE_integer("samples", 8, "calibration samples per source at 1k (half at 2k)")
 PROFILE_LENGTHS = flags.DEFINE_list("profile_lengths", ["1024"], "profile lengths")
 LOSS = flags.DEFINE_enum("loss", "nll", ["nll", "log_odds"], "profile loss")
+DENSITY = flags.DEFINE_float("density", 0.5, "KV density budget of the plan (and of uniform)")
 MAGNITUDE = flags.DEFINE_enum(
   "magnitude", "entries", ["entries", "blocks", "signed"], "E_bar magnitude (method moa)"
 )
@@ -78,7 +80,7 @@ CACHE = flags.DEFINE_string("cache", "runs/smollm2_method", "cache folder (data,
 PLANS_DIR = flags.DEFINE_string("plans_dir", "benchmarks/smollm2_plans", "plan files")
 OUT = flags.DEFINE_string("out", "benchmarks/smollm2_method.json", "results file")
 
-SINK, BLOCK, DENSITY = 64, 64, 0.5
+SINK, BLOCK = 64, 64
 CONSTRAINTS = (1024, 2048, 4096)
 ALPHA_STEP = 256
 TASKS = ("passkey", "niah", "vt", "uuid")
@@ -205,7 +207,7 @@ def front_plans(model, dl: dict[int, np.ndarray], rules) -> list[Plan]:
     rules,
     CONSTRAINTS,
     num_kv_heads=model.config.num_kv_heads,
-    budget=DENSITY,
+    budget=DENSITY.value,
     lo=0.9,
     max_rules_per_layer=2,
     sink=SINK,
@@ -225,7 +227,7 @@ def choose(model, plans: list[Plan], traces) -> tuple[Plan, list[dict]]:
 def make_plan(model, tokenizer, traces) -> tuple[Plan, dict]:
   method, info = METHOD.value, {}
   if method == "uniform":
-    return uniform_plan(model.config, DENSITY, 1024, sink=SINK, block=BLOCK), info
+    return uniform_plan(model.config, DENSITY.value, 1024, sink=SINK, block=BLOCK), info
   rules = candidate_rules()
   sources = calibration_buckets(model, tokenizer)
   calibration = {n: concat(list(parts.values())) for n, parts in sources.items()}
@@ -256,7 +258,7 @@ def make_plan(model, tokenizer, traces) -> tuple[Plan, dict]:
     plan, info["front"] = choose(model, front_plans(model, dl, rules), traces)
     return plan, info
   start = (
-    uniform_plan(model.config, DENSITY, 1024, sink=SINK, block=BLOCK)
+    uniform_plan(model.config, DENSITY.value, 1024, sink=SINK, block=BLOCK)
     if START.value == "uniform"
     else Plan.load(START.value).validate(model.config)
   )
@@ -264,7 +266,7 @@ def make_plan(model, tokenizer, traces) -> tuple[Plan, dict]:
     rounds=ROUNDS.value,
     penalties=tuple(float(p) for p in PENALTIES.value),
     loss=LOSS.value,
-    budget=DENSITY,
+    budget=DENSITY.value,
     constraint_lengths=CONSTRAINTS,
   )
   plan, info["history"] = refine.refine_plan(
@@ -285,7 +287,7 @@ def main(argv):
   plan_path = Path(PLANS_DIR.value) / f"{VARIANT.value}.json"
   plan_path.parent.mkdir(parents=True, exist_ok=True)
   plan.save(plan_path)
-  uniform = uniform_plan(model.config, DENSITY, 1024, sink=SINK, block=BLOCK)
+  uniform = uniform_plan(model.config, DENSITY.value, 1024, sink=SINK, block=BLOCK)
   row = {
     "command": shlex.join(["python", "experiments/smollm2_method.py", *sys.argv[1:]]),
     "method": METHOD.value,

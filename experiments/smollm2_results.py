@@ -1,4 +1,4 @@
-"""Dense vs uniform (StreamingLLM) vs MoA plans on SmolLM2-135M-Instruct at KV density 0.5.
+"""Dense vs uniform (StreamingLLM) vs MoA plans on SmolLM2-135M-Instruct (uniform at --density).
 
 CPU (resumable: finished cells are kept under --workdir):
   python experiments/smollm2_results.py --plans=moa=benchmarks/smollm2_plans/refined.json \
@@ -9,9 +9,10 @@ GPU (one command, no ml_collections or datasets needed; the GGUF file given by p
       --passkey_per_depth=10 --longtext_documents=40 --out=benchmarks/smollm2_gpu.json
 
 Tasks (every method decodes on its own cache, `moa_jax.eval.harness`):
-  * passkey at --passkey_lengths: --passkey_per_depth prompts per needle-depth decile (seed
-    --seed, never used for calibration or plan choice), greedy accuracy and the response
-    cross-entropy of the true key;
+  * the synthetic tasks of --tasks (passkey by default; any of moa_jax.data.tasks.TASKS) at
+    --passkey_lengths: --passkey_per_depth prompts per needle-depth decile (seed --seed, never
+    used for calibration or plan choice), greedy accuracy by the task's metric and the response
+    cross-entropy of the true answer;
   * long-text perplexity at --longtext_lengths: the cross-entropy of the last 128 tokens of each
     of the --longtext_documents largest stdlib modules (size ranks 0.., never used for
     calibration, which takes ranks 40 and beyond), or of the documents in --docs (a JSONL of
@@ -33,7 +34,7 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
-from moa_jax.data import longtext
+from moa_jax.data import longtext, tasks
 from moa_jax.eval import harness
 from moa_jax.models.loading import load_checkpoint, load_checkpoint_tokenizer
 from moa_jax.plans.plan import Plan, uniform_plan
@@ -43,8 +44,13 @@ GGUF = flags.DEFINE_string("gguf", "smollm2-135m-instruct", "the model: a .gguf 
 PLANS = flags.DEFINE_list("plans", [], "name=plan.json entries (methods besides the baselines)")
 METHODS = flags.DEFINE_list("methods", ["dense", "uniform"], "baselines to evaluate")
 DENSITY = flags.DEFINE_float("density", 0.5, "KV density of the uniform baseline")
-PASSKEY_LENGTHS = flags.DEFINE_list("passkey_lengths", ["1024", "2048"], "passkey lengths")
-PASSKEY_PER_DEPTH = flags.DEFINE_integer("passkey_per_depth", 3, "passkey prompts per decile")
+SYNTHETIC = flags.DEFINE_list("tasks", ["passkey"], f"synthetic tasks, of {sorted(tasks.TASKS)}")
+PASSKEY_LENGTHS = flags.DEFINE_list(
+  "passkey_lengths", ["1024", "2048"], "lengths of the synthetic tasks"
+)
+PASSKEY_PER_DEPTH = flags.DEFINE_integer(
+  "passkey_per_depth", 3, "prompts per needle-depth decile of each synthetic task"
+)
 LONGTEXT_LENGTHS = flags.DEFINE_list(
   "longtext_lengths", ["1024", "2048", "4096"], "long-text lengths"
 )
@@ -116,6 +122,9 @@ def main(argv):
   if WRITE_DOCS.value:
     write_docs(LONGTEXT_DOCUMENTS.value)
     return
+  unknown = sorted(set(SYNTHETIC.value) - set(tasks.TASKS))
+  if unknown:
+    raise app.UsageError(f"unknown --tasks {unknown}; choose from {sorted(tasks.TASKS)}")
   start = time.perf_counter()
   model, config = load_checkpoint(GGUF.value)
   tokenizer = load_checkpoint_tokenizer(GGUF.value)
@@ -127,7 +136,7 @@ def main(argv):
   factory = harness.plan_factory(config, density=DENSITY.value, plans=plans)
   cells_dir = Path(WORKDIR.value)
   docs_all = documents(LONGTEXT_DOCUMENTS.value)
-  jobs = [("passkey", int(n)) for n in PASSKEY_LENGTHS.value]
+  jobs = [(task, int(n)) for task in SYNTHETIC.value for n in PASSKEY_LENGTHS.value]
   jobs += [("longtext", int(n)) for n in LONGTEXT_LENGTHS.value]
   jobs.sort(key=lambda job: job[1])  # short lengths first: a run cut short keeps them
   lengths = sorted({n for _, n in jobs})
@@ -154,6 +163,7 @@ def main(argv):
         "methods": methods,
         "plans": dict(entry.partition("=")[::2] for entry in PLANS.value),
         "kv_density": kv,
+        "synthetic_tasks": SYNTHETIC.value,
         "passkey_seed": SEED.value,
         "passkey_prompts_per_length": 10 * PASSKEY_PER_DEPTH.value,
         "longtext": longtext.provenance(docs_all),
@@ -169,9 +179,9 @@ def main(argv):
     return result
 
   for task, n in jobs:
-    if task == "passkey":
+    if task != "longtext":
       inputs = harness.synthetic_inputs(
-        tokenizer, "passkey", n, samples_per_depth=PASSKEY_PER_DEPTH.value, seed=SEED.value
+        tokenizer, task, n, samples_per_depth=PASSKEY_PER_DEPTH.value, seed=SEED.value
       )
     else:
       docs = docs_all[: LONGTEXT_DOCUMENTS_4K.value or None] if n > 2048 else docs_all
@@ -185,7 +195,7 @@ def main(argv):
         "prompts": [len(p) for p in inputs.prompts],
         "items": [str(i) for i in inputs.items],
         "plan": plans[method].to_dict() if method in plans else None,
-        "density": DENSITY.value,
+        "density": DENSITY.value if method == "uniform" else None,
         "model": GGUF.value,
       }
       path = cells_dir / f"{task}_{method}_{n}_{fingerprint(identity)}.json"
@@ -208,7 +218,7 @@ def main(argv):
   for task, n in jobs:
     row = " | ".join(
       f"{m}: "
-      + (f"acc {summary['accuracy'][m][task][str(n)]:.3f} " if task == "passkey" else "")
+      + (f"acc {summary['accuracy'][m][task][str(n)]:.3f} " if task != "longtext" else "")
       + f"ce {summary['ce'][m][task][str(n)]:.4f}"
       for m in methods
     )
