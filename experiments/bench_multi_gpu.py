@@ -32,11 +32,10 @@ from types import SimpleNamespace
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast (shared hosts' GPUs)
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
-if "--smoke" in sys.argv:  # before JAX starts: 8 fake CPU devices
-  os.environ["JAX_PLATFORMS"] = "cpu"
-  os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
-  ).strip()
+from moa_jax.distributed import fake_cpu_devices_env
+
+if "--smoke" in sys.argv:  # before JAX starts its backends: 8 fake CPU devices
+  os.environ.update(fake_cpu_devices_env(8))
 
 import jax
 import numpy as np

@@ -58,6 +58,24 @@ def initialize(config=None) -> bool:
   return True
 
 
+def fake_cpu_devices_env(count: int, environ=os.environ) -> dict[str, str]:
+  """`environ` plus what makes JAX start with `count` CPU devices (set it before JAX starts
+  its backends, or give it to a subprocess).
+
+  XLA's CPU client runs each device's part of a program on one thread of a pool of
+  max(cores, devices) threads, and a collective waits until every device's thread reaches it. With
+  exactly `count` threads, one of them busy with other work (a transfer, the next program) leaves
+  a device's part unstarted and the others wait forever; a pool of 2 x count threads keeps room.
+  """
+  flags = f"{environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
+  return {
+    **environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": flags.strip(),
+    "PJRT_NPROC": str(max(os.cpu_count() or 1, 2 * count)),
+  }
+
+
 def is_writer() -> bool:
   """True on the one process that writes files (process 0; a single-process run)."""
   return jax.process_index() == 0

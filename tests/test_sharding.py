@@ -5,7 +5,6 @@ greedy MoA tokens and E_bar equal to one device's."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from flax import nnx
 from moa_jax import distributed
 from moa_jax.attention.cache import make_layout
 from moa_jax.attention.sharded import split_heads
+from moa_jax.distributed import fake_cpu_devices_env
 from moa_jax.models import sharding
 from moa_jax.models.config import LlamaConfig
 from moa_jax.models.hf import load_pretrained, save_pretrained
@@ -30,14 +30,14 @@ RELATIVE = 1e-5  # float32: max |sharded - one device| / max |one device|
 
 
 def run_checks(*args: str, devices: int) -> subprocess.Popen:
-  # On 2 busy cores one fake device's thread can reach a collective minutes after the others:
-  # give the CPU collectives' rendezvous 10 minutes before XLA aborts (default: seconds).
-  flags = (
-    f"--xla_force_host_platform_device_count={devices} "
-    "--xla_cpu_collective_call_terminate_timeout_seconds=600 "
-    "--xla_cpu_collective_timeout_seconds=600"
+  # A collective stuck for 5 minutes aborts the subprocess with XLA's message naming it (before
+  # `finish` gives up); a device's thread late by more than XLA's default 40 s is only slowness
+  # on 2 busy cores.
+  env = fake_cpu_devices_env(devices)
+  env["XLA_FLAGS"] += (
+    " --xla_cpu_collective_call_terminate_timeout_seconds=300"
+    " --xla_cpu_collective_timeout_seconds=300"
   )
-  env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
   return subprocess.Popen(
     [sys.executable, str(CHECKS), *args],
     env=env,
@@ -47,9 +47,23 @@ def run_checks(*args: str, devices: int) -> subprocess.Popen:
   )
 
 
-def finish(process: subprocess.Popen, timeout: int = 600) -> None:
-  output, _ = process.communicate(timeout=timeout)
-  assert process.returncode == 0, output[-3000:]
+def finish(*processes: subprocess.Popen, timeout: int = 600) -> None:
+  """Wait for each process; on a failure or timeout kill them all (nothing leaks into the next
+  test) and fail with the end of the output."""
+  try:
+    for process in processes:
+      try:
+        output, _ = process.communicate(timeout=timeout)
+      except subprocess.TimeoutExpired:
+        process.kill()
+        output = process.communicate()[0]
+        pytest.fail(f"{process.args[2:]} still running after {timeout} s:\n{output[-3000:]}")
+      assert process.returncode == 0, output[-3000:]
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+        process.communicate()
 
 
 def test_make_mesh_and_its_errors():
@@ -160,8 +174,7 @@ def test_two_processes_give_one_process_logits(tmp_path):
     run_checks("process", str(out), str(checkpoint), coordinator, "2", str(i), devices=4)
     for i in range(2)
   ]
-  for process in processes:
-    finish(process, timeout=300)
+  finish(*processes, timeout=300)
   loaded, _ = load_pretrained(checkpoint)
   want = sharded_checks.logits(loaded, *sharded_checks.tokens())
   assert sharded_checks.relative_error(np.load(out), want) < RELATIVE
