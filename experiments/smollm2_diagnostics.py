@@ -19,8 +19,8 @@ Parts (each caches its arrays under --cache, so a later part or a re-run reuses 
             MILP plan of every profile variant, random masks, and in-sample oracles (the k
             groups the held-out ablation finds costliest kept whole, the rest narrowed to the
             same KV budget: an optimistic bound on what any allocation of that kind reaches).
-  ablation_plan  a plan from the measured ablation ranking (part_ablation_plan), for the
-            evaluation script.
+  ablation_plan  a plan from the measured ablation ranking that part report recorded in --out
+            (part_ablation_plan), at KV density --plan_density, for the evaluation script.
   report    the analyses, from the caches: (1) first-order check: predicted dL (each variant's
             E_bar) against the measured loss increase for single groups, single layers, random
             masks, the uniform and the chosen plans (Spearman and measured / predicted);
@@ -75,6 +75,7 @@ WINDOW = flags.DEFINE_integer("window", 128, "window of an ablated group (tokens
 CACHE = flags.DEFINE_string("cache", "runs/smollm2_diag", "cache folder")
 OUT = flags.DEFINE_string("out", "benchmarks/smollm2_diagnostics.json", "results file")
 KEEP = flags.DEFINE_integer("keep", 30, "part ablation_plan: KV groups kept whole")
+PLAN_DENSITY = flags.DEFINE_float("plan_density", 0.5, "part ablation_plan: the plan's KV density")
 PLAN_OUT = flags.DEFINE_string(
   "plan_out", "benchmarks/smollm2_plans/ablation_both_k30.json", "part ablation_plan: plan file"
 )
@@ -347,26 +348,33 @@ def oracle_masks(cache: Cache, config, n: int) -> dict[str, np.ndarray]:
   return out
 
 
-def part_ablation_plan(cache: Cache, config, n: int) -> None:
-  """A plan from the measured single-group ablation (both held-out sets, 8 samples at n): the
-  --keep costliest KV groups attend everything (alpha 0, beta 1); every other group keeps the
-  sink and a window of its share of KV density 0.5 at every length (alpha = -sink, beta =
-  (0.5 * G - keep) / (G - keep) for G groups). Evaluated on other prompts by
-  experiments/smollm2_results.py."""
-  ablation = cache.load(f"ablation_group_w{WINDOW.value}_{n}")
-  cost = (ablation["val_text"].mean(-1) + ablation["val_passkey"].mean(-1)) / 2
+def part_ablation_plan(config) -> None:
+  """A plan from the measured single-group ablation ranking that part report recorded in --out
+  (`ablation_groups.per_group`: both held-out sets, 8 samples at --length): the --keep costliest
+  KV groups attend everything (alpha 0, beta 1); every other group keeps the sink and a window of
+  its share of KV density --plan_density at every length (alpha = -sink, beta = (density * G -
+  keep) / (G - keep) for G groups). Evaluated on other prompts by experiments/smollm2_results.py."""
+  per_group = json.loads(Path(OUT.value).read_text())["ablation_groups"]["per_group"]
+  cost = (np.array(per_group["val_text"]) + np.array(per_group["val_passkey"])) / 2  # [L * K]
   groups = config.num_layers * config.num_kv_heads
+  rest = (PLAN_DENSITY.value * groups - KEEP.value) / (groups - KEEP.value)
+  if not 0 < rest < 1:
+    raise ValueError(
+      f"--keep={KEEP.value} whole groups leave the other groups a KV share of {rest:.3f} at "
+      f"--plan_density={PLAN_DENSITY.value}: it must lie in (0, 1)"
+    )
   base = dense_plan(config, sink=SINK, block=BLOCK)
-  alphas, betas = np.full(base.alphas.shape, -float(SINK)), base.betas.copy()
-  betas[:] = (DENSITY * groups - KEEP.value) / (groups - KEEP.value)
+  alphas, betas = np.full(base.alphas.shape, -float(SINK)), np.full(base.betas.shape, rest)
   for unit in np.argsort(-cost)[: KEEP.value]:
-    layer, group = ablation["units"][unit]
+    layer, group = divmod(int(unit), config.num_kv_heads)  # units are layer-major
     alphas[layer, group], betas[layer, group] = 0.0, 1.0
   provenance = {
     "method": "measured single-group ablation ranking",
     "command": shlex.join(["python", "experiments/smollm2_diagnostics.py", *sys.argv[1:]]),
+    "ranking": f"{OUT.value}: ablation_groups.per_group (mean of val_text and val_passkey)",
     "ranking_samples": "diagnostics held-out sets: stdlib ranks 40-43, passkey seed 77",
     "keep": KEEP.value,
+    "kv_density": PLAN_DENSITY.value,
   }
   plan = dataclasses.replace(
     base, alphas=alphas, betas=betas, provenance=provenance
@@ -665,7 +673,7 @@ def main(argv):
   if "at_plan" in PARTS_FLAG.value:
     part_at_plan(cache, model, n)
   if "ablation_plan" in PARTS_FLAG.value:
-    part_ablation_plan(cache, config, n)
+    part_ablation_plan(config)
   if "report" in PARTS_FLAG.value:
     result = part_report(cache, config, n, start)
     atomic_write_text(OUT.value, json.dumps(result, indent=1) + "\n")

@@ -66,6 +66,13 @@ def finish(*processes: subprocess.Popen, timeout: int = 600) -> None:
         process.communicate()
 
 
+def test_fake_cpu_devices_env_gives_the_pool_room_beyond_one_thread_per_device():
+  env = fake_cpu_devices_env(8, {"XLA_FLAGS": "--xla_dump_to=/tmp/x", "HOME": "/root"})
+  assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=8"
+  assert env["JAX_PLATFORMS"] == "cpu" and env["HOME"] == "/root"
+  assert int(env["PJRT_NPROC"]) >= 16
+
+
 def test_make_mesh_and_its_errors():
   mesh = sharding.make_mesh((1, 1, -1))
   assert mesh.axis_names == sharding.AXES and mesh.devices.shape == (1, 1, jax.device_count())
